@@ -1,0 +1,103 @@
+"""Small helpers every entry point shares: typed configs, logging, provenance, atomic JSON.
+
+Configs are dataclasses whose fields carry ``help`` metadata; ``parse_config`` turns one
+into an argparse parser, so every default and its explanation sit in one place
+(HF examples' ``HfArgumentParser`` idea, without the dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import typing
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def field(default=dataclasses.MISSING, *, help: str, **kw):
+    """A dataclass field with help text (and ``choices=`` if given)."""
+    metadata = {"help": help}
+    if "choices" in kw:
+        metadata["choices"] = kw.pop("choices")
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=metadata, **kw)
+    return dataclasses.field(default=default, metadata=metadata, **kw)
+
+
+def _arg_type(tp):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _arg_type(args[0])
+    return tp
+
+
+def parse_config(cls, argv=None, description: str | None = None):
+    """Parse ``argv`` into an instance of dataclass ``cls`` (``__post_init__`` validates)."""
+    parser = argparse.ArgumentParser(
+        description=description or (cls.__doc__ or "").strip().splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _arg_type(hints[f.name])
+        name = "--" + f.name.replace("_", "-")
+        kw = {"help": f.metadata.get("help", ""), "dest": f.name}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+            kw["default"] = f.default
+        else:
+            kw["type"] = tp if tp in (int, float, str) else str
+            if required:
+                kw["required"] = True
+            else:
+                kw["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(name, **kw)
+    args = parser.parse_args(argv)
+    try:
+        return cls(**vars(args))
+    except ValueError as e:  # __post_init__ checks: a usage error, not a traceback
+        parser.error(str(e))
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure logging once, in entry points; library modules only call getLogger."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+
+
+def git_commit() -> str | None:
+    """The repo's HEAD commit (with ``-dirty`` if the tree has changes), or None."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write JSON via a temp file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def config_dict(cfg) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
