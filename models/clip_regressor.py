@@ -1,0 +1,338 @@
+"""CLIPRegressor: CLIP image + text embeddings + caption sentiment -> engagement score.
+
+This module owns everything that turns prepared posts into a prediction, so training,
+evaluation and serving share it:
+
+- ``PostBatcher``: prepared posts (RGB image, cleaned text, sentiment) -> model tensors,
+  through the CLIP processor saved with the model (one call per batch, dynamic padding).
+- ``CLIPRegressor``: the network, with named ``freeze_clip``/``unfreeze_clip`` phases.
+- ``TargetTransform``: label units <-> the model's scale (log1p by default), and the
+  train-split standardisation the head actually regresses.
+- ``save_artifact``/``load_model``: a self-contained, atomically written model directory.
+
+Scales used throughout: *label units* (likes); the *model scale* = the target transform
+of the label (log1p(likes)); the head's raw output is the standardised model scale.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+ARTIFACT_FORMAT = 1
+CLIP_SUBDIR = "clip"  # save_pretrained output: CLIP weights, processor, tokenizer
+HEAD_FILE = "head.safetensors"
+CONFIG_FILE = "config.json"
+
+
+# ---------------------------------------------------------------------------------------
+# Target transform
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetTransform:
+    """label -> model scale (``kind``) -> standardised with the train split's mean/std."""
+
+    kind: str = "log1p"  # "log1p" for counts, "none" for already well-scaled targets
+    mean: float = 0.0  # of the model-scale train labels
+    std: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ("log1p", "none"):
+            raise ValueError(f"unknown target transform {self.kind!r}; use log1p or none")
+
+    @classmethod
+    def fit(cls, labels: Sequence[float], kind: str = "log1p") -> "TargetTransform":
+        t = torch.as_tensor(list(labels), dtype=torch.float64)
+        z = cls(kind).to_model_scale(t)
+        std = float(z.std()) if len(z) > 1 else 1.0
+        return cls(kind, float(z.mean()), std if std > 1e-12 else 1.0)
+
+    def to_model_scale(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(y) if self.kind == "log1p" else y
+
+    def to_label_units(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.expm1(z) if self.kind == "log1p" else z
+
+    def standardise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean) / self.std
+
+    def unstandardise(self, s: torch.Tensor) -> torch.Tensor:
+        return s * self.std + self.mean
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------
+
+
+class PostBatcher:
+    """Prepared posts -> the tensors ``CLIPRegressor.forward`` takes.
+
+    The one place the CLIP processor is called, by the training collate function and by
+    the server alike, so both feed the model identical tensors for the same post. Text is
+    padded to the longest caption in the batch (dynamic padding) and truncated to the
+    text model's maximum length, read from the CLIP config, never hard-coded.
+    """
+
+    def __init__(self, processor, max_length: int):
+        self.processor = processor
+        self.max_length = int(max_length)
+
+    @classmethod
+    def from_clip(cls, processor, clip_config) -> "PostBatcher":
+        return cls(processor, clip_config.text_config.max_position_embeddings)
+
+    def __call__(self, images, texts: Sequence[str], sentiments: Sequence[float]) -> dict[str, torch.Tensor]:
+        pixel_values = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        tok = self.processor.tokenizer(list(texts), padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt")
+        return {
+            "pixel_values": pixel_values,  # (B, 3, H, W) float32, normalised
+            "input_ids": tok["input_ids"],  # (B, T) T = longest caption in batch, <= max_length
+            "attention_mask": tok["attention_mask"],  # (B, T)
+            "sentiment": torch.tensor(list(sentiments), dtype=torch.float32),  # (B,) VADER compound
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadConfig:
+    hidden: int = 256
+    dropout: float = 0.1
+
+
+class CLIPRegressor(nn.Module):
+    """CLIP towers + an MLP head over [img, txt, img*txt, sentiment] -> one score per post.
+
+    The embeddings are CLIP's projected, L2-normalised embeddings (as in the contrastive
+    objective). The element-wise product gives the head direct access to image-caption
+    agreement, which a plain concatenation would leave to the MLP to discover. The head's
+    input size is derived from the CLIP config's ``projection_dim``.
+    """
+
+    def __init__(self, clip, head: HeadConfig | None = None):
+        super().__init__()
+        self.clip = clip
+        self.head_config = head or HeadConfig()
+        d = clip.config.projection_dim
+        self.head = nn.Sequential(
+            nn.Linear(3 * d + 1, self.head_config.hidden),
+            nn.GELU(),
+            nn.Dropout(self.head_config.dropout),
+            nn.Linear(self.head_config.hidden, 1),
+        )
+        self._clip_frozen = False
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT_CLIP, head: HeadConfig | None = None) -> "CLIPRegressor":
+        from transformers import CLIPModel
+
+        return cls(CLIPModel.from_pretrained(name_or_path), head)
+
+    # -- phases ---------------------------------------------------------------------------
+    def freeze_clip(self) -> None:
+        """Phase 1: only the head trains; CLIP is fixed and in eval mode."""
+        self.clip.requires_grad_(False)
+        self._clip_frozen = True
+        self.train(self.training)
+        self._log_trainable("froze CLIP")
+
+    def unfreeze_clip(self) -> None:
+        """Phase 2: everything trains, CLIP included (at its own, lower LR)."""
+        self.clip.requires_grad_(True)
+        self._clip_frozen = False
+        self.train(self.training)
+        self._log_trainable("unfroze CLIP")
+
+    @property
+    def clip_frozen(self) -> bool:
+        return self._clip_frozen
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self._clip_frozen:
+            self.clip.eval()  # a frozen backbone must not drift through dropout/batch stats
+        return self
+
+    def trainable_counts(self) -> tuple[int, int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, total
+
+    def _log_trainable(self, what: str) -> None:
+        trainable, total = self.trainable_counts()
+        log.info("%s: %s of %s parameters trainable (%.1f%%)", what, f"{trainable:,}", f"{total:,}",
+                 100.0 * trainable / max(total, 1))
+
+    # -- forward --------------------------------------------------------------------------
+    def embed(self, pixel_values, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) image and (B, D) text embeddings, projected and L2-normalised."""
+        img = self.clip.get_image_features(pixel_values=pixel_values).pooler_output
+        txt = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+
+    def head_forward(self, img: torch.Tensor, txt: torch.Tensor, sentiment: torch.Tensor) -> torch.Tensor:
+        """Embeddings -> (B,) standardised score. Phase 1 calls this on cached embeddings."""
+        img, txt = img.float(), txt.float()
+        x = torch.cat([img, txt, img * txt, sentiment.float().unsqueeze(-1)], dim=-1)  # (B, 3D+1)
+        return self.head(x).squeeze(-1)
+
+    def forward(self, pixel_values, input_ids, attention_mask, sentiment) -> torch.Tensor:
+        img, txt = self.embed(pixel_values, input_ids, attention_mask)
+        return self.head_forward(img, txt, sentiment)
+
+
+# ---------------------------------------------------------------------------------------
+# Artifact
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """What ``load_model`` returns: everything needed to predict, rebuilt from disk alone."""
+
+    model: CLIPRegressor
+    batcher: PostBatcher
+    target: TargetTransform
+    config: dict
+    path: Path
+
+    @torch.no_grad()
+    def predict_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model tensors -> (model-scale scores, label-unit engagement), both (B,) float64."""
+        device = next(self.model.parameters()).device
+        self.model.eval()
+        s = self.model(**{k: v.to(device) for k, v in batch.items()}).double().cpu()
+        score = self.target.unstandardise(s)
+        return score, self.target.to_label_units(score)
+
+    @property
+    def resize_policy(self):
+        from data_preprocessing.prepare import ResizePolicy
+
+        return ResizePolicy.from_image_processor(self.batcher.processor.image_processor)
+
+
+def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_dir: str | os.PathLike,
+                  extra_config: dict | None = None) -> Path:
+    """Write a self-contained model directory atomically (temp dir, then rename).
+
+    Layout: ``clip/`` (CLIPModel.save_pretrained + processor + tokenizer),
+    ``head.safetensors`` and ``config.json`` (architecture, target transform, cleaning
+    version, plus whatever the caller adds: training args, git commit, metrics).
+    """
+    from safetensors.torch import save_file
+
+    from data_preprocessing.prepare import CLEANING_VERSION
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
+    try:
+        model.clip.save_pretrained(tmp / CLIP_SUBDIR)
+        processor.save_pretrained(tmp / CLIP_SUBDIR)
+        head_state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
+        save_file(head_state, str(tmp / HEAD_FILE))
+        config = {
+            "format": ARTIFACT_FORMAT,
+            "architecture": {
+                "class": "CLIPRegressor",
+                "clip_subdir": CLIP_SUBDIR,
+                "projection_dim": model.clip.config.projection_dim,
+                "head": asdict(model.head_config),
+                "head_input": "[img, txt, img*txt, sentiment] (L2-normalised CLIP projections)",
+                "max_text_length": model.clip.config.text_config.max_position_embeddings,
+            },
+            "target_transform": asdict(target),
+            "cleaning_version": CLEANING_VERSION,
+            **(extra_config or {}),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")
+        # Swap in the finished directory; the old one (if any) is removed only afterwards,
+        # so a reader sees either the complete old or the complete new artifact.
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild a saved artifact from its directory alone (no defaults from code)."""
+    from safetensors.torch import load_file
+    from transformers import CLIPModel, CLIPProcessor
+
+    from data_preprocessing.prepare import CLEANING_VERSION
+
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: {model_dir} is not a model artifact "
+                                "(expected RUN_DIR/model written by training/train_torch.py)")
+    config = json.loads(cfg_path.read_text())
+    if config.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"artifact format {config.get('format')!r} is not supported (expected {ARTIFACT_FORMAT})")
+    if str(config.get("cleaning_version")) != CLEANING_VERSION:
+        raise ValueError(f"model was trained on text cleaning version {config.get('cleaning_version')!r} "
+                         f"but this code cleans with {CLEANING_VERSION!r}; serving would feed it "
+                         "differently cleaned captions")
+    arch = config["architecture"]
+    clip_dir = model_dir / arch["clip_subdir"]
+    clip = CLIPModel.from_pretrained(clip_dir)
+    processor = CLIPProcessor.from_pretrained(clip_dir)
+    model = CLIPRegressor(clip, HeadConfig(**arch["head"]))
+    model.head.load_state_dict(load_file(str(model_dir / HEAD_FILE)))
+    model.to(device).eval()
+    return LoadedModel(
+        model=model,
+        batcher=PostBatcher(processor, arch["max_text_length"]),
+        target=TargetTransform(**config["target_transform"]),
+        config=config,
+        path=model_dir,
+    )
+
+
+def regression_metrics(y_true, y_pred) -> dict[str, float]:
+    """rmse, mae, r2, pearson, spearman of two 1-D arrays (same keys everywhere)."""
+    import numpy as np
+    from scipy.stats import pearsonr, spearmanr
+
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    err = y_pred - y_true
+    ss_tot = float(((y_true - y_true.mean()) ** 2).sum())
+    const = np.ptp(y_pred) == 0 or np.ptp(y_true) == 0  # correlations undefined: report 0
+    return {
+        "rmse": float(math.sqrt((err ** 2).mean())),
+        "mae": float(np.abs(err).mean()),
+        "r2": float(1.0 - (err ** 2).sum() / ss_tot) if ss_tot > 0 else 0.0,
+        "pearson": 0.0 if const else float(pearsonr(y_true, y_pred)[0]),
+        "spearman": 0.0 if const else float(spearmanr(y_true, y_pred)[0]),
+    }
