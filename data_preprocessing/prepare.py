@@ -11,11 +11,11 @@ training refuses data cleaned by another version.
 | # | rule                         | example in               | example out        |
 |---|------------------------------|--------------------------|--------------------|
 | 1 | repair mojibake (ftfy)       | ``cafÃ©``                | ``café``           |
-| 2 | unescape HTML entities       | ``Tom &amp; Jerry``      | ``Tom & Jerry``    |
+| 2 | unescape HTML (fixed point)  | ``Tom &amp;amp; Jerry``  | ``Tom & Jerry``    |
 | 3 | Unicode NFC, drop controls   | ``e\\u0301``, ``\\x00``  | ``é``, (removed)   |
 | 4 | URLs -> ``URL_TOKEN``        | ``see https://x.co/a``   | ``see <url>``      |
-| 5 | @mentions -> ``@user``       | ``thanks @Bob_99!``      | ``thanks @user!``  |
-| 6 | hashtags -> their word       | ``#TravelGoals``         | ``TravelGoals``    |
+| 5 | hashtags -> their word       | ``#TravelGoals``         | ``TravelGoals``    |
+| 6 | @mentions -> ``@user``       | ``thanks @Bob_99!``      | ``thanks @user!``  |
 | 7 | emoji, case, punctuation kept| ``WOW 😍!!``             | ``WOW 😍!!``       |
 | 8 | collapse whitespace, strip   | ``a \\n\\t b``           | ``a b``            |
 | 9 | cap at ``MAX_CHARS`` (word)  | 600 chars                | <= 500 chars       |
@@ -64,14 +64,22 @@ def clean_text(text: object) -> str:
         return ""
     s = str(text)
     s = ftfy.fix_text(s, unescape_html=False)  # rule 1; HTML is handled explicitly below
-    s = html.unescape(s)  # rule 2
+    # Rule 2, to a fixed point: scraped captions are often escaped twice ("&amp;amp;"),
+    # and a single pass would leave "&amp;", making cleaning non-idempotent.
+    for _ in range(5):
+        unescaped = html.unescape(s)
+        if unescaped == s:
+            break
+        s = unescaped
     s = unicodedata.normalize("NFC", s)  # rule 3
     # Control characters (Cc) go; format characters (Cf) stay, because emoji ZWJ
     # sequences such as 👨‍👩‍👧 are built from U+200D.
     s = "".join(ch if unicodedata.category(ch) != "Cc" or ch in "\t\n\r" else " " for ch in s)
     s = _URL_RE.sub(URL_TOKEN, s)  # rule 4
-    s = _MENTION_RE.sub(MENTION_TOKEN, s)  # rule 5
-    s = _HASHTAG_RE.sub(r"\1", s)  # rule 6
+    # Hashtags before mentions, so "@#bob" becomes "@bob" and then "@user" in one pass
+    # (the other order leaves "@bob", and cleaning would not be idempotent).
+    s = _HASHTAG_RE.sub(r"\1", s)  # rule 5
+    s = _MENTION_RE.sub(MENTION_TOKEN, s)  # rule 6
     s = _WS_RE.sub(" ", s).strip()  # rule 8
     if len(s) > MAX_CHARS:  # rule 9
         cut = s[:MAX_CHARS]
@@ -167,6 +175,13 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
+def _decode_error(e: BaseException) -> ImageError:
+    """Map a decoder exception to ``truncated`` (data ends early) or ``corrupt``."""
+    msg = str(e) or type(e).__name__
+    short = any(k in msg.lower() for k in ("truncated", "broken data stream", "unexpected end"))
+    return ImageError("truncated" if short else "corrupt", f"could not decode image: {msg}")
+
+
 def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode a post image into a fully loaded 8-bit RGB ``PIL.Image``.
 
@@ -188,6 +203,9 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
                                  f"not an image in an allowed format {ALLOWED_FORMATS}") from None
             except Image.DecompressionBombError as e:
                 raise ImageError("too_many_pixels", str(e)) from None
+            except (OSError, ValueError, SyntaxError) as e:
+                # A header cut short ("Truncated File Read") or garbled before the size.
+                raise _decode_error(e) from None
             # Check the header size *before* decoding, so a bomb never allocates.
             w, h = im.size
             if w * h > max_pixels:
@@ -198,12 +216,8 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
             try:
                 im.seek(0)  # first frame of a GIF/WEBP animation
                 im.load()
-            except OSError as e:
-                msg = str(e)
-                reason = "truncated" if "truncated" in msg or "broken data stream" in msg else "corrupt"
-                raise ImageError(reason, f"could not decode image: {msg}") from None
-            except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                raise ImageError("corrupt", f"could not decode image: {e}") from None
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+                raise _decode_error(e) from None
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
     finally:
