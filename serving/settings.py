@@ -1,0 +1,65 @@
+"""Serving settings: one pydantic-settings object, read from environment variables.
+
+Every knob of the server lives here, with its default and its reason, so ``/metadata``
+and the README table are generated from one place. Variable names are the field names in
+upper case (``MODEL_DIR``, ``MAX_BATCH_SIZE``, ...), no prefix.
+
+The app reads settings only through the ``get_settings`` dependency. Tests override it
+(``app.dependency_overrides[get_settings] = lambda: ServingSettings(...)``); the lifespan
+resolves the same override, so startup, middleware and endpoints see one object.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from data_preprocessing.prepare import MAX_PIXELS as PREPARE_MAX_PIXELS
+
+
+class ServingSettings(BaseSettings):
+    """Environment configuration of ``serving.app`` (see serving/README_section.md)."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    model_dir: Path | None = Field(
+        None, description="model artifact directory (RUN_DIR/model written by training/train_torch.py); required")
+    max_batch_size: int = Field(
+        16, ge=1, le=1024, description="most posts one forward pass takes (micro-batch size cap)")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000,
+        description="longest a micro-batch waits for requests that are still being decoded (a lone request "
+                    "never waits); trades a little latency for throughput")
+    max_queue: int = Field(
+        64, ge=1, description="posts waiting for the model before new requests get 503 + Retry-After")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="per-request deadline (decode + queue + inference); past it the answer is 504")
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024,
+        description="largest request body, counted as it streams (chunked bodies too); past it 413")
+    max_pixels: int = Field(
+        PREPARE_MAX_PIXELS, ge=1,
+        description="largest image (width x height), checked from the header before decoding; past it 413")
+    max_caption_chars: int = Field(
+        2200, ge=1, description="longest raw caption accepted (Instagram's own limit); past it 422")
+    max_posts_per_request: int = Field(
+        32, ge=1, description="most posts in one /predict/batch request; past it 413")
+    micro_batching: bool = Field(
+        True, description="group concurrent requests into micro-batches; 0 runs each post alone (benchmarks)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch.set_num_threads for inference; unset keeps torch's default")
+
+    def limits(self) -> dict:
+        """The settings as plain JSON values (for /metadata), model_dir as a string."""
+        out = self.model_dump()
+        out["model_dir"] = str(self.model_dir) if self.model_dir is not None else None
+        return out
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> ServingSettings:
+    """The FastAPI dependency that provides settings; read from the environment once."""
+    return ServingSettings()
