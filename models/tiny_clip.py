@@ -1,0 +1,642 @@
+"""Build a small CLIP checkpoint offline, optionally pretrained on a posts table.
+
+No model hub is reachable in tests or CI, yet training and serving load CLIP through
+``CLIPModel.from_pretrained(dir)`` / ``CLIPProcessor.from_pretrained(dir)`` exactly as they
+load "openai/clip-vit-base-patch32" in production. This module writes a directory that
+those calls accept: ``config.json``, ``model.safetensors``, a real CLIP byte-level BPE
+tokenizer learned locally, and the standard CLIP image processor config.
+
+Presets (``tiny_clip_config``):
+
+| preset | vision            | text              | proj | use                         |
+|--------|-------------------|-------------------|------|-----------------------------|
+| tiny   | 224/32, 128x4, 4h | 128x4, 4h, 77 pos | 128  | tests and CPU demos (~3M p) |
+| b32    | CLIPConfig() defaults (ViT-B/32 shape, random init)  | benchmarks (~151M p)  |
+
+Library use::
+
+    from models.tiny_clip import build_tiny_clip
+    path = build_tiny_clip(tmp_path / "clip")          # seconds, random init
+    model = CLIPModel.from_pretrained(path)
+
+CLI (``python models/tiny_clip.py --help``) can also pretrain the tiny model contrastively
+on a posts table, so that a demo run starts from a CLIP whose towers already agree a little.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.config import config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+PRESETS = ("tiny", "b32")
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"  # also pad and unk, as in OpenAI CLIP
+END_OF_WORD = "</w>"
+# CLIP's pre-tokenizer split (the same regex transformers' CLIPTokenizer installs), so the
+# merges are learned on exactly the pieces the saved tokenizer will see.
+CLIP_SPLIT_PATTERN = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+
+# Sub-config overrides per preset; anything not named keeps the CLIPConfig() default.
+# "tiny" keeps image_size 224 / patch 32 / 77 positions so the processor is the stock CLIP one.
+_PRESET_OVERRIDES: dict[str, dict[str, dict]] = {
+    "tiny": {
+        "vision": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                       image_size=224, patch_size=32),
+        "text": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                     max_position_embeddings=77),
+        "top": dict(projection_dim=128),
+    },
+    "b32": {"vision": {}, "text": {}, "top": {}},
+}
+
+# Used when no captions are given: enough everyday English for common words and affixes
+# to get their own merges. Anything else still tokenizes, byte by byte.
+_BUILTIN_CORPUS = """\
+A photo of a dog playing in the park on a sunny afternoon.
+Sunset over the ocean, the sky turned orange, pink and purple.
+Best pizza in town! Fresh mozzarella, basil and a crispy crust.
+Morning coffee and a good book, the perfect way to start the weekend.
+We finally made it to the top of the mountain after hiking for six hours.
+My cat is sleeping on the keyboard again, so no work today.
+New recipe: chocolate chip cookies with sea salt and brown butter.
+Throwback to our summer holiday at the beach with friends and family.
+The city lights at night look amazing from the rooftop bar.
+Happy birthday to my best friend, love you so much!
+Just finished my first marathon, tired but so happy and proud.
+Rainy days are for staying inside with tea, blankets and movies.
+Check out the new collection in our shop, link in bio.
+This little garden is growing flowers, tomatoes, herbs and strawberries.
+A quiet walk through the forest, green trees and the sound of birds.
+Wedding day! Thank you to everyone who came to celebrate with us.
+The new album is out now, listen to it everywhere and tell us what you think.
+Delicious breakfast with pancakes, berries, maple syrup and orange juice.
+Road trip across the country, stopping at small towns and beautiful lakes.
+Training hard at the gym every morning, no excuses, stay strong.
+Our puppy learned to sit and give paw this week, such a good boy.
+Snow covered the streets overnight and the children built a snowman.
+Fashion week looks: black dress, red shoes, white jacket and gold earrings.
+Homemade bread fresh out of the oven, warm and soft inside.
+Watching the football game with the whole team, what a goal!
+The museum has a new exhibition of paintings, photographs and sculptures.
+Spring is here, the flowers are blooming and the days are getting longer.
+Late night coding session, building something exciting, stay tuned.
+Thank you for one million followers, we could not have done it without you.
+Sale ends tonight, get twenty percent off everything in the store.
+Travelling through Italy: Rome, Florence, Venice and the coast of Amalfi.
+The kids painted the fence blue and yellow, it looks wonderful.
+Yoga on the beach at sunrise, breathing, stretching and feeling grateful.
+Quick and healthy dinner: grilled chicken, rice, avocado and salad.
+Concert last night was incredible, the crowd was singing every song.
+Cozy autumn evening with pumpkin soup, candles and falling leaves.
+Beautiful architecture, old buildings, narrow streets and colourful windows.
+Learning to play the guitar, practicing a little bit every single day.
+Family dinner at grandma's house, she cooked her famous lasagna.
+Good vibes only, smiling, laughing and enjoying the little things.
+What a view from the plane window, clouds, mountains and blue water.
+I can't believe how fast this year went, thank you all for the support.
+They're opening a new cafe downtown, we'll be there on Saturday.
+You've got to try these tacos, they're the best I've ever had.
+Amazing work by the whole team, proud of what we built together.
+Car wash, oil change and a long drive on the highway, feeling free.
+The baby smiled for the first time today, our hearts are full.
+Golden hour light in the field, wild horses running across the grass.
+Meal prep Sunday: vegetables, pasta, soup and fruit for the week.
+Celebrating ten years of our small business, thank you to our customers.
+"""
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------
+
+
+def builtin_corpus() -> list[str]:
+    """Text for merges when no captions are given: the sentences above, VADER's ~7.5k
+    English lexicon words and its emoji names ("😍 smiling face with heart-eyes").
+
+    vaderSentiment is already a runtime dependency (``prepare.sentiment``), and its word
+    list gives a few thousand English merges plus merged emoji byte sequences.
+    """
+    texts = _BUILTIN_CORPUS.splitlines()
+    try:
+        import vaderSentiment
+
+        folder = Path(vaderSentiment.__file__).parent
+        words = (folder / "vader_lexicon.txt").read_text(encoding="utf-8").splitlines()
+        texts += [line.split("\t", 1)[0] for line in words if line.strip()]
+        emoji = (folder / "emoji_utf8_lexicon.txt").read_text(encoding="utf-8").splitlines()
+        texts += [line.replace("\t", " ") for line in emoji if line.strip()]
+    except (ImportError, OSError):  # still a working tokenizer, just fewer merges
+        logger.warning("vaderSentiment lexicon not found; learning merges from the short built-in text only")
+    return texts
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's byte -> printable unicode char table (GPT-2/CLIP byte-level BPE alphabet).
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes are shifted above 255,
+    so every byte sequence (emoji, CJK, control bytes) becomes a string of vocab chars.
+    """
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _clip_pre_tokenizer():
+    """transformers' CLIPTokenizer normalizer + pre-tokenizer (NFC, whitespace, lower-case;
+    CLIP split, then byte-level), so merges are learned on the pieces encoding will see."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    return normalizer, pre_tokenizer
+
+
+def learn_clip_bpe(texts: Iterable[str] | None = None, vocab_size: int = 4096,
+                   min_frequency: int = 2) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn CLIP-style BPE ``(vocab, merges)`` from ``texts`` (built-in corpus if None).
+
+    The layout copies OpenAI's: the 256 byte chars, the same 256 with ``</w>``, then one
+    token per merge, then ``<|startoftext|>`` and ``<|endoftext|>`` last. Every byte is
+    in the vocab with and without ``</w>``, so no input ever needs the unknown token.
+    ``vocab_size`` is an upper bound; a small corpus yields fewer merges. Deterministic:
+    equal counts are broken by the smaller pair (the Rust ``BpeTrainer`` breaks ties by
+    hash order, so its merges change between runs).
+    """
+    import heapq
+    from collections import defaultdict
+
+    texts = builtin_corpus() if texts is None else list(texts)
+    base = list(bytes_to_unicode().values())
+    n_fixed = 2 * len(base) + 2  # bytes, bytes+</w>, two specials
+    if vocab_size < n_fixed:
+        raise ValueError(f"vocab_size must be >= {n_fixed} (byte alphabet x2 + specials), got {vocab_size}")
+    vocab: dict[str, int] = {}
+    for tok in base + [b + END_OF_WORD for b in base]:
+        vocab[tok] = len(vocab)
+
+    # Word frequencies; a word is its byte-level chars with </w> fused onto the last one.
+    normalizer, pre_tokenizer = _clip_pre_tokenizer()
+    counts: Counter = Counter()
+    for text in texts:
+        if text and text.strip():
+            counts.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    words = [list(w[:-1]) + [w[-1] + END_OF_WORD] for w in sorted(counts)]
+    freqs = [counts[w] for w in sorted(counts)]
+
+    # Pair counts plus an index pair -> words holding it, so each merge touches only
+    # those words; a heap of (-count, pair) with lazy deletion picks the next merge.
+    pair_counts: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for wi, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += f
+            where[pair].add(wi)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges: list[tuple[str, str]] = []
+    while heap and len(vocab) < vocab_size - 2:
+        neg, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg:
+            continue  # stale entry; the current count was pushed when it changed
+        if -neg < min_frequency:
+            break
+        a, b = pair
+        merged = a + b
+        merges.append(pair)
+        # A token can be reached by two merge paths ("ab"+"c", "a"+"bc"); it gets one id.
+        vocab.setdefault(merged, len(vocab))
+        touched = set()
+        for wi in sorted(where.pop(pair)):
+            w, f = words[wi], freqs[wi]
+            new_w, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                    new_w.append(merged)
+                    i += 2
+                else:
+                    new_w.append(w[i])
+                    i += 1
+            if len(new_w) == len(w):
+                continue  # the index is a superset; this word no longer holds the pair
+            for q in zip(w, w[1:]):
+                pair_counts[q] -= f
+                touched.add(q)
+            for q in zip(new_w, new_w[1:]):
+                pair_counts[q] += f
+                where[q].add(wi)
+                touched.add(q)
+            words[wi] = new_w
+        pair_counts.pop(pair, None)
+        for q in touched:
+            if q != pair and pair_counts.get(q, 0) > 0:
+                heapq.heappush(heap, (-pair_counts[q], q))
+    vocab[BOS_TOKEN] = len(vocab)
+    vocab[EOS_TOKEN] = len(vocab)
+    return vocab, merges
+
+
+def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 4096, model_max_length: int = 77):
+    """A ``CLIPTokenizer`` with merges learned from ``texts`` (see ``learn_clip_bpe``)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = learn_clip_bpe(texts, vocab_size=vocab_size)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length,
+                         unk_token=EOS_TOKEN, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+
+
+# ---------------------------------------------------------------------------------------
+# Config, model and processor
+# ---------------------------------------------------------------------------------------
+
+
+def tiny_clip_config(preset: str = "tiny", vocab_size: int | None = None, bos_token_id: int | None = None,
+                     eos_token_id: int | None = None):
+    """The ``CLIPConfig`` of a preset, with the text tower sized and keyed to our tokenizer.
+
+    ``tiny`` uses exactly the tokenizer's vocab. ``b32`` keeps the default 49408 rows (or
+    more if the tokenizer is bigger) so its parameter count and memory match ViT-B/32;
+    rows past the tokenizer are simply never looked up. Without ``vocab_size`` the text
+    tower keeps CLIP's default vocab and special ids (a shape check, not a model to use).
+    """
+    from transformers import CLIPConfig, CLIPTextConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    over = _PRESET_OVERRIDES[preset]
+    text = dict(over["text"])
+    if vocab_size is not None:
+        text["vocab_size"] = vocab_size if preset == "tiny" else max(vocab_size, CLIPTextConfig().vocab_size)
+    if eos_token_id is not None:
+        # The text tower pools at the first eos token; pad == eos as in OpenAI CLIP.
+        text.update(eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    if bos_token_id is not None:
+        text["bos_token_id"] = bos_token_id
+    projection_dim = over["top"].get("projection_dim", CLIPConfig().projection_dim)
+    text["projection_dim"] = projection_dim
+    vision = dict(over["vision"], projection_dim=projection_dim)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+
+
+def build_processor(tokenizer, config):
+    """The stock CLIP processor, its sizes taken from the vision config (224 -> 224/224)."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    side = int(config.vision_config.image_size)
+    # Defaults give the OpenAI recipe: bicubic shortest-edge resize, centre crop, CLIP mean/std.
+    image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temp dir beside ``out_dir``; on success swap it in (replacing any old one)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out_dir.exists():
+        # Move the old dir aside first: rename over a non-empty dir is not allowed, and
+        # readers then see either the old checkpoint or the new one, never a mix.
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_checkpoint(out: Path, preset: str, seed: int, texts: Sequence[str] | None, vocab_size: int) -> dict:
+    """Write a random-init checkpoint into the existing dir ``out``; return build info."""
+    import torch
+    from transformers import CLIPModel
+
+    t0 = time.perf_counter()
+    # The tokenizer truncates at the text tower's positions (77 for both presets).
+    text_max = tiny_clip_config(preset).text_config.max_position_embeddings
+    tokenizer = build_tokenizer(texts, vocab_size=vocab_size, model_max_length=text_max)
+    config = tiny_clip_config(preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)  # the init is a pure function of (preset, seed, tokenizer size)
+    model = CLIPModel(config)
+    model.save_pretrained(out)
+    build_processor(tokenizer, config).save_pretrained(out)
+    info = {"preset": preset, "seed": seed, "params": count_params(model), "tokenizer_vocab": len(tokenizer),
+            "tokenizer_merges_from": "builtin corpus" if texts is None else f"{len(texts)} texts",
+            "build_seconds": round(time.perf_counter() - t0, 3)}
+    logger.info("built %s CLIP: %s params, vocab %d, %.1fs", preset, f"{info['params']:,}", len(tokenizer),
+                info["build_seconds"])
+    return info
+
+
+def build_tiny_clip(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
+                    texts: Sequence[str] | None = None, vocab_size: int = 4096) -> Path:
+    """Write a randomly initialised CLIP checkpoint that ``from_pretrained(out_dir)`` loads.
+
+    The directory holds config.json, model.safetensors, the tokenizer files (BPE learned
+    from ``texts``, or a built-in English corpus) and the processor config. It is written
+    atomically and replaces ``out_dir`` if it exists. The same arguments give the same
+    weights and tokenizer. Returns ``out_dir`` as a ``Path``.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+    out_dir = Path(out_dir)
+    texts = list(texts) if texts is not None else None
+    with _atomic_dir(out_dir) as tmp:
+        _write_checkpoint(tmp, preset, seed, texts, vocab_size)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------
+# Contrastive pretraining on a posts table
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TinyClipConfig:
+    """Build a small offline CLIP checkpoint (optionally pretrained contrastively on posts).
+
+    Pretrain only on posts kept apart from your evaluation split (for example a demo set
+    generated with another seed), or the test metrics will be optimistic.
+    """
+
+    out: str = field(help="output checkpoint directory (replaced atomically if it exists)")
+    preset: str = field("tiny", help="architecture: tiny (CPU tests) or b32 (ViT-B/32 shape, benchmarks)",
+                        choices=PRESETS)
+    seed: int = field(0, help="seed for weights, data split and shuffling")
+    vocab_size: int = field(4096, help="upper bound on the BPE vocabulary (small corpora give fewer merges)")
+    pretrain_on: str | None = field(
+        None, help="posts.csv (image_path relative to the CSV, description, engagement) to pretrain on "
+                   "contrastively; use posts kept apart from the test split (e.g. a demo set made with "
+                   "another seed) so test metrics stay honest")
+    pretrain_minutes: float = field(3.0, help="wall-clock budget for pretraining; stops at minutes or epochs, "
+                                              "whichever comes first")
+    pretrain_epochs: int = field(20, help="maximum pretraining epochs")
+    batch_size: int = field(32, help="contrastive batch size (in-batch negatives)")
+    lr: float = field(5e-4, help="peak AdamW learning rate (cosine decay, 5%% warmup)")
+    weight_decay: float = field(0.1, help="AdamW weight decay")
+    heldout_fraction: float = field(0.1, help="fraction of posts held out to measure retrieval before/after")
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {PRESETS}")
+        if self.pretrain_on is not None and not Path(self.pretrain_on).is_file():
+            raise ValueError(f"--pretrain-on: no such file {self.pretrain_on}")
+        if self.pretrain_minutes <= 0 or self.pretrain_epochs < 1:
+            raise ValueError("--pretrain-minutes must be > 0 and --pretrain-epochs >= 1")
+        if self.batch_size < 2:
+            raise ValueError("--batch-size must be >= 2 (contrastive loss needs negatives)")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError("--heldout-fraction must be in (0, 1)")
+
+
+@dataclasses.dataclass
+class Post:
+    image: object  # PIL.Image, pre-resized by the processor's policy
+    caption: str  # clean_text(description)
+
+
+def load_posts(csv_path: Path, image_processor) -> tuple[list[Post], dict]:
+    """Decode every usable post once (pre-resized, so they are small); also return counts."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from data_preprocessing.prepare import ImageError, ResizePolicy, clean_text, load_image, pre_resize
+
+    df = pd.read_csv(csv_path)
+    missing = {"image_path", "description"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{csv_path}: missing columns {sorted(missing)}")
+    policy = ResizePolicy.from_image_processor(image_processor)
+    posts, rejects = [], Counter()
+    for rel, desc in tqdm(zip(df["image_path"], df["description"]), total=len(df), desc="decode images",
+                          unit="img"):
+        caption = clean_text(desc)
+        if not caption:
+            rejects["empty_caption"] += 1
+            continue
+        try:
+            # image_path is relative to the CSV, not to the working directory.
+            im = load_image(csv_path.parent / str(rel) if isinstance(rel, str) and rel.strip() else "")
+        except ImageError as e:
+            rejects[e.reason] += 1
+            continue
+        posts.append(Post(pre_resize(im, policy), caption))
+    counts = {"rows": int(len(df)), "usable": len(posts), "rejected": dict(rejects)}
+    logger.info("posts: %d rows, %d usable, rejected %s", len(df), len(posts), dict(rejects) or "none")
+    return posts, counts
+
+
+def caption_texts(csv_path: Path) -> list[str]:
+    """The cleaned, non-empty captions of a posts table: the tokenizer's training text."""
+    import pandas as pd
+
+    from data_preprocessing.prepare import clean_text
+
+    captions = (clean_text(d) for d in pd.read_csv(csv_path, usecols=["description"])["description"])
+    return [c for c in captions if c]
+
+
+def make_batch(processor, posts: Sequence[Post]) -> dict:
+    """Processor tensors for a batch: pixel_values (B, 3, H, W), input_ids/attention_mask (B, T)."""
+    return dict(processor(text=[p.caption for p in posts], images=[p.image for p in posts],
+                          return_tensors="pt", padding=True, truncation=True))
+
+
+def _chunks(seq: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+def evaluate(model, processor, posts: Sequence[Post], batch_size: int) -> dict:
+    """Mean contrastive loss and image->text top-1 accuracy within batches of ``posts``.
+
+    A hit is a retrieved caption identical to the true one (token for token), so posts
+    that share a caption are not counted as misses.
+    """
+    import torch
+
+    model.eval()
+    losses, hits, n = [], 0, 0
+    with torch.no_grad():
+        for chunk in _chunks(posts, batch_size):
+            if len(chunk) < 2:  # one pair has no negatives: no loss, trivial retrieval
+                continue
+            batch = make_batch(processor, chunk)
+            out = model(**batch, return_loss=True)
+            losses.append(float(out.loss) * len(chunk))
+            pred = out.logits_per_image.argmax(dim=1)  # (B,) index of best caption per image
+            ids = batch["input_ids"]
+            hits += int((ids[pred] == ids).all(dim=1).sum())
+            n += len(chunk)
+    if n == 0:
+        return {"loss": None, "retrieval_top1": None, "n": 0}
+    return {"loss": round(sum(losses) / n, 4), "retrieval_top1": round(hits / n, 4), "n": n}
+
+
+def _lr_factor(progress: float, warmup: float = 0.05) -> float:
+    """Linear warmup then cosine to 0 over ``progress`` in [0, 1]."""
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (progress - warmup) / (1.0 - warmup))))
+
+
+def pretrain(model, processor, train: Sequence[Post], cfg: TinyClipConfig) -> dict:
+    """Contrastive training (CLIP's own loss) until the minutes or epochs budget runs out."""
+    import torch
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bs = min(cfg.batch_size, len(train))
+    # Drop the ragged last batch: a batch of 1-2 pairs gives a near-free loss.
+    steps_per_epoch = max(1, len(train) // bs)
+    total_steps = steps_per_epoch * cfg.pretrain_epochs
+    budget_s = cfg.pretrain_minutes * 60.0
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # No decay on biases, norms, embeddings and the temperature (CLIP/open_clip recipe).
+        (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    losses: list[float] = []
+    step, stopped_by, t0 = 0, "epochs", time.perf_counter()
+    bar = tqdm(total=total_steps, desc="pretrain", unit="step")
+    model.train()
+    for epoch in range(cfg.pretrain_epochs):
+        order = torch.randperm(len(train), generator=gen).tolist()
+        for b in range(steps_per_epoch):
+            elapsed = time.perf_counter() - t0
+            if elapsed >= budget_s:
+                stopped_by = "minutes"
+                break
+            # The cosine follows whichever budget (steps or seconds) is further along, so
+            # the LR reaches ~0 when training stops, however it stops.
+            lr = cfg.lr * _lr_factor(max(step / total_steps, elapsed / budget_s))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            batch = make_batch(processor, [train[i] for i in order[b * bs:(b + 1) * bs]])
+            loss = model(**batch, return_loss=True).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():  # CLIP clamps the temperature at 100
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(round(loss.item(), 4))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.1e}")
+        if stopped_by == "minutes":
+            break
+    bar.close()
+    model.eval()
+    return {"steps": step, "epochs_completed": step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+            "batch_size": bs, "stopped_by": stopped_by, "train_seconds": round(time.perf_counter() - t0, 2),
+            "losses": losses}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    # 1. Parse args and log the resolved config.
+    cfg = parse_config(TinyClipConfig, argv)
+    setup_logging()
+    logger.info("config: %s", config_dict(cfg))
+    out = Path(cfg.out)
+    t_start = time.perf_counter()
+
+    if cfg.pretrain_on is None:
+        # 2a. Random init only.
+        build_tiny_clip(out, preset=cfg.preset, seed=cfg.seed, vocab_size=cfg.vocab_size)
+        logger.info("wrote %s in %.1fs", out, time.perf_counter() - t_start)
+        return out
+
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    csv_path = Path(cfg.pretrain_on).resolve()
+    with _atomic_dir(out) as tmp:
+        # 2b. Tokenizer from the table's captions, then the same random init that
+        # build_tiny_clip(texts=caption_texts(csv)) gives, so "before" is reproducible.
+        texts = caption_texts(csv_path)
+        build_info = _write_checkpoint(tmp, cfg.preset, cfg.seed, texts, cfg.vocab_size)
+        model = CLIPModel.from_pretrained(tmp)
+        processor = CLIPProcessor.from_pretrained(tmp)
+
+        # 3. Decode all images once, split off a held-out set.
+        t_decode = time.perf_counter()
+        posts, counts = load_posts(csv_path, processor.image_processor)
+        if len(posts) < 4:
+            raise SystemExit(f"--pretrain-on {csv_path}: only {len(posts)} usable posts, need >= 4")
+        decode_s = time.perf_counter() - t_decode
+        perm = torch.randperm(len(posts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_held = max(2, round(len(posts) * cfg.heldout_fraction))
+        heldout = [posts[i] for i in perm[:n_held]]
+        train = [posts[i] for i in perm[n_held:]]
+        logger.info("pretraining on %d posts, %d held out", len(train), len(heldout))
+
+        # 4. Train, measuring held-out retrieval before and after.
+        before = evaluate(model, processor, heldout, cfg.batch_size)
+        logger.info("held-out before: loss %s, image->text top-1 %s", before["loss"], before["retrieval_top1"])
+        run = pretrain(model, processor, train, cfg)
+        after = evaluate(model, processor, heldout, cfg.batch_size)
+        logger.info("held-out after %d steps (%s budget reached): loss %s, image->text top-1 %s",
+                    run["steps"], run["stopped_by"], after["loss"], after["retrieval_top1"])
+
+        # 5. Save weights over the random init, plus the record of how they were made.
+        model.save_pretrained(tmp)
+        write_json_atomic(tmp / "pretrain.json", {
+            "config": config_dict(cfg),
+            "data": {"source": str(csv_path), "tokenizer_texts": len(texts), **counts,
+                     "train": len(train), "heldout": len(heldout)},
+            "model": build_info,
+            "seconds": {"decode": round(decode_s, 2), "train": run["train_seconds"],
+                        "total": round(time.perf_counter() - t_start, 2)},
+            "training": {k: v for k, v in run.items() if k != "losses"},
+            "losses": run["losses"],
+            "heldout": {"before": before, "after": after},
+            "git_commit": git_commit(),
+        })
+    logger.info("wrote %s in %.1fs", out, time.perf_counter() - t_start)
+    return out
+
+
+if __name__ == "__main__":
+    main()
