@@ -141,6 +141,9 @@ def iter_records(path: str | os.PathLike) -> Iterator[dict]:
                 obj = unpickler.load()
             except EOFError:
                 return
+            # One Unpickler over the stream keeps every object it has read in its memo;
+            # records never reference each other, so clear it to keep memory flat.
+            unpickler.memo.clear()
             # Files are record dicts, or lists of them; both are accepted.
             if isinstance(obj, list):
                 yield from obj

@@ -1,0 +1,611 @@
+"""Turn a posts table into train/val/test record files that training reads.
+
+    python data_preprocessing/preprocess.py --input data/demo/posts.csv --out data/processed
+
+Input: a ``.csv`` (header row) or ``.jsonl``/``.ndjson`` (one JSON object per line)
+table with an image path, a caption and an engagement label per post. Image paths are
+absolute or relative to the folder that holds the input file.
+
+Output, in ``--out DIR``:
+
+* ``{train,val,test}.pkl`` + ``.idx``: one record per kept post, written by
+  ``records.RecordWriter`` (a pickle stream plus an int64 offset index). A record is
+  ``{"image": RGB PIL.Image, "text": clean_text(raw), "sentiment": VADER compound of the
+  raw caption, "label": float, "row": int}``.
+* ``rejects.csv``: ``row,image_path,reason,detail`` for every row not kept, sorted by
+  row. ``row`` is the 0-based index of the data row (the header and blank lines are
+  not counted), the same number a record carries in ``"row"``; ``image_path`` is the
+  value as written in the table.
+* ``meta.json``: counts, source file hash, cleaning version, resize policy, label
+  statistics, config, timing and git commit. It is written last, and any earlier
+  outputs in DIR are removed when a run starts, so a DIR holding ``meta.json`` is always
+  one complete, successful run.
+
+Row policies. A row gets the first reason that applies, in this order:
+
+1. ``missing_path``: the image cell is empty.
+2. Label: ``missing_label`` (empty/null), ``non_numeric_label`` ("12k", "1,234", true),
+   ``non_finite_label`` (nan, inf) or ``negative_label`` (< 0).
+3. ``duplicate``: the same resolved image path *and* the same raw caption as an earlier
+   row that passed 1-2. The first copy is kept and later ones are rejected (whatever
+   their labels), because copies could land in different splits and leak test posts
+   into training. A missing caption and an empty one count as the same caption.
+4. Image: the ``prepare.ImageError`` codes (``not_found``, ``empty_file``,
+   ``unsupported_format``, ``corrupt``, ``truncated``, ``too_many_pixels``), decided by
+   ``prepare.load_image``.
+
+An empty or missing caption is *kept*: text ``""``, sentiment 0. Image-only posts are
+real posts and their engagement is a real signal.
+
+Splits: the split of each row is fixed up front from a shuffle of all row indices by
+``numpy.random.default_rng(seed)`` (the first ``round(test_frac*n)`` shuffled rows go to
+test, the next ``round(val_frac*n)`` to val, the rest to train). It depends only on the
+seed and the table, never on worker count or which other rows were rejected.
+
+Memory: images never accumulate. Workers load, clean, resize and pickle one post each
+and return bytes; the parent only appends them to the split files, and at most a fixed
+window of posts is in flight. What grows with the table is the parent's copy of its three
+columns (about 1 KB a row).
+
+Errors (missing input, missing column, empty table, more than ``--max-reject-frac``
+rejected) exit with status 1 and one ``error: ...`` line. ``main(argv)`` returns 0 on
+success; ``meta.json["timing"]`` (posts/s, wall and CPU seconds) is what benchmarks read.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import hashlib
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import pickle
+import resource
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Iterable, Iterator
+
+if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+from PIL import Image
+
+from common.config import config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
+from data_preprocessing.prepare import (
+    CLEANING_VERSION,
+    MAX_PIXELS,
+    ImageError,
+    ResizePolicy,
+    clean_text,
+    load_image,
+    pre_resize,
+    sentiment,
+)
+from data_preprocessing.records import META_NAME, SPLITS, RecordWriter
+
+logger = logging.getLogger(__name__)
+
+LABEL_REASONS = ("missing_label", "non_numeric_label", "non_finite_label", "negative_label")
+# Every reason rejects.csv can hold, in the order the checks run (module docstring).
+REJECT_REASONS = ("missing_path", *LABEL_REASONS, "duplicate",
+                  *(r for r in ImageError.REASONS if r != "missing_path"))
+REJECTS_NAME = "rejects.csv"
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+RECORD_FORMAT = "pickle stream + int64 offset index"
+
+
+def _n_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects taskset/cgroup CPU limits
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@dataclass
+class PreprocessConfig:
+    """Preprocess a posts table (CSV/JSONL) into train/val/test record files."""
+
+    input: str = field(help="posts table: .csv, or .jsonl/.ndjson with one JSON object per line")
+    out: str = field(help="output directory for {train,val,test}.pkl/.idx, rejects.csv and meta.json")
+    image_col: str = field("image_path",
+                           help="column with the image path (absolute, or relative to the input file's folder)")
+    text_col: str = field("description", help="column with the raw caption")
+    label_col: str = field("engagement", help="column with the engagement label (a count, >= 0)")
+    val_frac: float = field(0.1, help="fraction of rows assigned to the validation split")
+    test_frac: float = field(0.1, help="fraction of rows assigned to the test split")
+    seed: int = field(0, help="seed of the row shuffle that assigns splits")
+    workers: int = field(help="worker processes (1 = run in this process)", default_factory=_n_cpus)
+    chunksize: int = field(0, help="posts per task sent to a worker; 0 = automatic")
+    max_reject_frac: float = field(0.2, help="fail (exit 1) when more than this fraction of rows is rejected")
+    # The default is CLIPImageProcessor's default shortest edge; --clip-processor takes it
+    # from the processor actually used instead.
+    resize_shortest_edge: int = field(
+        ResizePolicy.shortest_edge,
+        help="pre-resize images so their shortest edge is this many pixels (bicubic, as CLIP); 0 = keep full size",
+    )
+    clip_processor: str | None = field(
+        None, help="CLIP processor dir or name; if given, its size and resample replace --resize-shortest-edge"
+    )
+    max_pixels: int = field(MAX_PIXELS, help="reject images with more pixels than this (decompression-bomb guard)")
+    progress: bool = field(True, help="show a tqdm progress bar")
+
+    def __post_init__(self):
+        for name in ("val_frac", "test_frac"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.val_frac + self.test_frac >= 1.0:
+            raise ValueError(f"--val-frac + --test-frac must be < 1 (got {self.val_frac + self.test_frac})")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.chunksize < 0:
+            raise ValueError(f"--chunksize must be >= 0, got {self.chunksize}")
+        if not 0.0 <= self.max_reject_frac <= 1.0:
+            raise ValueError(f"--max-reject-frac must be in [0, 1], got {self.max_reject_frac}")
+        if self.resize_shortest_edge < 0:
+            raise ValueError(f"--resize-shortest-edge must be >= 0, got {self.resize_shortest_edge}")
+        if self.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the table
+# ---------------------------------------------------------------------------------------
+
+
+def read_table(path: Path, wanted: dict[str, str]) -> dict[str, list]:
+    """The ``wanted`` columns of a CSV or JSONL posts table, as raw cells (str/None/JSON).
+
+    ``wanted`` maps each column name to the option that named it, for the error message.
+    Only these columns are kept, so memory per row is a few short strings whatever else
+    the table holds.
+    """
+    suffix = path.suffix.lower()
+    cols: dict[str, list] = {c: [] for c in wanted}
+    if suffix == ".csv":
+        csv.field_size_limit(sys.maxsize)  # long captions are data, not an error
+        # utf-8-sig: a BOM from Excel would otherwise become part of the first column name.
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, [])
+            _check_columns(path, header, wanted)
+            where = {c: header.index(c) for c in wanted}
+            try:
+                for cells in reader:
+                    if not cells:  # csv yields [] for a blank line; it is not a row
+                        continue
+                    for c, i in where.items():
+                        cols[c].append(cells[i] if i < len(cells) else None)  # short row: missing
+            except csv.Error as e:
+                raise SystemExit(f"error: could not parse {path} as CSV (line {reader.line_num}): {e}") from None
+        return cols
+    if suffix in JSONL_SUFFIXES:
+        seen: dict[str, None] = {}  # insertion-ordered union of keys, for the error message
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"error: {path} line {lineno} is not valid JSON: {e}") from None
+                if not isinstance(obj, dict):
+                    raise SystemExit(f"error: {path} line {lineno} is not a JSON object")
+                seen.update(dict.fromkeys(obj))
+                for c in wanted:
+                    cols[c].append(obj.get(c))
+        _check_columns(path, list(seen), wanted)
+        return cols
+    raise SystemExit(f"error: unsupported input type {suffix!r} for {path} (expected .csv, .jsonl or .ndjson)")
+
+
+def _check_columns(path: Path, columns: list[str], wanted: dict[str, str]) -> None:
+    for col, flag in wanted.items():
+        if col not in columns:
+            raise SystemExit(f"error: column {col!r} ({flag}) not found in {path.name}; "
+                             f"available columns: {', '.join(map(repr, columns)) or '(none)'}")
+
+
+def parse_label(value) -> tuple[float | None, str | None, str]:
+    """``(label, None, "")`` for a usable label, else ``(None, reason, detail)``."""
+    if value is None:
+        return None, "missing_label", "no label"
+    if isinstance(value, bool):  # JSON true/false: an int subclass, but not a count
+        return None, "non_numeric_label", f"label {value!r} is not a number"
+    if isinstance(value, (int, float)):
+        try:
+            x = float(value)
+        except OverflowError:  # a JSON integer past float range
+            return None, "non_finite_label", f"label {value!r} overflows a float"
+    else:
+        s = str(value).strip()
+        if s == "":
+            return None, "missing_label", "empty label"
+        try:
+            x = float(s)
+        except ValueError:
+            return None, "non_numeric_label", f"label {s[:50]!r} is not a number"
+    if not math.isfinite(x):
+        return None, "non_finite_label", f"label {value!r} is not finite"
+    if x < 0:
+        return None, "negative_label", f"label {value!r} is negative"
+    return x, None, ""
+
+
+def resolve_image_path(raw: str, base_dir: Path) -> str:
+    """Absolute, normalised path of an image cell (relative paths hang off ``base_dir``)."""
+    p = Path(raw).expanduser()
+    return os.path.normpath(p if p.is_absolute() else base_dir / p)
+
+
+def assign_splits(n_rows: int, val_frac: float, test_frac: float, seed: int) -> np.ndarray:
+    """(n_rows,) int8 split index into ``SPLITS`` for every row, from a seeded shuffle."""
+    perm = np.random.default_rng(seed).permutation(n_rows)
+    n_test = int(round(test_frac * n_rows))
+    n_val = int(round(val_frac * n_rows))
+    split = np.zeros(n_rows, dtype=np.int8)  # 0 = train
+    split[perm[:n_test]] = SPLITS.index("test")
+    split[perm[n_test:n_test + n_val]] = SPLITS.index("val")
+    return split
+
+
+def _cpu_times() -> tuple[float, float]:
+    """(this process, its reaped children) user+system CPU seconds."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Per-post work (runs in worker processes)
+# ---------------------------------------------------------------------------------------
+
+
+def prepare_record(task: tuple, policy: ResizePolicy, max_pixels: int) -> tuple:
+    """Load, clean, resize and pickle one post.
+
+    ``task`` is ``(row, image path or bytes, raw_caption, label)``. Returns
+    ``(row, payload_bytes, None, "")`` or ``(row, None, reason, detail)`` for a reject.
+    """
+    row, path, raw_text, label = task
+    try:
+        im = load_image(path, max_pixels=max_pixels)
+    except ImageError as e:
+        return row, None, e.reason, e.message
+    except Exception as e:  # noqa: BLE001 - a decoder failing on a damaged header is a bad image, not a crash
+        return row, None, "corrupt", f"could not open image: {type(e).__name__}: {e}"
+    im = pre_resize(im, policy)
+    # EXIF/ICC/dpi are not used downstream, cost bytes, and may hold classes the safe
+    # unpickler refuses (e.g. TIFF rationals), so the record image carries no info.
+    im.info = {}
+    record = {
+        "image": im,
+        "text": clean_text(raw_text),
+        "sentiment": float(sentiment(raw_text)["compound"]),  # VADER reads the raw caption
+        "label": float(label),
+        "row": int(row),
+    }
+    return row, pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL), None, ""
+
+
+def warm_up(policy: ResizePolicy) -> None:
+    """Prepare one synthetic post in this process, before the workers are forked.
+
+    Lazy imports and caches (PIL's JPEG plugin, the VADER lexicon, transformers' resize
+    helper that ``pre_resize`` imports, about 1 s on its own) are then inherited by every
+    worker instead of each paying for them on its first post.
+    """
+    side = policy.shortest_edge + 1 if policy.shortest_edge > 0 else 2  # big enough to be resized
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (128, 64, 32)).save(buf, "JPEG")
+    _, payload, reason, detail = prepare_record((-1, buf.getvalue(), "warm up \U0001F60D #tag @user", 0.0),
+                                                policy, max_pixels=side * side)
+    assert payload is not None, f"warm-up post rejected: {reason}: {detail}"
+
+
+class OrderedPool:
+    """``imap`` of ``fn`` in task order, over worker processes (in-process if ``workers == 1``).
+
+    At most a fixed window of tasks is in flight: ``Pool.imap`` alone would let results
+    pile up in the parent whenever it fell behind, and memory would grow with the dataset.
+    The workers start in ``__init__``, before any progress-bar thread exists to be forked.
+    """
+
+    def __init__(self, fn, workers: int, chunksize: int):
+        self.fn, self.chunksize = fn, chunksize
+        self.window = chunksize * workers * 4  # must be >= chunksize, or imap deadlocks
+        self._pool = None
+        if workers > 1:
+            # Forked workers share the parent's pages until they write to them; the cyclic
+            # GC writes to every tracked object it scans, so freeze the parent's objects
+            # out of its reach first, and the row table is not copied into each worker.
+            gc.freeze()
+            try:
+                self._pool = mp.Pool(workers)
+            finally:
+                gc.unfreeze()
+        self._stop = threading.Event()
+
+    def imap(self, tasks: Iterable) -> Iterator:
+        if self._pool is None:
+            yield from map(self.fn, tasks)
+            return
+        slots = threading.Semaphore(self.window)
+
+        def gated():  # consumed by the pool's task-feeder thread
+            for task in tasks:
+                while not slots.acquire(timeout=0.1):
+                    if self._stop.is_set():  # shutting down: let the feeder thread end
+                        return
+                yield task
+
+        for result in self._pool.imap(self.fn, gated(), chunksize=self.chunksize):
+            slots.release()
+            yield result
+
+    def __enter__(self) -> "OrderedPool":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        if self._pool is not None:
+            if exc_type is None:
+                self._pool.close()
+            else:
+                self._pool.terminate()
+            self._pool.join()
+
+
+# ---------------------------------------------------------------------------------------
+# Summary statistics and outputs
+# ---------------------------------------------------------------------------------------
+
+
+def _stats(x: np.ndarray) -> dict | None:
+    if x.size == 0:
+        return None
+    return {"count": int(x.size), "min": float(x.min()), "max": float(x.max()), "mean": float(x.mean()),
+            "median": float(np.median(x)), "std": float(x.std())}
+
+
+def label_statistics(labels: np.ndarray, split: np.ndarray, kept: np.ndarray) -> dict:
+    """Label stats (raw and log1p) of the kept rows, overall and per split."""
+    out = {}
+    for name, mask in [("all", kept)] + [(s, kept & (split == i)) for i, s in enumerate(SPLITS)]:
+        x = labels[mask]
+        out[name] = {"raw": _stats(x), "log1p": _stats(np.log1p(x))}
+    return out
+
+
+def write_rejects(path: Path, rejects: list[tuple]) -> None:
+    """Write ``rejects.csv`` sorted by row, via a temp file and rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["row", "image_path", "reason", "detail"])
+        w.writerows(sorted(rejects, key=lambda r: r[0]))
+    os.replace(tmp, path)
+
+
+def _clear_outputs(out_dir: Path) -> None:
+    """Remove a previous run's outputs, meta.json first, so no stale meta survives a failure."""
+    (out_dir / META_NAME).unlink(missing_ok=True)
+    for split in SPLITS:
+        (out_dir / f"{split}.pkl").unlink(missing_ok=True)
+        (out_dir / f"{split}.idx").unlink(missing_ok=True)
+    (out_dir / REJECTS_NAME).unlink(missing_ok=True)
+
+
+def format_summary(counts: dict) -> str:
+    lines = [f"rows read {counts['rows_read']}: kept {counts['kept']}, rejected {counts['rejected']}",
+             "  splits:  " + ", ".join(f"{s} {n}" for s, n in counts["splits"].items())]
+    if counts["rejects_by_reason"]:
+        lines.append("  rejects: " + ", ".join(f"{r} {n}" for r, n in counts["rejects_by_reason"].items()))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_policy(cfg: PreprocessConfig) -> tuple[ResizePolicy, str]:
+    """The resize policy and where it came from."""
+    if cfg.clip_processor:
+        from transformers import CLIPImageProcessor
+
+        try:
+            processor = CLIPImageProcessor.from_pretrained(cfg.clip_processor)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: could not load CLIP processor {cfg.clip_processor!r}: {e}") from None
+        return ResizePolicy.from_image_processor(processor), f"clip_processor:{cfg.clip_processor}"
+    return ResizePolicy(shortest_edge=cfg.resize_shortest_edge), "--resize-shortest-edge"
+
+
+def preprocess(cfg: PreprocessConfig) -> dict:
+    """Run preprocessing for ``cfg``; returns the meta dict written to ``meta.json``."""
+    t_start = time.perf_counter()
+    input_path = Path(cfg.input).expanduser().resolve()
+    out_dir = Path(cfg.out).expanduser().resolve()
+
+    # 1. Read the table and check its columns before touching the output dir.
+    if not input_path.is_file():
+        raise SystemExit(f"error: input file not found: {input_path}")
+    table = read_table(input_path, {cfg.image_col: "--image-col", cfg.text_col: "--text-col",
+                                    cfg.label_col: "--label-col"})
+    images, captions, raw_labels = table[cfg.image_col], table[cfg.text_col], table[cfg.label_col]
+    n_rows = len(images)
+    if n_rows == 0:
+        raise SystemExit(f"error: {input_path} has no data rows")
+    policy, policy_source = resolve_policy(cfg)
+    logger.info("read %d rows from %s; resize policy %s (%s)", n_rows, input_path, policy.as_dict(), policy_source)
+
+    # 2. Decide every row's split, and the rejects that need no image, up front.
+    split = assign_splits(n_rows, cfg.val_frac, cfg.test_frac, cfg.seed)  # (n_rows,) int8
+    labels = np.full(n_rows, np.nan)  # (n_rows,) float64, NaN where rejected
+    kept = np.zeros(n_rows, dtype=bool)
+    rejects: list[tuple[int, str, str, str]] = []  # (row, raw image path, reason, detail)
+    todo: list[tuple[int, str]] = []  # (row, resolved image path) for rows the workers load
+    first_seen: dict[tuple[str, str], int] = {}
+    base_dir = input_path.parent
+    for row in range(n_rows):
+        raw_path = "" if images[row] is None else str(images[row]).strip()
+        if raw_path == "":
+            rejects.append((row, raw_path, "missing_path", "no image path given"))
+            continue
+        label, reason, detail = parse_label(raw_labels[row])
+        if reason is not None:
+            rejects.append((row, raw_path, reason, detail))
+            continue
+        resolved = resolve_image_path(raw_path, base_dir)
+        caption = captions[row]
+        key = (resolved, "" if caption is None else str(caption))
+        if key in first_seen:
+            rejects.append((row, raw_path, "duplicate", f"same image and caption as row {first_seen[key]}"))
+            continue
+        first_seen[key] = row
+        labels[row] = label
+        todo.append((row, resolved))
+    del first_seen, raw_labels
+
+    # 3. Prepare the output dir: a previous run's outputs go, meta.json first.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_outputs(out_dir)
+
+    # 4. Load, clean, resize and pickle in workers; the parent appends bytes to the splits.
+    warm_up(policy)
+    workers = min(cfg.workers, max(len(todo), 1))  # no idle workers for a tiny table
+    # ~32 tasks per worker keeps the last, uneven stretch short; 16 posts per task is
+    # already few enough messages that the parent's per-task cost does not show.
+    chunksize = cfg.chunksize or max(1, min(16, len(todo) // (workers * 32)))
+    tasks = ((row, path, captions[row], labels[row]) for row, path in todo)
+    fn = partial(prepare_record, policy=policy, max_pixels=cfg.max_pixels)
+    writers = {s: RecordWriter(out_dir, s) for s in SPLITS}
+    image_reject_start = len(rejects)
+    record_bytes = 0
+    from tqdm.auto import tqdm
+
+    t_proc = time.perf_counter()
+    cpu_parent0, cpu_children0 = _cpu_times()
+    try:
+        with OrderedPool(fn, workers, chunksize) as pool:
+            for row, payload, reason, detail in tqdm(pool.imap(tasks), total=len(todo), desc="preprocess",
+                                                     unit="post", disable=not cfg.progress, dynamic_ncols=True):
+                if payload is None:
+                    rejects.append((row, images[row], reason, detail))
+                    labels[row] = np.nan
+                    continue
+                writers[SPLITS[split[row]]].write_bytes(payload)
+                record_bytes += len(payload)
+                kept[row] = True
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    process_s = time.perf_counter() - t_proc
+    cpu_parent1, cpu_children1 = _cpu_times()  # after the pool's join, so workers are counted
+
+    # 5. Account for every row, write rejects.csv, and fail loudly on a bad table.
+    reason_counts = Counter(r[2] for r in rejects)
+    counts = {
+        "rows_read": n_rows,
+        "kept": int(kept.sum()),
+        "rejected": len(rejects),
+        "splits": {s: writers[s].count for s in SPLITS},
+        "rejects_by_reason": {r: reason_counts[r] for r in REJECT_REASONS if reason_counts[r]},
+    }
+    assert counts["kept"] + counts["rejected"] == n_rows, counts
+    assert sum(counts["splits"].values()) == counts["kept"], counts
+    assert len({r[0] for r in rejects}) == len(rejects), "a row was rejected twice"
+    logger.info("%d rows rejected before loading images, %d while loading",
+                image_reject_start, len(rejects) - image_reject_start)
+    write_rejects(out_dir / REJECTS_NAME, rejects)
+    summary = format_summary(counts)
+    print(summary)
+    reject_frac = counts["rejected"] / n_rows
+    if reject_frac > cfg.max_reject_frac or counts["kept"] == 0:
+        for w in writers.values():
+            w.abort()
+        why = (f"{reject_frac:.1%} > --max-reject-frac {cfg.max_reject_frac:.1%}" if counts["kept"]
+               else "no rows kept")
+        raise SystemExit(f"error: {counts['rejected']} of {n_rows} rows rejected ({why}); "
+                         f"see {out_dir / REJECTS_NAME}")
+    for w in writers.values():
+        w.close()
+
+    # 6. meta.json last: its presence means the run completed.
+    elapsed_s = time.perf_counter() - t_start
+    meta = {
+        "counts": counts,
+        "source": {
+            "path": str(input_path),
+            "sha256": sha256_file(input_path),
+            "format": "jsonl" if input_path.suffix.lower() in JSONL_SUFFIXES else "csv",
+            "columns": {"image": cfg.image_col, "text": cfg.text_col, "label": cfg.label_col},
+        },
+        "cleaning_version": CLEANING_VERSION,
+        "image_size_policy": {**policy.as_dict(), "source": policy_source, "max_pixels": cfg.max_pixels},
+        "label_stats": label_statistics(labels, split, kept),
+        "seed": cfg.seed,
+        "fracs": {"train": round(1.0 - cfg.val_frac - cfg.test_frac, 6), "val": cfg.val_frac,
+                  "test": cfg.test_frac},
+        "config": {**config_dict(cfg), "workers": workers, "chunksize": chunksize},
+        "record_format": {
+            "description": RECORD_FORMAT,
+            "files": {s: [f"{s}.pkl", f"{s}.idx"] for s in SPLITS},
+            "keys": ["image", "text", "sentiment", "label", "row"],
+            "pickle_protocol": pickle.HIGHEST_PROTOCOL,
+            "bytes": record_bytes,
+        },
+        "rejects_file": REJECTS_NAME,
+        "timing": {
+            "elapsed_s": round(elapsed_s, 3),  # whole run, including reading and imports
+            "process_s": round(process_s, 3),  # pool start to last record written
+            "posts_per_s": round(len(todo) / process_s, 2) if process_s > 0 else None,
+            # CPU seconds of the same phase: unlike wall time, these do not depend on what
+            # else runs on the machine, so they show the parent's share of the work.
+            "cpu_parent_s": round(cpu_parent1 - cpu_parent0, 3),
+            "cpu_workers_s": round(cpu_children1 - cpu_children0, 3),
+            # cores this run actually got: well under --workers means other load, not this code
+            "cores_busy": round((cpu_parent1 - cpu_parent0 + cpu_children1 - cpu_children0) / process_s, 2)
+            if process_s > 0 else None,
+        },
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+    }
+    write_json_atomic(out_dir / META_NAME, meta)
+    logger.info("wrote %s (%.1f posts/s over %d workers, %.1f s total)", out_dir,
+                meta["timing"]["posts_per_s"] or 0.0, workers, elapsed_s)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    # 1. parse args and log the resolved config
+    cfg = parse_config(PreprocessConfig, argv)
+    setup_logging()
+    logger.info("config: %s", json.dumps(dataclasses.asdict(cfg)))
+    # 2. run; errors surface as `SystemExit("error: ...")`, one line and exit status 1
+    preprocess(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Tests for data_preprocessing/preprocess.py on small generated posts tables."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_preprocessing import preprocess
+from data_preprocessing.prepare import CLEANING_VERSION, clean_text, sentiment
+from data_preprocessing.records import SPLITS, RecordReader, iter_records
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ["Sunset at the beach \U0001F60D #travel", "WORST. DAY. EVER. &amp; it rained", "",
+            "thanks @bob! see https://x.co/a", "Ich liebe M\u00fcnchen \U0001F468\u200d\U0001F469\u200d\U0001F467",
+            "so good!!!"]
+
+
+def write_images(folder: Path, n: int, size=(48, 36)) -> list[str]:
+    """n small distinct JPEGs; returns their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        w, h = size if i % 3 else size[::-1]  # some portrait, some landscape
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg", quality=90)
+        names.append(f"{i:03d}.jpg")
+    return names
+
+
+def write_posts(root: Path, n: int = 24, size=(48, 36)) -> Path:
+    """A clean posts.csv with n rows and images under root/images; returns the CSV path."""
+    names = write_images(root / "images", n, size)
+    path = root / "posts.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_path", "description", "engagement", "extra"])
+        for i, name in enumerate(names):
+            w.writerow([f"images/{name}", f"{CAPTIONS[i % len(CAPTIONS)]} {i}" if i % 7 else "", i * 10, "x"])
+    return path
+
+
+def run(argv: list[str]) -> dict:
+    assert preprocess.main([*argv, "--no-progress"]) == 0
+    return json.loads((Path(argv[argv.index("--out") + 1]) / "meta.json").read_text())
+
+
+def load_split_records(out: Path) -> dict[str, list[dict]]:
+    return {s: list(RecordReader(out / f"{s}.pkl")) for s in SPLITS}
+
+
+def _signature(rec: dict) -> tuple:
+    return rec["row"], rec["text"], rec["sentiment"], rec["label"], rec["image"].size, rec["image"].tobytes()
+
+
+def read_rejects(out: Path) -> dict[int, str]:
+    with open(out / "rejects.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(r.keys() == {"row", "image_path", "reason", "detail"} for r in rows)
+    return {int(r["row"]): r["reason"] for r in rows}
+
+
+# ---------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    """One clean table preprocessed with 1 and with 2 workers."""
+    root = tmp_path_factory.mktemp("good")
+    posts = write_posts(root, n=24)
+    metas = {w: run(["--input", str(posts), "--out", str(root / f"out{w}"), "--workers", str(w),
+                     "--resize-shortest-edge", "24", "--val-frac", "0.2", "--test-frac", "0.2", "--seed", "3"])
+             for w in (1, 2)}
+    return root, posts, metas
+
+
+def test_end_to_end_records(good_run):
+    root, posts, metas = good_run
+    out, meta = root / "out1", metas[1]
+    with open(posts, newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    records = load_split_records(out)
+    expected_split = preprocess.assign_splits(len(table), 0.2, 0.2, seed=3)
+    seen_rows = []
+    for split, recs in records.items():
+        assert [r["row"] for r in recs] == sorted(r["row"] for r in recs)  # written in row order
+        for rec in recs:
+            raw = table[rec["row"]]
+            assert SPLITS[expected_split[rec["row"]]] == split
+            assert rec.keys() == {"image", "text", "sentiment", "label", "row"}
+            assert isinstance(rec["image"], Image.Image) and rec["image"].mode == "RGB"
+            assert min(rec["image"].size) == 24  # pre-resized to --resize-shortest-edge
+            assert rec["image"].info == {}  # no EXIF/ICC baggage in records
+            assert rec["text"] == clean_text(raw["description"])
+            assert type(rec["sentiment"]) is float
+            assert rec["sentiment"] == sentiment(raw["description"])["compound"]  # raw, not cleaned
+            assert type(rec["label"]) is float and rec["label"] == float(raw["engagement"])
+            seen_rows.append(rec["row"])
+    assert sorted(seen_rows) == list(range(len(table)))
+    # the empty-caption policy: kept with empty text and neutral sentiment
+    empty = [r for recs in records.values() for r in recs if table[r["row"]]["description"] == ""]
+    assert empty and all(r["text"] == "" and r["sentiment"] == 0.0 for r in empty)
+
+    counts = meta["counts"]
+    assert counts["rows_read"] == counts["kept"] == len(table) and counts["rejected"] == 0
+    assert counts["splits"] == {s: len(records[s]) for s in SPLITS}
+    assert counts["splits"]["val"] == counts["splits"]["test"] == round(0.2 * len(table))
+    assert (out / "rejects.csv").read_text().strip() == "row,image_path,reason,detail"
+
+
+def test_meta_json(good_run):
+    root, posts, metas = good_run
+    meta = metas[2]
+    assert meta["source"]["path"] == str(posts.resolve())
+    assert meta["source"]["sha256"] == hashlib.sha256(posts.read_bytes()).hexdigest()
+    assert meta["source"]["columns"] == {"image": "image_path", "text": "description", "label": "engagement"}
+    assert meta["cleaning_version"] == CLEANING_VERSION
+    assert meta["image_size_policy"]["shortest_edge"] == 24
+    assert meta["image_size_policy"]["resample_name"] == "BICUBIC"
+    assert meta["image_size_policy"]["max_pixels"] == preprocess.MAX_PIXELS
+    labels = np.arange(24) * 10.0
+    stats = meta["label_stats"]["all"]
+    assert stats["raw"]["count"] == 24
+    assert stats["raw"]["mean"] == pytest.approx(labels.mean())
+    assert stats["raw"]["median"] == pytest.approx(np.median(labels))
+    assert stats["raw"]["std"] == pytest.approx(labels.std())
+    assert stats["log1p"]["max"] == pytest.approx(math.log1p(230))
+    assert sum(meta["label_stats"][s]["raw"]["count"] for s in SPLITS) == 24
+    assert meta["seed"] == 3 and meta["fracs"] == {"train": pytest.approx(0.6), "val": 0.2, "test": 0.2}
+    assert meta["config"]["workers"] == 2 and meta["config"]["input"] == str(posts)
+    assert meta["record_format"]["description"] == "pickle stream + int64 offset index"
+    assert meta["timing"]["posts_per_s"] > 0 and meta["timing"]["elapsed_s"] > 0
+    assert "git_commit" in meta and meta["created_at"]
+
+
+def test_workers_do_not_change_the_output(good_run):
+    root, _, metas = good_run
+    one, two = load_split_records(root / "out1"), load_split_records(root / "out2")
+    for s in SPLITS:
+        assert [_signature(r) for r in one[s]] == [_signature(r) for r in two[s]]
+        # byte-identical files: same records in the same order
+        assert (root / "out1" / f"{s}.pkl").read_bytes() == (root / "out2" / f"{s}.pkl").read_bytes()
+    assert metas[1]["counts"] == metas[2]["counts"]
+    assert metas[1]["label_stats"] == metas[2]["label_stats"]
+
+
+def test_assign_splits_is_seeded():
+    a = preprocess.assign_splits(1000, 0.1, 0.2, seed=0)
+    assert np.array_equal(a, preprocess.assign_splits(1000, 0.1, 0.2, seed=0))
+    assert not np.array_equal(a, preprocess.assign_splits(1000, 0.1, 0.2, seed=1))
+    assert np.bincount(a, minlength=3).tolist() == [700, 100, 200]  # SPLITS order: train, val, test
+
+
+# ---------------------------------------------------------------------------------------
+# A deliberately broken table
+# ---------------------------------------------------------------------------------------
+
+
+def _png_with_garbage() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[100:300] = np.random.default_rng(1).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    return bytes(data)
+
+
+def test_broken_table_is_fully_accounted_for(tmp_path):
+    names = write_images(tmp_path / "images", 6)  # 48x36 or 36x48: 1728 px
+    img = tmp_path / "images"
+    (img / "empty.jpg").write_bytes(b"")
+    (img / "corrupt.png").write_bytes(_png_with_garbage())
+    full = (img / names[0]).read_bytes()
+    (img / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (img / "text.jpg").write_text("definitely not a JPEG")
+    Image.new("RGB", (8, 8)).save(img / "tiff.tif")
+    Image.new("RGB", (60, 60), (1, 2, 3)).save(img / "big.png")  # 3600 px > --max-pixels 2000
+    good = [f"images/{n}" for n in names]
+    rows = [  # (image_path, description, engagement, expected reason or None)
+        (good[0], "first post", "5", None),
+        ("", "no image path", "5", "missing_path"),
+        ("images/missing.jpg", "file gone", "5", "not_found"),
+        ("images/empty.jpg", "zero bytes", "5", "empty_file"),
+        ("images/corrupt.png", "garbage inside", "5", "corrupt"),
+        ("images/truncated.jpg", "half a jpeg", "5", "truncated"),
+        ("images/text.jpg", "text named jpg", "5", "unsupported_format"),
+        ("images/tiff.tif", "tiff", "5", "unsupported_format"),
+        ("images/big.png", "too big", "5", "too_many_pixels"),
+        (good[1], "no label", "", "missing_label"),
+        (good[1], "words", "lots", "non_numeric_label"),
+        (good[1], "thousands sep", "1,234", "non_numeric_label"),
+        (good[1], "negative", "-3", "negative_label"),
+        (good[1], "nan", "NaN", "non_finite_label"),
+        (good[1], "inf", "inf", "non_finite_label"),
+        (good[0], "first post", "7", "duplicate"),  # same image + caption as row 0
+        (f"./images/../images/{names[0]}", "first post", "5", "duplicate"),  # same file, other spelling
+        (good[0], "same image, new caption", "5", None),  # not a duplicate: kept
+        (good[2], "", "0", None),  # image-only post: kept
+        (good[3], "ok", "1e3", None),
+        (good[4], "ok", " 12 ", None),
+        (good[5], "ok", "0.5", None),
+    ]
+    posts = tmp_path / "posts.csv"
+    with open(posts, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_path", "description", "engagement"])
+        w.writerows(r[:3] for r in rows)
+    out = tmp_path / "out"
+    meta = run(["--input", str(posts), "--out", str(out), "--workers", "2", "--max-pixels", "2000",
+                "--max-reject-frac", "0.9", "--resize-shortest-edge", "0"])
+
+    expected = {i: r[3] for i, r in enumerate(rows) if r[3]}
+    assert read_rejects(out) == expected
+    kept_rows = sorted(rec["row"] for s in SPLITS for rec in RecordReader(out / f"{s}.pkl"))
+    assert kept_rows == [i for i, r in enumerate(rows) if r[3] is None]
+    counts = meta["counts"]
+    assert counts["kept"] + counts["rejected"] == counts["rows_read"] == len(rows)
+    assert counts["rejected"] == len(expected)
+    assert counts["rejects_by_reason"] == {
+        reason: sum(1 for r in expected.values() if r == reason) for reason in set(expected.values())}
+    labels = {rec["row"]: rec["label"] for s in SPLITS for rec in RecordReader(out / f"{s}.pkl")}
+    assert labels[19] == 1000.0 and labels[20] == 12.0 and labels[21] == 0.5
+    with open(out / "rejects.csv", newline="") as fh:
+        by_row = {int(r["row"]): r for r in csv.DictReader(fh)}
+    assert by_row[15]["detail"] == "same image and caption as row 0"
+    assert by_row[2]["image_path"] == "images/missing.jpg"  # as written in the table
+
+
+# ---------------------------------------------------------------------------------------
+# Failures: exit non-zero with one clear line
+# ---------------------------------------------------------------------------------------
+
+
+def _error(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        preprocess.main([*argv, "--no-progress"])
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg
+    return msg
+
+
+def test_missing_input(tmp_path):
+    assert "input file not found" in _error(["--input", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_column_lists_available_columns(tmp_path):
+    posts = write_posts(tmp_path, n=3)
+    msg = _error(["--input", str(posts), "--out", str(tmp_path / "o"), "--label-col", "likes"])
+    assert "'likes'" in msg and "--label-col" in msg
+    assert "'image_path', 'description', 'engagement', 'extra'" in msg
+
+
+def test_empty_table_and_unknown_type(tmp_path):
+    empty = tmp_path / "posts.csv"
+    empty.write_text("image_path,description,engagement\n")
+    assert "no data rows" in _error(["--input", str(empty), "--out", str(tmp_path / "o")])
+    nothing = tmp_path / "nothing.csv"
+    nothing.write_text("")
+    assert "not found" in _error(["--input", str(nothing), "--out", str(tmp_path / "o")])  # no columns at all
+    xlsx = tmp_path / "posts.xlsx"
+    xlsx.write_bytes(b"PK")
+    assert "unsupported input type" in _error(["--input", str(xlsx), "--out", str(tmp_path / "o")])
+    bad_jsonl = tmp_path / "posts.jsonl"
+    bad_jsonl.write_text('{"image_path": "a.jpg"}\n{not json\n')
+    assert "line 2" in _error(["--input", str(bad_jsonl), "--out", str(tmp_path / "o")])
+
+
+def test_too_many_rejects_fails_but_writes_rejects_and_no_meta(tmp_path):
+    posts = write_posts(tmp_path, n=10)
+    out = tmp_path / "out"
+    run(["--input", str(posts), "--out", str(out), "--workers", "1"])  # a good run first
+    assert (out / "meta.json").exists()
+    for name in ["002.jpg", "004.jpg", "005.jpg"]:  # 3 of 10 rows now fail: 30% > 20%
+        (tmp_path / "images" / name).unlink()
+    msg = _error(["--input", str(posts), "--out", str(out), "--workers", "1"])
+    assert "3 of 10 rows rejected" in msg and "rejects.csv" in msg
+    assert read_rejects(out) == {2: "not_found", 4: "not_found", 5: "not_found"}
+    # The previous run's meta.json and splits are gone: nothing looks like usable data.
+    assert not (out / "meta.json").exists()
+    assert not any((out / f"{s}.pkl").exists() for s in SPLITS)
+    assert not list(out.glob("*.tmp"))
+    # ...and a looser threshold accepts the same table
+    meta = run(["--input", str(posts), "--out", str(out), "--workers", "1", "--max-reject-frac", "0.3"])
+    assert meta["counts"]["kept"] == 7
+
+
+def test_bad_option_values_are_usage_errors(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        preprocess.main(["--input", "x.csv", "--out", str(tmp_path), "--val-frac", "0.6", "--test-frac", "0.5"])
+    assert e.value.code == 2  # argparse usage error, not a traceback
+
+
+# ---------------------------------------------------------------------------------------
+# Input variants
+# ---------------------------------------------------------------------------------------
+
+
+def test_jsonl_with_absolute_paths_matches_csv(tmp_path):
+    posts = write_posts(tmp_path / "a", n=8)
+    with open(posts, newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    # The JSONL table lives elsewhere, so only absolute image paths can work.
+    jsonl = tmp_path / "b" / "posts.jsonl"
+    jsonl.parent.mkdir()
+    with open(jsonl, "w", encoding="utf-8") as fh:
+        for r in table:
+            obj = {"image_path": str((posts.parent / r["image_path"]).resolve()),
+                   "description": r["description"] or None,  # null caption == empty caption
+                   "engagement": int(r["engagement"])}  # a JSON number, not a string
+            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        fh.write("\n")  # a trailing blank line is not a row
+    m_csv = run(["--input", str(posts), "--out", str(tmp_path / "o_csv"), "--workers", "1"])
+    m_json = run(["--input", str(jsonl), "--out", str(tmp_path / "o_json"), "--workers", "1"])
+    assert m_json["source"]["format"] == "jsonl" and m_json["counts"] == m_csv["counts"]
+    a, b = load_split_records(tmp_path / "o_csv"), load_split_records(tmp_path / "o_json")
+    for s in SPLITS:
+        assert [_signature(r) for r in a[s]] == [_signature(r) for r in b[s]]
+
+
+def test_jsonl_label_types(tmp_path):
+    write_images(tmp_path / "images", 4)
+    jsonl = tmp_path / "posts.ndjson"
+    rows = [{"image_path": "images/000.jpg", "description": "a", "engagement": None},
+            {"image_path": "images/001.jpg", "description": "b", "engagement": True},
+            {"image_path": "images/002.jpg", "description": "c", "engagement": "12"},
+            {"image_path": "images/003.jpg", "description": "d"}]  # key absent
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    meta = run(["--input", str(jsonl), "--out", str(out), "--max-reject-frac", "1"])
+    assert read_rejects(out) == {0: "missing_label", 1: "non_numeric_label", 3: "missing_label"}
+    assert meta["counts"]["kept"] == 1
+
+
+def test_pre_resize_shrinks_records(tmp_path):
+    posts = write_posts(tmp_path, n=6, size=(640, 480))
+    m_full = run(["--input", str(posts), "--out", str(tmp_path / "full"), "--resize-shortest-edge", "0"])
+    m_small = run(["--input", str(posts), "--out", str(tmp_path / "small")])  # default: CLIP's 224
+    size = {k: sum((tmp_path / k / f"{s}.pkl").stat().st_size for s in SPLITS) for k in ("full", "small")}
+    print(f"record bytes: full size {size['full']}, pre-resized {size['small']}")
+    assert size["small"] < 0.25 * size["full"]  # 298x224 vs 640x480 pixels: 0.22x
+    assert m_small["record_format"]["bytes"] == size["small"]
+    full = load_split_records(tmp_path / "full")["train"][0]["image"]
+    small = load_split_records(tmp_path / "small")["train"][0]["image"]
+    assert min(full.size) == 480 and min(small.size) == 224
+    assert m_full["image_size_policy"]["shortest_edge"] == 0
+
+
+def test_policy_from_clip_processor_dir(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    proc_dir = tmp_path / "proc"
+    CLIPImageProcessor(size={"shortest_edge": 30}).save_pretrained(proc_dir)
+    posts = write_posts(tmp_path, n=4, size=(64, 48))
+    meta = run(["--input", str(posts), "--out", str(tmp_path / "out"), "--clip-processor", str(proc_dir)])
+    assert meta["image_size_policy"]["shortest_edge"] == 30
+    assert meta["image_size_policy"]["source"] == f"clip_processor:{proc_dir}"
+    assert all(min(r["image"].size) == 30 for r in iter_records(tmp_path / "out" / "train.pkl"))
+    assert "could not load CLIP processor" in _error(
+        ["--input", str(posts), "--out", str(tmp_path / "o2"), "--clip-processor", str(tmp_path / "nope")])
+
+
+# ---------------------------------------------------------------------------------------
+# As a command
+# ---------------------------------------------------------------------------------------
+
+
+def test_runs_as_script_and_as_module(tmp_path):
+    posts = write_posts(tmp_path, n=6)
+    env = {**os.environ, "PYTHONPATH": ""}
+    # As a file path, from an unrelated working directory.
+    script = subprocess.run([sys.executable, str(REPO_ROOT / "data_preprocessing" / "preprocess.py"),
+                             "--input", str(posts), "--out", str(tmp_path / "o1"), "--workers", "2"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert script.returncode == 0, script.stderr
+    assert "rows read 6: kept 6, rejected 0" in script.stdout
+    module = subprocess.run([sys.executable, "-m", "data_preprocessing.preprocess", "--input", str(posts),
+                             "--out", str(tmp_path / "o2"), "--workers", "1", "--no-progress"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert module.returncode == 0, module.stderr
+    for s in SPLITS:
+        assert (tmp_path / "o1" / f"{s}.pkl").read_bytes() == (tmp_path / "o2" / f"{s}.pkl").read_bytes()
+    # An error is one line on stderr, exit status 1, no traceback.
+    bad = subprocess.run([sys.executable, "-m", "data_preprocessing.preprocess", "--input",
+                          str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o3")],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: input file not found")
+
+
+# ---------------------------------------------------------------------------------------
+# The bounded worker pool
+# ---------------------------------------------------------------------------------------
+
+
+def test_ordered_pool_bounds_tasks_in_flight():
+    import time
+
+    produced = []
+
+    def tasks():
+        for i in range(300):
+            produced.append(i)
+            yield i
+
+    with preprocess.OrderedPool(abs, workers=2, chunksize=2) as pool:
+        window = pool.window
+        assert window == 2 * 2 * 4
+        results = []
+        for r in pool.imap(tasks()):
+            time.sleep(0.001)  # a slow parent: without the window the feeder runs far ahead
+            results.append(r)
+            assert len(produced) - len(results) <= window + 1  # +1: the one the feeder holds, waiting
+    assert results == list(range(300))  # in task order
+
+
+def test_ordered_pool_shuts_down_on_error():
+    with pytest.raises(RuntimeError, match="stop"):
+        with preprocess.OrderedPool(abs, workers=2, chunksize=1) as pool:
+            for r in pool.imap(iter(range(10_000))):
+                if r == 5:
+                    raise RuntimeError("stop")  # must not hang on the blocked feeder thread
+    with preprocess.OrderedPool(abs, workers=1, chunksize=1) as pool:  # in-process path
+        assert list(pool.imap([-1, -2])) == [1, 2]
