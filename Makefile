@@ -9,6 +9,13 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: install test demo bench bench-smoke clean
 
+# Where `make demo` writes (git-ignored); N posts for evaluation, PRETRAIN_N kept apart
+# (another seed) for the offline CLIP's contrastive pretraining.
+DEMO       ?= runs/demo
+N          ?= 2000
+PRETRAIN_N ?= 2000
+PORT       ?= 8000
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -21,5 +28,35 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: install
 	$(PY) -m pytest -q
 
+# The whole pipeline offline, steps 1-9 of the README.
+demo: install
+	@echo "== 1/9 demo posts"
+	$(PY) data_preprocessing/make_demo_data.py --out $(DEMO)/posts --n $(N) --seed 0 --overwrite
+	@echo "== 2/9 preprocess"
+	$(PY) data_preprocessing/preprocess.py --input $(DEMO)/posts/posts.csv --out $(DEMO)/data
+	@echo "== 3/9 validate the records"
+	$(PY) test_preprocessing.py --data $(DEMO)/data
+	@echo "== 4/9 offline CLIP, pretrained on separately generated posts (never the test split)"
+	$(PY) data_preprocessing/make_demo_data.py --out $(DEMO)/pretrain_posts --n $(PRETRAIN_N) --seed 1 --overwrite
+	$(PY) models/tiny_clip.py --out $(DEMO)/tiny_clip --pretrain-on $(DEMO)/pretrain_posts/posts.csv
+	@echo "== 5/9 train: 5 frozen + 5 fine-tuning epochs"
+	$(PY) training/train_torch.py --data $(DEMO)/data --out $(DEMO)/run --clip-model $(DEMO)/tiny_clip
+	@echo "== 6-8/9 start uvicorn, curl a prediction, stop it"
+	PY=$(PY) bash serving/demo.sh $(DEMO)/run/model $(DEMO)/posts/images/000000.jpg "Sunset at the beach! #travel" $(PORT)
+	@echo "== 9/9 done. Metrics: $(DEMO)/run/metrics.json  Plots: $(DEMO)/run/*.png  Model: $(DEMO)/run/model"
+
 clean:
 	rm -rf runs data bench/out
+
+# Benchmarks (bench/README.md): every CPU table of BENCHMARKS.md, then the report.
+# hey is the serving benchmark's load generator (a Debian package): installed here if
+# missing and possible (root); otherwise serve_bench.py falls back to a Python generator.
+bench: install
+	@command -v hey >/dev/null 2>&1 || { echo "installing hey (load generator for bench/serve_bench.py)"; \
+	  (apt-get install -y -qq hey || (apt-get update -qq && apt-get install -y -qq hey)) >/dev/null 2>&1 \
+	  || echo "could not install hey: the serving benchmark uses its Python load generator"; }
+	$(PY) bench/run_all.py
+
+# Every benchmark script at toy sizes (~1 min); results in bench/out/smoke, BENCHMARKS.md untouched.
+bench-smoke: install
+	$(PY) bench/run_all.py --smoke
