@@ -160,6 +160,9 @@ class CLIPRegressor(nn.Module):
     def unfreeze_clip(self) -> None:
         """Phase 2: everything trains, CLIP included (at its own, lower LR)."""
         self.clip.requires_grad_(True)
+        # The contrastive temperature is not on the embed() path, so it never gets a
+        # gradient; left trainable it would stall DDP's all-reduce and inflate the count.
+        self.clip.logit_scale.requires_grad_(False)
         self._clip_frozen = False
         self.train(self.training)
         self._log_trainable("unfroze CLIP")

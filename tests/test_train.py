@@ -1,0 +1,244 @@
+"""training/train_torch.py on a tiny random CLIP and 48 posts: phases, cache, resume, artifact.
+
+The tiny CLIP and the posts are built once per session; one straight 2+2-epoch run is
+shared by the tests that only read its outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from models.clip_regressor import CLIPRegressor, HeadConfig, TargetTransform, load_model, regression_metrics
+from tiny_posts import write_tiny_posts
+from training import train_torch
+from training.train_torch import (Collator, EngagementDataset, NonFiniteGuard, TrainConfig, make_loader,
+                                  start_phase, train_one_epoch)
+
+KEYS = {"rmse", "mae", "r2", "pearson", "spearman"}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    from models.tiny_clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+@pytest.fixture(scope="session")
+def posts(tmp_path_factory):
+    return write_tiny_posts(tmp_path_factory.mktemp("posts"))
+
+
+def args(posts, out, clip, *extra) -> list[str]:
+    """Small and fast: 4 train batches of 8, a narrow head, no worker processes."""
+    return ["--data", str(posts), "--out", str(out), "--clip-model", str(clip), "--batch-size", "8",
+            "--eval-batch-size", "16", "--num-workers", "0", "--head-hidden", "32", "--clip-lr", "1e-4",
+            *extra]
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, posts, tiny_clip):
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    assert train_torch.main(args(posts, out, tiny_clip, "--frozen-epochs", "2", "--finetune-epochs", "2")) == 0
+    return out
+
+
+def _metrics(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _checkpoint_history(run_dir):
+    state = torch.load(run_dir / "checkpoint" / "training_state.pt", weights_only=True)
+    return state["state"]["history"]
+
+
+def _without_seconds(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_smoke_outputs(straight_run):
+    m = _metrics(straight_run)
+    assert set(m["test"]) == KEYS and set(m["test_after_frozen"]) == KEYS
+    assert set(m["test_label_units"]) == {"rmse", "mae"}
+    assert set(m["baselines"]) == {"mean", "sentiment_linear", "frozen_clip_ridge"}
+    assert all(set(b) == KEYS for b in m["baselines"].values())
+    assert [(h["epoch"], h["phase"]) for h in m["history"]] == [
+        (1, "frozen"), (2, "frozen"), (3, "finetune"), (4, "finetune")]
+    assert {"train_loss", "val_rmse", "val_r2", "lr_head", "seconds"} <= set(m["history"][0])
+    assert "lr_clip" in m["history"][2] and "lr_clip" not in m["history"][0]
+    assert m["timings"]["embedding_cache_build_seconds"] > 0
+    assert m["timings"]["embedding_cache_used"] is True
+    for png in ("learning_curves.png", "pred_vs_actual.png"):
+        assert (straight_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((straight_run / "config.json").read_text())["args"]["frozen_epochs"] == 2
+    art = json.loads((straight_run / "model" / "config.json").read_text())
+    assert art["training"]["args"]["clip_lr"] == 1e-4 and "git_commit" in art["training"]
+    assert art["metrics"]["test"] == m["test"]
+    assert art["target_transform"]["kind"] == "log1p" and art["target_transform"]["std"] > 0
+    assert (straight_run / "model" / "clip" / "model.safetensors").is_file()
+    assert (straight_run / "model" / "head.safetensors").is_file()
+
+
+def test_collator_matches_batcher(posts, tiny_clip):
+    from transformers import CLIPConfig, CLIPProcessor
+
+    from models.clip_regressor import PostBatcher
+
+    processor = CLIPProcessor.from_pretrained(tiny_clip)
+    batcher = PostBatcher.from_clip(processor, CLIPConfig.from_pretrained(tiny_clip))
+    ds = EngagementDataset(posts, "val")
+    records = [ds[i] for i in range(4)]
+    target = TargetTransform.fit([r["label"] for r in records])
+    batch = Collator(batcher, target)(records)
+    plain = batcher([r["image"] for r in records], [r["text"] for r in records], [r["sentiment"] for r in records])
+    for k, v in plain.items():
+        assert torch.equal(batch[k], v)
+    assert batch["label"].dtype == torch.float64 and batch["target"].dtype == torch.float32
+    assert torch.allclose(batch["target"].double(), (torch.log1p(batch["label"]) - target.mean) / target.std)
+    assert set(Collator(batcher)(records)) == set(plain)
+
+
+def test_resume_equals_straight_run(tmp_path, posts, tiny_clip, straight_run):
+    from safetensors.torch import load_file
+    from transformers import CLIPModel
+
+    out = tmp_path / "resumed"
+    base = args(posts, out, tiny_clip, "--frozen-epochs", "2", "--finetune-epochs", "2")
+    # Interrupted mid phase 1, then mid phase 2 (across the boundary), then finished.
+    assert train_torch.main(base + ["--stop-after-epochs", "1"]) == 0
+    assert not (out / "metrics.json").exists()
+    # After a frozen epoch every CLIP weight is still the pretrained one.
+    weights = load_file(str(out / "checkpoint" / "model.safetensors"))
+    original = CLIPModel.from_pretrained(tiny_clip).state_dict()
+    assert all(torch.equal(weights[f"clip.{k}"], v) for k, v in original.items())
+    with pytest.raises(SystemExit, match="already holds a checkpoint"):
+        train_torch.main(base)
+    with pytest.raises(SystemExit, match="head_lr"):
+        train_torch.main(base + ["--resume", "--head-lr", "0.5"])
+    assert train_torch.main(base + ["--resume", "--stop-after-epochs", "3"]) == 0
+    assert len(_checkpoint_history(out)) == 3
+    assert train_torch.main(base + ["--resume"]) == 0
+
+    a, b = _metrics(straight_run), _metrics(out)
+    assert _without_seconds(a["history"]) == _without_seconds(b["history"])
+    for key in ("test", "test_after_frozen", "baselines", "test_label_units", "best"):
+        assert a[key] == b[key], key
+    head_a = load_file(str(straight_run / "model" / "head.safetensors"))
+    head_b = load_file(str(out / "model" / "head.safetensors"))
+    assert all(torch.equal(head_a[k], head_b[k]) for k in head_a)
+
+
+def test_embedding_cache_matches_recomputing(tmp_path, posts, tiny_clip, straight_run):
+    out = tmp_path / "nocache"
+    assert train_torch.main(args(posts, out, tiny_clip, "--frozen-epochs", "2", "--finetune-epochs", "0",
+                                 "--no-embedding-cache")) == 0
+    cached, recomputed = _metrics(straight_run), _metrics(out)
+    assert recomputed["timings"]["embedding_cache_used"] is False
+    for h_c, h_r in zip(cached["history"][:2], recomputed["history"]):
+        for k in ("train_loss", "val_rmse", "val_mae", "val_r2", "val_pearson"):
+            assert h_r[k] == pytest.approx(h_c[k], rel=1e-5, abs=1e-6), k
+    for k in KEYS:
+        assert recomputed["test_after_frozen"][k] == pytest.approx(cached["test_after_frozen"][k], rel=1e-5, abs=1e-6)
+
+
+def test_gradient_flow_through_phases(tmp_path, posts, tiny_clip, caplog):
+    from accelerate import Accelerator
+    from transformers import CLIPProcessor
+
+    from models.clip_regressor import PostBatcher
+
+    caplog.set_level(logging.INFO)
+    torch.manual_seed(0)
+    model = CLIPRegressor.from_pretrained(tiny_clip, HeadConfig(hidden=32, dropout=0.0))
+    batcher = PostBatcher.from_clip(CLIPProcessor.from_pretrained(tiny_clip), model.clip.config)
+    train = EngagementDataset(posts, "train")
+    loader = make_loader(train, 8, Collator(batcher, TargetTransform.fit(train.labels())), shuffle_seed=0)
+    cfg = TrainConfig(data=str(posts), out=str(tmp_path), clip_model=str(tiny_clip), head_lr=1e-2, clip_lr=1e-3,
+                      frozen_epochs=1, finetune_epochs=1, warmup_frac=0.0)
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(loader)
+
+    def snapshot(module):
+        return {k: p.detach().clone() for k, p in module.named_parameters()}
+
+    clip0, head0 = snapshot(model.clip), snapshot(model.head)
+    step, opt, sched = start_phase("frozen", model, accelerator, cfg, len(loader))
+    train_one_epoch(step, loader, opt, sched, accelerator, NonFiniteGuard(3), max_grad_norm=1.0, desc="frozen")
+    assert all(torch.equal(p, clip0[k]) for k, p in model.clip.named_parameters())
+    assert all(not torch.equal(p, head0[k]) for k, p in model.head.named_parameters())
+
+    step, opt, sched = start_phase("finetune", model, accelerator, cfg, len(loader))
+    train_one_epoch(step, loader, opt, sched, accelerator, NonFiniteGuard(3), max_grad_norm=1.0, desc="finetune")
+    unchanged = [k for k, p in model.clip.named_parameters() if torch.equal(p, clip0[k])]
+    assert unchanged == ["logit_scale"]  # the contrastive temperature is not on the regression path
+    assert any("of" in r.message and "parameters trainable" in r.message for r in caplog.records)
+
+
+def test_artifact_round_trip(straight_run, posts):
+    loaded = load_model(straight_run / "model")
+    test = EngagementDataset(posts, "test")
+    records = [test[i] for i in range(len(test))]
+    score, likes = loaded.predict_batch(Collator(loaded.batcher)(records))
+    with open(straight_run / "predictions_test.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["row"]) for r in rows] == [r["row"] for r in records]
+    in_memory = np.array([float(r["pred_model_scale"]) for r in rows])
+    np.testing.assert_allclose(score.numpy(), in_memory, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(likes.numpy(), [float(r["pred_label_units"]) for r in rows], rtol=1e-4)
+    truth = np.log1p([r["label"] for r in records])
+    assert regression_metrics(truth, score.numpy())["r2"] == pytest.approx(_metrics(straight_run)["test"]["r2"],
+                                                                           abs=1e-4)
+
+
+def _nan_head(monkeypatch, first_n: int | None):
+    """Make training (grad-enabled) head outputs NaN: the first ``first_n`` calls, or all."""
+    original = CLIPRegressor.head_forward
+    calls = {"n": 0}
+
+    def head_forward(self, img, txt, sentiment):
+        out = original(self, img, txt, sentiment)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if first_n is None or calls["n"] <= first_n:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(CLIPRegressor, "head_forward", head_forward)
+
+
+def test_nonfinite_loss_is_skipped(tmp_path, posts, tiny_clip, monkeypatch, capsys):
+    _nan_head(monkeypatch, first_n=2)
+    out = tmp_path / "nan"
+    assert train_torch.main(args(posts, out, tiny_clip, "--frozen-epochs", "1", "--finetune-epochs", "0")) == 0
+    m = _metrics(out)
+    assert m["history"][0]["nonfinite_steps"] == 2
+    assert np.isfinite(m["history"][0]["train_loss"]) and np.isfinite(m["test"]["rmse"])
+    assert capsys.readouterr().err.count("non-finite loss at epoch 1/1 frozen") == 2  # logged by main's handler
+
+
+def test_nonfinite_loss_aborts(tmp_path, posts, tiny_clip, monkeypatch):
+    _nan_head(monkeypatch, first_n=None)
+    with pytest.raises(SystemExit, match="3 consecutive non-finite losses"):
+        train_torch.main(args(posts, tmp_path / "nan", tiny_clip, "--frozen-epochs", "1", "--finetune-epochs", "0",
+                              "--max-nonfinite-steps", "3"))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"cleaning_version": "0"}, "cleaning version"),
+    ({"image_size_policy": {"shortest_edge": 100, "resample": 3}}, "upsampled"),
+])
+def test_refuses_mismatched_data(tmp_path, posts, tiny_clip, change, message):
+    data = tmp_path / "data"
+    shutil.copytree(posts, data)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(SystemExit, match=message):
+        train_torch.main(args(data, tmp_path / "run", tiny_clip))
+    assert not (tmp_path / "run" / "checkpoint").exists()
