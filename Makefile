@@ -15,6 +15,9 @@ DEMO       ?= runs/demo
 N          ?= 2000
 PRETRAIN_N ?= 2000
 PORT       ?= 8000
+# The tiny offline CLIP is far less trained than openai/clip-vit-base-patch32, so it
+# fine-tunes at 1e-4; train_torch.py's default (1e-5) is the one for a pretrained CLIP.
+DEMO_CLIP_LR ?= 1e-4
 
 install: $(VENV)/.installed
 
@@ -40,7 +43,7 @@ demo: install
 	$(PY) data_preprocessing/make_demo_data.py --out $(DEMO)/pretrain_posts --n $(PRETRAIN_N) --seed 1 --overwrite
 	$(PY) models/tiny_clip.py --out $(DEMO)/tiny_clip --pretrain-on $(DEMO)/pretrain_posts/posts.csv
 	@echo "== 5/9 train: 5 frozen + 5 fine-tuning epochs"
-	$(PY) training/train_torch.py --data $(DEMO)/data --out $(DEMO)/run --clip-model $(DEMO)/tiny_clip
+	$(PY) training/train_torch.py --data $(DEMO)/data --out $(DEMO)/run --clip-model $(DEMO)/tiny_clip --clip-lr $(DEMO_CLIP_LR)
 	@echo "== 6-8/9 start uvicorn, curl a prediction, stop it"
 	PY=$(PY) bash serving/demo.sh $(DEMO)/run/model $(DEMO)/posts/images/000000.jpg "Sunset at the beach! #travel" $(PORT)
 	@echo "== 9/9 done. Metrics: $(DEMO)/run/metrics.json  Plots: $(DEMO)/run/*.png  Model: $(DEMO)/run/model"
@@ -51,12 +54,13 @@ clean:
 # Benchmarks (bench/README.md): every CPU table of BENCHMARKS.md, then the report.
 # hey is the serving benchmark's load generator (a Debian package): installed here if
 # missing and possible (root); otherwise serve_bench.py falls back to a Python generator.
+# `make bench RUN=runs/x` reports that finished training run's quality instead of training one.
 bench: install
 	@command -v hey >/dev/null 2>&1 || { echo "installing hey (load generator for bench/serve_bench.py)"; \
 	  (apt-get install -y -qq hey || (apt-get update -qq && apt-get install -y -qq hey)) >/dev/null 2>&1 \
 	  || echo "could not install hey: the serving benchmark uses its Python load generator"; }
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(if $(RUN),--quality-run-dir $(RUN))
 
-# Every benchmark script at toy sizes (~1 min); results in bench/out/smoke, BENCHMARKS.md untouched.
+# Every benchmark script at toy sizes (~30 s on a quiet machine); results in bench/out/smoke, BENCHMARKS.md untouched.
 bench-smoke: install
 	$(PY) bench/run_all.py --smoke

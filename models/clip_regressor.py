@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.config import replace_dir
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -271,16 +273,7 @@ def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_
             **(extra_config or {}),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")
-        # Swap in the finished directory; the old one (if any) is removed only afterwards,
-        # so a reader sees either the complete old or the complete new artifact.
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
