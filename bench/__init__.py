@@ -1,0 +1,1 @@
+"""Benchmark scripts; ``bench/report.py`` writes BENCHMARKS.md from their JSON output."""
