@@ -47,7 +47,6 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageEnhance
 
 from common.config import config_dict, field, parse_config, setup_logging, write_json_atomic
-from data_preprocessing.prepare import sentiment
+from data_preprocessing.prepare import HASHTAG_RE, sentiment
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,6 @@ MIN_SIDE, MAX_SIDE = 320, 1280
 THUMB = 64  # side of the square thumbnail brightness/colourfulness are measured on
 TOPICS = ("beach", "food", "pets", "city", "forest", "fitness")
 POSTS_CSV, META_JSON, TRUTH_CSV, IMAGES_DIR = "posts.csv", "meta.json", "truth.csv", "images"
-_HASHTAG_RE = re.compile(r"(?<![\w#])#\w+")  # the same hashtag rule as prepare.clean_text
 
 
 # ---------------------------------------------------------------------------------------
@@ -607,7 +605,7 @@ def _make_post(args: tuple[int, int, str]) -> dict:
         "image_path": rel_path, "image_topic": t_img, "caption_topic": t_cap,
         "width": img.width, "height": img.height, "n_objects": n_objects,
         "brightness": brightness, "colourfulness": colourfulness,
-        "n_hashtags": len(_HASHTAG_RE.findall(caption)), "cta": extra["cta"],
+        "n_hashtags": len(HASHTAG_RE.findall(caption)), "cta": extra["cta"],
         "n_words": len(caption.split()), "sentiment": sentiment(caption)["compound"],
     }
     # 3. label: the law plus noise, drawn last so it never shifts the content streams
