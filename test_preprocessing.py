@@ -14,7 +14,7 @@ pytest module; its tests are in tests/test_validation_script.py):
   finite, non-negative ``label`` float.
 
 Records are read only through ``records``' safe unpickler (``RecordReader`` for random
-access, ``SafeUnpickler`` for the stream), which refuses anything but the classes a record
+access, ``iter_pickles`` for the stream), which refuses anything but the classes a record
 holds. By default every record is streamed and checked, and each record's start is
 compared with its index offset; ``--max-records N`` instead checks N records per split,
 spread evenly, by random access (for big sets).
@@ -37,7 +37,7 @@ import numpy as np
 
 from common.config import field, parse_config
 from data_preprocessing.prepare import CLEANING_VERSION, clean_text
-from data_preprocessing.records import SPLITS, RecordReader, SafeUnpickler, check_cleaning_version, load_meta
+from data_preprocessing.records import SPLITS, RecordReader, check_cleaning_version, iter_pickles, load_meta
 
 REQUIRED_KEYS = ("image", "text", "sentiment", "label")
 N_SPOT_CHECKS = 5  # random-access reads compared with the stream when checking everything
@@ -106,21 +106,6 @@ def index_problems(reader: RecordReader) -> list[str]:
     return problems
 
 
-def stream_records(path: Path) -> Iterator[tuple[int, int, object]]:
-    """Yield ``(i, start byte, record)`` for each pickle in a record file, in order.
-
-    A fresh ``SafeUnpickler`` per record: one unpickler over the whole file would keep
-    every record it has read in its memo, so memory would grow with the file.
-    """
-    with open(path, "rb") as fh:
-        size = path.stat().st_size
-        i = 0
-        while fh.tell() < size:
-            start = fh.tell()
-            yield i, start, SafeUnpickler(fh).load()
-            i += 1
-
-
 def _row_of(rec) -> object:
     return rec.get("row") if isinstance(rec, dict) else None
 
@@ -154,7 +139,7 @@ def check_split(data_dir: Path, split: str, expected: int | None, max_records: i
             # Everything: stream the file as plain pickle.load would, one record at a time,
             # and check that each record starts exactly where the index says it does.
             stream_rows, misaligned = [], False
-            for i, start, rec in stream_records(path):
+            for i, (start, rec) in enumerate(iter_pickles(path)):
                 if i < n_index and start != reader.offsets[i]:
                     failures.append(f"{split}: record {i} starts at byte {start}, the index says "
                                     f"{reader.offsets[i]}")

@@ -132,23 +132,28 @@ class RecordReader:
         return state
 
 
+def iter_pickles(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """Yield ``(start byte, object)`` for each pickle in a record file, in order.
+
+    A fresh ``SafeUnpickler`` per pickle: one over the whole stream would keep every
+    record in its memo, so memory would grow with the file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        while fh.tell() < size:
+            start = fh.tell()
+            yield start, SafeUnpickler(fh).load()
+
+
 def iter_records(path: str | os.PathLike) -> Iterator[dict]:
     """Stream the records of a ``.pkl`` file in order, without the index (safe unpickler)."""
-    with open(path, "rb") as fh:
-        unpickler = SafeUnpickler(fh)
-        while True:
-            try:
-                obj = unpickler.load()
-            except EOFError:
-                return
-            # One Unpickler over the stream keeps every object it has read in its memo;
-            # records never reference each other, so clear it to keep memory flat.
-            unpickler.memo.clear()
-            # Files are record dicts, or lists of them; both are accepted.
-            if isinstance(obj, list):
-                yield from obj
-            else:
-                yield obj
+    for _, obj in iter_pickles(path):
+        # Files hold record dicts, or lists of them; both are accepted.
+        if isinstance(obj, list):
+            yield from obj
+        else:
+            yield obj
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
