@@ -43,6 +43,7 @@ demo: install
 	$(PY) data_preprocessing/make_demo_data.py --out $(DEMO)/pretrain_posts --n $(PRETRAIN_N) --seed 1 --overwrite
 	$(PY) models/tiny_clip.py --out $(DEMO)/tiny_clip --pretrain-on $(DEMO)/pretrain_posts/posts.csv
 	@echo "== 5/9 train: 5 frozen + 5 fine-tuning epochs"
+	rm -rf $(DEMO)/run  # a demo is a fresh run; train_torch.py refuses to overwrite one (see --resume)
 	$(PY) training/train_torch.py --data $(DEMO)/data --out $(DEMO)/run --clip-model $(DEMO)/tiny_clip --clip-lr $(DEMO_CLIP_LR)
 	@echo "== 6-8/9 start uvicorn, curl a prediction, stop it"
 	PY=$(PY) bash serving/demo.sh $(DEMO)/run/model $(DEMO)/posts/images/000000.jpg "Sunset at the beach! #travel" $(PORT)
