@@ -28,7 +28,6 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -8,6 +8,7 @@ into an argparse parser, so every default and its explanation sit in one place
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -113,6 +114,26 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike):
+    """Yield a temp dir beside ``final``; when the block succeeds, swap it in as ``final``.
+
+    On any exception the temp dir is removed and ``final`` is left as it was, so a
+    half-written artifact or checkpoint is never visible.
+    """
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def config_dict(cfg) -> dict:

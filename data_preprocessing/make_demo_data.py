@@ -142,7 +142,7 @@ def label_function_doc(law: LabelLaw = LAW) -> str:
          ", ".join(f"{t} {v:+.2f}" for t, v in law.image_topic)),
         ("brightness", f"mean luma of a {THUMB}px thumbnail, [0,1]",
          f"{law.brightness_coef:+.2f} * (x - {law.brightness_center:.2f})"),
-        ("colourfulness", f"mean HSV saturation of the thumbnail, [0,1]",
+        ("colourfulness", "mean HSV saturation of the thumbnail, [0,1]",
          f"{law.colourfulness_coef:+.2f} * (x - {law.colourfulness_center:.2f})"),
         ("objects", "number of salient objects drawn (1-5)",
          f"{law.objects_coef:+.2f} * min(x, {law.objects_cap})"),

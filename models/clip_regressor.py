@@ -20,8 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.config import replace_dir
+from common.config import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +249,7 @@ def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_
     from data_preprocessing.prepare import CLEANING_VERSION
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.clip.save_pretrained(tmp / CLIP_SUBDIR)
         processor.save_pretrained(tmp / CLIP_SUBDIR)
         head_state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
@@ -273,10 +269,6 @@ def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_
             **(extra_config or {}),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

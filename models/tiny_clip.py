@@ -25,14 +25,11 @@ on a posts table, so that a demo run starts from a CLIP whose towers already agr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from functools import lru_cache
@@ -42,7 +39,7 @@ from typing import Iterable, Iterator, Sequence
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
+from common.config import atomic_dir, config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -324,28 +321,6 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@contextlib.contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temp dir beside ``out_dir``; on success swap it in (replacing any old one)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out_dir.exists():
-        # Move the old dir aside first: rename over a non-empty dir is not allowed, and
-        # readers then see either the old checkpoint or the new one, never a mix.
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_checkpoint(out: Path, preset: str, seed: int, texts: Sequence[str] | None, vocab_size: int) -> dict:
     """Write a random-init checkpoint into the existing dir ``out``; return build info."""
     import torch
@@ -382,7 +357,7 @@ def build_tiny_clip(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
         raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
     out_dir = Path(out_dir)
     texts = list(texts) if texts is not None else None
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         _write_checkpoint(tmp, preset, seed, texts, vocab_size)
     return out_dir
 
@@ -592,7 +567,7 @@ def main(argv: list[str] | None = None) -> Path:
     from transformers import CLIPModel, CLIPProcessor
 
     csv_path = Path(cfg.pretrain_on).resolve()
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         # 2b. Tokenizer from the table's captions, then the same random init that
         # build_tiny_clip(texts=caption_texts(csv)) gives, so "before" is reproducible.
         texts = caption_texts(csv_path)

@@ -46,9 +46,7 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from common.config import config_dict, field, git_commit, parse_config, replace_dir, setup_logging, write_json_atomic
+from common.config import atomic_dir, config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
 from data_preprocessing.records import RecordReader, check_cleaning_version, load_meta
 from models.clip_regressor import (DEFAULT_CLIP, CLIPRegressor, HeadConfig, PostBatcher, TargetTransform,
                                    regression_metrics, save_artifact)
@@ -520,18 +518,12 @@ def save_checkpoint(run_dir: Path, model: CLIPRegressor, best_state: dict | None
     """Write RUN_DIR/checkpoint atomically: weights as safetensors, the rest via torch.save."""
     from safetensors.torch import save_file
 
-    final = run_dir / CHECKPOINT_DIR
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{CHECKPOINT_DIR}.tmp"))
-    try:
+    with atomic_dir(run_dir / CHECKPOINT_DIR) as tmp:
         save_file(_cpu_state(model), str(tmp / "model.safetensors"))
         if best_state is not None:
             save_file(best_state, str(tmp / "best.safetensors"))
         torch.save({"format": CHECKPOINT_FORMAT, "state": state, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "training_state.pt")
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_checkpoint(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
