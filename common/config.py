@@ -100,28 +100,13 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     os.replace(tmp, path)
 
 
-def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Swap finished directory ``tmp`` in as ``final``: readers see the complete old one or
-    the complete new one, never a mix. The old one is removed only after the swap."""
-    import shutil
-
-    tmp, final = Path(tmp), Path(final)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike):
     """Yield a temp dir beside ``final``; when the block succeeds, swap it in as ``final``.
 
-    On any exception the temp dir is removed and ``final`` is left as it was, so a
-    half-written artifact or checkpoint is never visible.
+    On any exception the temp dir is removed and ``final`` is left as it was. Readers see
+    the complete old directory or the complete new one, never a half-written mix: the
+    old one is moved aside before the rename and removed only afterwards.
     """
     import shutil
 
@@ -130,10 +115,15 @@ def atomic_dir(final: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         yield tmp
-        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)  # rename over a non-empty directory is not allowed
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def config_dict(cfg) -> dict:
