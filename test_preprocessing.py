@@ -9,9 +9,11 @@ pytest module; its tests are in tests/test_validation_script.py):
   code cleans with now (otherwise captions would differ between training and serving);
 * every split's ``.pkl`` and ``.idx`` exist, the index is well formed, its length equals
   the number of records in the stream and the split count in ``meta.json``;
-* every record is a dict with an RGB ``PIL.Image`` ``image``, a ``text`` str that is
-  already clean (``clean_text(text) == text``), a ``sentiment`` float in [-1, 1] and a
-  finite, non-negative ``label`` float.
+* every record is a ``posts.Record`` dict with an RGB image, a caption that is already
+  clean (``clean_text(text) == text``), a sentiment float in [-1, 1], a finite,
+  non-negative label float, an int row, and exactly meta.json's feature columns, each
+  holding an already parsed value (a float or None for numeric, a str or None for
+  categorical).
 
 Records are read only through ``records``' safe unpickler (``RecordReader`` for random
 access, ``iter_pickles`` for the stream), which refuses anything but the classes a record
@@ -28,6 +30,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,9 +39,11 @@ import numpy as np
 
 from common.config import field, parse_config
 from data_preprocessing.prepare import CLEANING_VERSION, clean_text
-from data_preprocessing.records import SPLITS, RecordReader, check_cleaning_version, iter_pickles, load_meta
+from data_preprocessing.features import FeatureColumn, FeatureError
+from data_preprocessing.posts import PrepareConfig, Record
+from data_preprocessing.records import (SPLITS, RecordReader, check_cleaning_version, check_record_format,
+                                        iter_pickles, load_meta)
 
-REQUIRED_KEYS = ("image", "text", "sentiment", "label")
 N_SPOT_CHECKS = 5  # random-access reads compared with the stream when checking everything
 
 
@@ -54,39 +59,53 @@ class ValidateConfig:
             raise ValueError(f"--max-records must be >= 0, got {self.max_records}")
 
 
-def record_problems(rec) -> list[str]:
-    """What is wrong with one record (an empty list when it is valid)."""
+def record_problems(raw, columns: Sequence[FeatureColumn] = ()) -> list[str]:
+    """What is wrong with one stored record (an empty list when it is valid)."""
     from PIL import Image  # PIL is already imported by records' unpickler by now
 
-    if not isinstance(rec, dict):
-        return [f"record is a {type(rec).__name__}, not a dict"]
-    missing = [k for k in REQUIRED_KEYS if k not in rec]
-    if missing:
-        return [f"record lacks keys {missing}"]
-    problems = []
-    im, text, sent, label = rec["image"], rec["text"], rec["sentiment"], rec["label"]
-    if not isinstance(im, Image.Image):
-        problems.append(f"image is a {type(im).__name__}, not a PIL.Image")
-    elif im.mode != "RGB":
-        problems.append(f"image mode is {im.mode}, not RGB")
-    elif min(im.size) < 1:
-        problems.append(f"image has zero size {im.size}")
-    if not isinstance(text, str):
-        problems.append(f"text is a {type(text).__name__}, not a str")
-    elif clean_text(text) != text:
+    problems = Record.problems(raw)  # the on-disk shape: a dict with the record's keys
+    if problems:
+        return problems
+    rec = Record.from_dict(raw)
+    if not isinstance(rec.image, Image.Image):
+        problems.append(f"image is a {type(rec.image).__name__}, not a PIL.Image")
+    elif rec.image.mode != "RGB":
+        problems.append(f"image mode is {rec.image.mode}, not RGB")
+    elif min(rec.image.size) < 1:
+        problems.append(f"image has zero size {rec.image.size}")
+    if not isinstance(rec.text, str):
+        problems.append(f"text is a {type(rec.text).__name__}, not a str")
+    elif clean_text(rec.text) != rec.text:
         problems.append(f"text is not clean (clean_text changes it; cleaning version {CLEANING_VERSION})")
-    if not isinstance(sent, float) or isinstance(sent, bool):
-        problems.append(f"sentiment is a {type(sent).__name__}, not a float")
-    elif not -1.0 <= sent <= 1.0:  # also false for NaN
+    if not isinstance(rec.sentiment, float) or isinstance(rec.sentiment, bool):
+        problems.append(f"sentiment is a {type(rec.sentiment).__name__}, not a float")
+    elif not -1.0 <= rec.sentiment <= 1.0:  # also false for NaN
         problems.append("sentiment outside [-1, 1]")
-    if not isinstance(label, float):
-        problems.append(f"label is a {type(label).__name__}, not a float")
-    elif not math.isfinite(label):
+    if not isinstance(rec.label, float):
+        problems.append(f"label is a {type(rec.label).__name__}, not a float")
+    elif not math.isfinite(rec.label):
         problems.append("label is not finite")
-    elif label < 0:
+    elif rec.label < 0:
         problems.append("label is negative")
-    if "row" in rec and (not isinstance(rec["row"], int) or isinstance(rec["row"], bool)):
-        problems.append(f"row is a {type(rec['row']).__name__}, not an int")
+    if not isinstance(rec.row, int) or isinstance(rec.row, bool):
+        problems.append(f"row is a {type(rec.row).__name__}, not an int")
+    return problems + feature_problems(rec.features, columns)
+
+
+def feature_problems(features: dict, columns: Sequence[FeatureColumn]) -> list[str]:
+    """A record's feature values must be exactly meta.json's columns, each already parsed."""
+    names = [c.name for c in columns]
+    if sorted(features) != sorted(names):
+        return [f"features {sorted(features)} are not meta.json's feature columns {sorted(names)}"]
+    problems = []
+    for col in columns:
+        v = features[col.name]
+        try:
+            ok = col.parse(v) == v and (v is None or isinstance(v, float if col.kind == "numeric" else str))
+        except FeatureError:
+            ok = False
+        if not ok:
+            problems.append(f"feature {col.name} holds {type(v).__name__} {v!r}, not a parsed {col.kind} value")
     return problems
 
 
@@ -105,8 +124,8 @@ def index_problems(reader: RecordReader) -> list[str]:
     return problems
 
 
-def _row_of(rec) -> object:
-    return rec.get("row") if isinstance(rec, dict) else None
+def _row_of(raw) -> object:
+    return None if Record.problems(raw) else Record.from_dict(raw).row
 
 
 def _tally(bad: dict, problems: list[str], i: int) -> None:
@@ -115,7 +134,8 @@ def _tally(bad: dict, problems: list[str], i: int) -> None:
         bad[p] = (count + 1, first)
 
 
-def check_split(data_dir: Path, split: str, expected: int | None, max_records: int) -> tuple[list[str], str]:
+def check_split(data_dir: Path, split: str, expected: int | None, max_records: int,
+                columns: Sequence[FeatureColumn] = ()) -> tuple[list[str], str]:
     """(failures, one report line) for one split."""
     path = data_dir / f"{split}.pkl"
     try:
@@ -132,7 +152,7 @@ def check_split(data_dir: Path, split: str, expected: int | None, max_records: i
         if max_records and max_records < n_index:
             # Sample: random access spread evenly over the split.
             for i in np.unique(np.linspace(0, n_index - 1, max_records).round().astype(int)):
-                _tally(bad, record_problems(reader[int(i)]), int(i))
+                _tally(bad, record_problems(reader.read_raw(int(i)), columns), int(i))
                 n_checked += 1
         else:
             # Everything: stream the file as plain pickle.load would, one record at a time,
@@ -144,7 +164,7 @@ def check_split(data_dir: Path, split: str, expected: int | None, max_records: i
                                     f"{reader.offsets[i]}")
                     misaligned = True
                     break
-                _tally(bad, record_problems(rec), i)
+                _tally(bad, record_problems(rec, columns), i)
                 stream_rows.append(_row_of(rec))
                 n_checked += 1
             if not misaligned and n_checked != n_index:
@@ -152,7 +172,7 @@ def check_split(data_dir: Path, split: str, expected: int | None, max_records: i
             elif not misaligned:
                 # Random access must return the same records as the stream.
                 for i in sorted({0, n_index // 2, n_index - 1} | set(range(min(N_SPOT_CHECKS, n_index)))):
-                    if 0 <= i < n_index and _row_of(reader[i]) != stream_rows[i]:
+                    if 0 <= i < n_index and _row_of(reader.read_raw(i)) != stream_rows[i]:
                         failures.append(f"{split}: random access to record {i} does not return the {i}th record")
                         break
     except Exception as e:  # noqa: BLE001 - any unreadable record is a failed check, not a traceback
@@ -165,10 +185,11 @@ def check_split(data_dir: Path, split: str, expected: int | None, max_records: i
 
 def meta_problems(meta: dict, data_dir: Path) -> list[str]:
     problems = []
-    try:
-        check_cleaning_version(meta, data_dir)
-    except ValueError as e:
-        problems.append(f"meta.json: {e}")
+    for check in (check_record_format, check_cleaning_version):
+        try:
+            check(meta, data_dir)
+        except ValueError as e:
+            problems.append(f"meta.json: {e}")
     counts = meta.get("counts") or {}
     try:
         if counts["kept"] + counts["rejected"] != counts["rows_read"]:
@@ -188,6 +209,7 @@ def validate(data_dir: Path, max_records: int = 0) -> tuple[list[str], list[str]
     except (FileNotFoundError, ValueError) as e:  # JSONDecodeError is a ValueError
         return [f"meta.json: {e}"], []
     failures = meta_problems(meta, data_dir)
+    columns = PrepareConfig.from_dict(meta["prepare"]).features.columns if "prepare" in meta else ()
     split_counts = (meta.get("counts") or {}).get("splits") or {}
     lines = [f"data: {data_dir} (cleaning version {meta.get('cleaning_version')}, "
              f"created {meta.get('created_at')})"]
@@ -195,7 +217,7 @@ def validate(data_dir: Path, max_records: int = 0) -> tuple[list[str], list[str]
         expected = split_counts.get(split)
         if expected is None:
             failures.append(f"meta.json: no count for split {split}")
-        split_failures, line = check_split(data_dir, split, expected, max_records)
+        split_failures, line = check_split(data_dir, split, expected, max_records, columns)
         failures += split_failures
         lines.append("  " + line)
     return failures, lines

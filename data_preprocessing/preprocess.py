@@ -9,14 +9,16 @@ absolute or relative to the folder that holds the input file.
 Output, in ``--out DIR``:
 
 * ``{train,val,test}.pkl`` + ``.idx``: one record per kept post, written by
-  ``records.RecordWriter`` (a pickle stream plus an int64 offset index). A record is
-  ``{"image": RGB PIL.Image, "text": clean_text(raw), "sentiment": VADER compound of the
-  raw caption, "label": float, "row": int}``.
+  ``records.RecordWriter`` (a pickle stream plus an int64 offset index). A record is a
+  ``posts.Record`` (the prepared post from ``posts.prepare_post``: RGB image, cleaned
+  caption, VADER sentiment of the raw caption, parsed feature values; plus label and row),
+  stored as the plain dict ``Record.to_dict`` writes.
 * ``rejects.csv``: ``row,image_path,reason,detail`` for every row not kept, sorted by
   row. ``row`` is the 0-based index of the data row (the header and blank lines are
   not counted), the same number a record carries in ``"row"``; ``image_path`` is the
   value as written in the table.
-* ``meta.json``: counts, source file hash, cleaning version, resize policy, label
+* ``meta.json``: counts, source file hash, cleaning version, the ``prepare`` config
+  (resize policy, pixel cap, feature schema fitted on the train split), feature and label
   statistics, config, timing and git commit. It is written last, and any earlier
   outputs in DIR are removed when a run starts, so a DIR holding ``meta.json`` is always
   one complete, successful run.
@@ -26,11 +28,14 @@ Row policies. A row gets the first reason that applies, in this order:
 1. ``missing_path``: the image cell is empty.
 2. Label: ``missing_label`` (empty/null), ``non_numeric_label`` ("12k", "1,234", true),
    ``non_finite_label`` (nan, inf) or ``negative_label`` (< 0).
-3. ``duplicate``: the same resolved image path *and* the same raw caption as an earlier
+3. ``invalid_feature``: a cell of a ``--numeric-cols`` column that is text, a boolean,
+   NaN, inf or outside the column's ``MIN:MAX`` bounds (the detail names the column). An
+   empty cell is a missing value, kept; so is an empty categorical cell.
+4. ``duplicate``: the same resolved image path *and* the same raw caption as an earlier
    row that passed 1-2. The first copy is kept and later ones are rejected (whatever
    their labels), because copies could land in different splits and leak test posts
    into training. A missing caption and an empty one count as the same caption.
-4. Image: the ``prepare.ImageError`` codes (``not_found``, ``empty_file``,
+5. Image: the ``prepare.ImageError`` codes (``not_found``, ``empty_file``,
    ``unsupported_format``, ``corrupt``, ``truncated``, ``too_many_pixels``), decided by
    ``prepare.load_image``.
 
@@ -83,23 +88,16 @@ import numpy as np
 from PIL import Image
 
 from common.config import config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
-from data_preprocessing.prepare import (
-    CLEANING_VERSION,
-    MAX_PIXELS,
-    ImageError,
-    ResizePolicy,
-    clean_text,
-    load_image,
-    pre_resize,
-    sentiment,
-)
-from data_preprocessing.records import META_NAME, SPLITS, RecordWriter
+from data_preprocessing.features import FEATURE_REASON, FeatureColumn, FeatureError, FeatureSchema, parse_column_specs
+from data_preprocessing.posts import RECORD_FORMAT_VERSION, PrepareConfig, Record, prepare_post
+from data_preprocessing.prepare import CLEANING_VERSION, MAX_PIXELS, ImageError, ResizePolicy
+from data_preprocessing.records import META_NAME, SPLITS, RecordWriter, record_bytes
 
 logger = logging.getLogger(__name__)
 
 LABEL_REASONS = ("missing_label", "non_numeric_label", "non_finite_label", "negative_label")
 # Every reason rejects.csv can hold, in the order the checks run (module docstring).
-REJECT_REASONS = ("missing_path", *LABEL_REASONS, "duplicate",
+REJECT_REASONS = ("missing_path", *LABEL_REASONS, FEATURE_REASON, "duplicate",
                   *(r for r in ImageError.REASONS if r != "missing_path"))
 REJECTS_NAME = "rejects.csv"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -123,6 +121,9 @@ class PreprocessConfig:
                            help="column with the image path (absolute, or relative to the input file's folder)")
     text_col: str = field("description", help="column with the raw caption")
     label_col: str = field("engagement", help="column with the engagement label (a count, >= 0)")
+    numeric_cols: str = field("", help="extra numeric feature columns, comma-separated; NAME or NAME:MIN:MAX "
+                                       "(a bound may be empty), e.g. followers:0:,posted_hour:0:23")
+    categorical_cols: str = field("", help="extra categorical feature columns, comma-separated, e.g. platform")
     val_frac: float = field(0.1, help="fraction of rows assigned to the validation split")
     test_frac: float = field(0.1, help="fraction of rows assigned to the test split")
     seed: int = field(0, help="seed of the row shuffle that assigns splits")
@@ -157,6 +158,14 @@ class PreprocessConfig:
             raise ValueError(f"--resize-shortest-edge must be >= 0, got {self.resize_shortest_edge}")
         if self.max_pixels < 1:
             raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+        self.feature_columns()  # a malformed spec fails here, before any work
+
+    def feature_columns(self) -> tuple[FeatureColumn, ...]:
+        cols = parse_column_specs(self.numeric_cols, self.categorical_cols)
+        taken = {self.image_col, self.text_col, self.label_col} & {c.name for c in cols}
+        if taken:
+            raise ValueError(f"feature columns {sorted(taken)} are also the image, text or label column")
+        return cols
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,45 +288,37 @@ def sha256_file(path: Path) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def prepare_record(task: tuple, policy: ResizePolicy, max_pixels: int) -> tuple:
-    """Load, clean, resize and pickle one post.
+def prepare_record(task: tuple, cfg: PrepareConfig) -> tuple:
+    """Prepare and pickle one post with ``posts.prepare_post``, the server's own function.
 
-    ``task`` is ``(row, image path or bytes, raw_caption, label)``. Returns
+    ``task`` is ``(row, image path or bytes, raw caption, label, feature cells)``. Returns
     ``(row, payload_bytes, None, "")`` or ``(row, None, reason, detail)`` for a reject.
     """
-    row, path, raw_text, label = task
+    row, path, raw_text, label, features = task
     try:
-        im = load_image(path, max_pixels=max_pixels)
-    except ImageError as e:
+        post = prepare_post(path, raw_text, features, cfg)
+    except (ImageError, FeatureError) as e:
         return row, None, e.reason, e.message
     except Exception as e:  # noqa: BLE001 - a decoder failing on a damaged header is a bad image, not a crash
         return row, None, "corrupt", f"could not open image: {type(e).__name__}: {e}"
-    im = pre_resize(im, policy)
-    # EXIF/ICC/dpi are not used downstream, cost bytes, and may hold classes the safe
-    # unpickler refuses (e.g. TIFF rationals), so the record image carries no info.
-    im.info = {}
-    record = {
-        "image": im,
-        "text": clean_text(raw_text),
-        "sentiment": float(sentiment(raw_text)["compound"]),  # VADER reads the raw caption
-        "label": float(label),
-        "row": int(row),
-    }
-    return row, pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL), None, ""
+    record = Record(image=post.image, text=post.text, sentiment=post.sentiment, features=post.features,
+                    label=float(label), row=int(row))
+    return row, record_bytes(record), None, ""
 
 
-def warm_up(policy: ResizePolicy) -> None:
+def warm_up(cfg: PrepareConfig) -> None:
     """Prepare one synthetic post in this process, before the workers are forked.
 
     Lazy imports and caches (PIL's JPEG plugin, the VADER lexicon, transformers' resize
     helper that ``pre_resize`` imports, about 1 s on its own) are then inherited by every
     worker instead of each paying for them on its first post.
     """
-    side = policy.shortest_edge + 1 if policy.shortest_edge > 0 else 2  # big enough to be resized
+    side = cfg.resize.shortest_edge + 1 if cfg.resize.shortest_edge > 0 else 2  # big enough to be resized
     buf = io.BytesIO()
     Image.new("RGB", (side, side), (128, 64, 32)).save(buf, "JPEG")
-    _, payload, reason, detail = prepare_record((-1, buf.getvalue(), "warm up \U0001F60D #tag @user", 0.0),
-                                                policy, max_pixels=side * side)
+    features = dict.fromkeys(cfg.features.names)  # all missing: valid for every column
+    _, payload, reason, detail = prepare_record((-1, buf.getvalue(), "warm up \U0001F60D #tag @user", 0.0,
+                                                 features), cfg)
     assert payload is not None, f"warm-up post rejected: {reason}: {detail}"
 
 
@@ -440,81 +441,87 @@ def resolve_policy(cfg: PreprocessConfig) -> tuple[ResizePolicy, str]:
     return ResizePolicy(shortest_edge=cfg.resize_shortest_edge), "--resize-shortest-edge"
 
 
-def preprocess(cfg: PreprocessConfig) -> dict:
-    """Run preprocessing for ``cfg``; returns the meta dict written to ``meta.json``."""
-    t_start = time.perf_counter()
-    input_path = Path(cfg.input).expanduser().resolve()
-    out_dir = Path(cfg.out).expanduser().resolve()
+@dataclass
+class Screened:
+    """The outcome of the checks that need no image (step 2 of ``preprocess``)."""
 
-    # 1. Read the table and check its columns before touching the output dir.
-    if not input_path.is_file():
-        raise SystemExit(f"error: input file not found: {input_path}")
-    table = read_table(input_path, {cfg.image_col: "--image-col", cfg.text_col: "--text-col",
-                                    cfg.label_col: "--label-col"})
+    split: np.ndarray  # (n_rows,) int8 index into SPLITS
+    labels: np.ndarray  # (n_rows,) float64, NaN where rejected
+    features: dict[str, list]  # column -> (n_rows,) parsed values (None = missing or rejected row)
+    todo: list[tuple[int, str]]  # (row, resolved image path) for the rows the workers load
+    rejects: list[tuple[int, str, str, str]]  # (row, raw image path, reason, detail)
+
+
+def screen_rows(table: dict[str, list], cfg: PreprocessConfig, columns: tuple[FeatureColumn, ...],
+                base_dir: Path) -> Screened:
+    """Split every row, and reject those whose path, label, features or caption already rule
+    them out (in the order of the module docstring)."""
     images, captions, raw_labels = table[cfg.image_col], table[cfg.text_col], table[cfg.label_col]
     n_rows = len(images)
-    if n_rows == 0:
-        raise SystemExit(f"error: {input_path} has no data rows")
-    policy, policy_source = resolve_policy(cfg)
-    logger.info("read %d rows from %s; resize policy %s (%s)", n_rows, input_path, policy.as_dict(), policy_source)
-
-    # 2. Decide every row's split, and the rejects that need no image, up front.
-    split = assign_splits(n_rows, cfg.val_frac, cfg.test_frac, cfg.seed)  # (n_rows,) int8
-    labels = np.full(n_rows, np.nan)  # (n_rows,) float64, NaN where rejected
-    kept = np.zeros(n_rows, dtype=bool)
-    rejects: list[tuple[int, str, str, str]] = []  # (row, raw image path, reason, detail)
-    todo: list[tuple[int, str]] = []  # (row, resolved image path) for rows the workers load
+    out = Screened(assign_splits(n_rows, cfg.val_frac, cfg.test_frac, cfg.seed), np.full(n_rows, np.nan),
+                   {c.name: [None] * n_rows for c in columns}, [], [])
     first_seen: dict[tuple[str, str], int] = {}
-    base_dir = input_path.parent
     for row in range(n_rows):
         raw_path = "" if images[row] is None else str(images[row]).strip()
         if raw_path == "":
-            rejects.append((row, raw_path, "missing_path", "no image path given"))
+            out.rejects.append((row, raw_path, "missing_path", "no image path given"))
             continue
         label, reason, detail = parse_label(raw_labels[row])
+        if reason is None:
+            try:
+                values = {c.name: c.parse(table[c.name][row]) for c in columns}
+            except FeatureError as e:
+                reason, detail = e.reason, e.message
         if reason is not None:
-            rejects.append((row, raw_path, reason, detail))
+            out.rejects.append((row, raw_path, reason, detail))
             continue
         resolved = resolve_image_path(raw_path, base_dir)
         caption = captions[row]
         key = (resolved, "" if caption is None else str(caption))
         if key in first_seen:
-            rejects.append((row, raw_path, "duplicate", f"same image and caption as row {first_seen[key]}"))
+            out.rejects.append((row, raw_path, "duplicate", f"same image and caption as row {first_seen[key]}"))
             continue
         first_seen[key] = row
-        labels[row] = label
-        todo.append((row, resolved))
-    del first_seen, raw_labels
+        out.labels[row] = label
+        for name, v in values.items():
+            out.features[name][row] = v
+        out.todo.append((row, resolved))
+    return out
 
-    # 3. Prepare the output dir: a previous run's outputs go, meta.json first.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_outputs(out_dir)
 
-    # 4. Load, clean, resize and pickle in workers; the parent appends bytes to the splits.
-    warm_up(policy)
+def write_splits(screened: Screened, table: dict[str, list], cfg: PreprocessConfig, prep: PrepareConfig,
+                 out_dir: Path) -> tuple[dict[str, RecordWriter], np.ndarray, dict]:
+    """Load, clean, resize and pickle the screened rows in workers; the parent appends bytes.
+
+    Returns the (still open) writers, the (n_rows,) kept mask and the timing of this step.
+    Image rejects are appended to ``screened.rejects``.
+    """
+    from tqdm.auto import tqdm
+
+    todo, images, captions = screened.todo, table[cfg.image_col], table[cfg.text_col]
+    warm_up(prep)
     workers = min(cfg.workers, max(len(todo), 1))  # no idle workers for a tiny table
     # ~32 tasks per worker keeps the last, uneven stretch short; 16 posts per task is
     # already few enough messages that the parent's per-task cost does not show.
     chunksize = cfg.chunksize or max(1, min(16, len(todo) // (workers * 32)))
-    tasks = ((row, path, captions[row], labels[row]) for row, path in todo)
-    fn = partial(prepare_record, policy=policy, max_pixels=cfg.max_pixels)
+    tasks = ((row, path, captions[row], screened.labels[row], {n: v[row] for n, v in screened.features.items()})
+             for row, path in todo)
     writers = {s: RecordWriter(out_dir, s) for s in SPLITS}
-    image_reject_start = len(rejects)
-    record_bytes = 0
-    from tqdm.auto import tqdm
-
+    kept = np.zeros(len(images), dtype=bool)
+    record_bytes_total = 0
     t_proc = time.perf_counter()
     cpu_parent0, cpu_children0 = _cpu_times()
     try:
-        with OrderedPool(fn, workers, chunksize) as pool:
+        with OrderedPool(partial(prepare_record, cfg=prep), workers, chunksize) as pool:
             for row, payload, reason, detail in tqdm(pool.imap(tasks), total=len(todo), desc="preprocess",
-                                                     unit="post", disable=not cfg.progress, dynamic_ncols=True):
+                                                     unit="post", disable=not cfg.progress or None,
+                                                     dynamic_ncols=True):
                 if payload is None:
-                    rejects.append((row, images[row], reason, detail))
-                    labels[row] = np.nan
+                    screened.rejects.append((row, images[row], reason, detail))
+                    screened.labels[row] = np.nan
                     continue
-                writers[SPLITS[split[row]]].write_bytes(payload)
-                record_bytes += len(payload)
+                writers[SPLITS[screened.split[row]]].write_bytes(payload)
+                record_bytes_total += len(payload)
                 kept[row] = True
     except BaseException:
         for w in writers.values():
@@ -522,8 +529,24 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         raise
     process_s = time.perf_counter() - t_proc
     cpu_parent1, cpu_children1 = _cpu_times()  # after the pool's join, so workers are counted
+    cpu_parent, cpu_workers = cpu_parent1 - cpu_parent0, cpu_children1 - cpu_children0
+    timing = {
+        "process_s": round(process_s, 3),  # pool start to last record written
+        "posts_per_s": round(len(todo) / process_s, 2) if process_s > 0 else None,
+        # CPU seconds of the same phase: unlike wall time, these do not depend on what
+        # else runs on the machine, so they show the parent's share of the work.
+        "cpu_parent_s": round(cpu_parent, 3),
+        "cpu_workers_s": round(cpu_workers, 3),
+        # cores this run actually got: well under --workers means other load, not this code
+        "cores_busy": round((cpu_parent + cpu_workers) / process_s, 2) if process_s > 0 else None,
+        "workers": workers, "chunksize": chunksize, "record_bytes": record_bytes_total,
+    }
+    return writers, kept, timing
 
-    # 5. Account for every row, write rejects.csv, and fail loudly on a bad table.
+
+def account(screened: Screened, kept: np.ndarray, writers: dict[str, RecordWriter]) -> dict:
+    """Counts of every row: kept + rejected == rows read, checked."""
+    n_rows, rejects = len(kept), screened.rejects
     reason_counts = Counter(r[2] for r in rejects)
     counts = {
         "rows_read": n_rows,
@@ -535,11 +558,70 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     assert counts["kept"] + counts["rejected"] == n_rows, counts
     assert sum(counts["splits"].values()) == counts["kept"], counts
     assert len({r[0] for r in rejects}) == len(rejects), "a row was rejected twice"
-    logger.info("%d rows rejected before loading images, %d while loading",
-                image_reject_start, len(rejects) - image_reject_start)
-    write_rejects(out_dir / REJECTS_NAME, rejects)
-    summary = format_summary(counts)
-    print(summary)
+    return counts
+
+
+def fit_features(columns: tuple[FeatureColumn, ...], screened: Screened, kept: np.ndarray) -> FeatureSchema:
+    """The feature schema with statistics of the kept train rows (never val or test)."""
+    train = np.flatnonzero(kept & (screened.split == SPLITS.index("train")))
+    return FeatureSchema.fit(columns, {c.name: [screened.features[c.name][i] for i in train] for c in columns})
+
+
+def feature_statistics(schema: FeatureSchema, screened: Screened, kept: np.ndarray) -> dict:
+    """Raw statistics of each feature column on the kept train rows, for meta.json."""
+    train = np.flatnonzero(kept & (screened.split == SPLITS.index("train")))
+    out = {}
+    for col in schema.columns:
+        vals = [screened.features[col.name][i] for i in train]
+        present = [v for v in vals if v is not None]
+        stats: dict = {"kind": col.kind, "count": len(vals), "missing": len(vals) - len(present)}
+        if col.kind == "numeric":
+            stats["raw"] = _stats(np.asarray(present, dtype=np.float64))
+        else:
+            stats["top_categories"] = dict(Counter(present).most_common(20))
+            stats["distinct"] = len(set(present))
+        out[col.name] = stats
+    return out
+
+
+def preprocess(cfg: PreprocessConfig) -> dict:
+    """Run preprocessing for ``cfg``; returns the meta dict written to ``meta.json``."""
+    t_start = time.perf_counter()
+    input_path = Path(cfg.input).expanduser().resolve()
+    out_dir = Path(cfg.out).expanduser().resolve()
+    columns = cfg.feature_columns()
+
+    # 1. Read the table and check its columns before touching the output dir.
+    if not input_path.is_file():
+        raise SystemExit(f"error: input file not found: {input_path}")
+    wanted = {cfg.image_col: "--image-col", cfg.text_col: "--text-col", cfg.label_col: "--label-col",
+              **{c.name: f"--{c.kind}-cols" for c in columns}}
+    table = read_table(input_path, wanted)
+    n_rows = len(table[cfg.image_col])
+    if n_rows == 0:
+        raise SystemExit(f"error: {input_path} has no data rows")
+    policy, policy_source = resolve_policy(cfg)
+    logger.info("read %d rows from %s; resize policy %s (%s); feature columns %s", n_rows, input_path,
+                policy.as_dict(), policy_source, [f"{c.name} ({c.kind})" for c in columns] or "none")
+
+    # 2. Decide every row's split, and the rejects that need no image, up front.
+    screened = screen_rows(table, cfg, columns, input_path.parent)
+
+    # 3. Prepare the output dir: a previous run's outputs go, meta.json first.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_outputs(out_dir)
+
+    # 4. Prepare every post with posts.prepare_post in workers; the parent appends bytes.
+    n_screen_rejects = len(screened.rejects)
+    writers, kept, timing = write_splits(screened, table, cfg, PrepareConfig.for_columns(
+        policy, cfg.max_pixels, columns), out_dir)
+
+    # 5. Account for every row, write rejects.csv, and fail loudly on a bad table.
+    counts = account(screened, kept, writers)
+    logger.info("%d rows rejected before loading images, %d while loading", n_screen_rejects,
+                len(screened.rejects) - n_screen_rejects)
+    write_rejects(out_dir / REJECTS_NAME, screened.rejects)
+    print(format_summary(counts))
     reject_frac = counts["rejected"] / n_rows
     if reject_frac > cfg.max_reject_frac or counts["kept"] == 0:
         for w in writers.values():
@@ -552,8 +634,23 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         w.close()
 
     # 6. meta.json last: its presence means the run completed.
-    elapsed_s = time.perf_counter() - t_start
-    meta = {
+    schema = fit_features(columns, screened, kept)
+    prep = PrepareConfig(policy, cfg.max_pixels, schema)
+    meta = build_meta(cfg, input_path, counts, prep, policy_source, screened, kept, timing,
+                      time.perf_counter() - t_start)
+    meta["feature_stats"] = feature_statistics(schema, screened, kept)
+    write_json_atomic(out_dir / META_NAME, meta)
+    logger.info("wrote %s (%.1f posts/s over %d workers, %.1f s total)", out_dir,
+                meta["timing"]["posts_per_s"] or 0.0, timing["workers"], meta["timing"]["elapsed_s"])
+    return meta
+
+
+def build_meta(cfg: PreprocessConfig, input_path: Path, counts: dict, prep: PrepareConfig, policy_source: str,
+               screened: Screened, kept: np.ndarray, timing: dict, elapsed_s: float) -> dict:
+    """meta.json: what was read, what was kept, how posts were prepared, and timing."""
+    timing = dict(timing)
+    workers, chunksize, n_bytes = timing.pop("workers"), timing.pop("chunksize"), timing.pop("record_bytes")
+    return {
         "counts": counts,
         "source": {
             "path": str(input_path),
@@ -562,39 +659,27 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             "columns": {"image": cfg.image_col, "text": cfg.text_col, "label": cfg.label_col},
         },
         "cleaning_version": CLEANING_VERSION,
-        "image_size_policy": {**policy.as_dict(), "source": policy_source, "max_pixels": cfg.max_pixels},
-        "label_stats": label_statistics(labels, split, kept),
+        "image_size_policy": {**prep.resize.as_dict(), "source": policy_source, "max_pixels": cfg.max_pixels},
+        # How a raw post becomes a record; training copies it into the model artifact.
+        "prepare": prep.to_dict(),
+        "features": [{"name": c.name, "kind": c.kind, "min": c.min, "max": c.max} for c in prep.features.columns],
+        "label_stats": label_statistics(screened.labels, screened.split, kept),
         "seed": cfg.seed,
         "fracs": {"train": round(1.0 - cfg.val_frac - cfg.test_frac, 6), "val": cfg.val_frac,
                   "test": cfg.test_frac},
         "config": {**config_dict(cfg), "workers": workers, "chunksize": chunksize},
         "record_format": {
+            "version": RECORD_FORMAT_VERSION,
             "description": RECORD_FORMAT,
             "files": {s: [f"{s}.pkl", f"{s}.idx"] for s in SPLITS},
-            "keys": ["image", "text", "sentiment", "label", "row"],
             "pickle_protocol": pickle.HIGHEST_PROTOCOL,
-            "bytes": record_bytes,
+            "bytes": n_bytes,
         },
         "rejects_file": REJECTS_NAME,
-        "timing": {
-            "elapsed_s": round(elapsed_s, 3),  # whole run, including reading and imports
-            "process_s": round(process_s, 3),  # pool start to last record written
-            "posts_per_s": round(len(todo) / process_s, 2) if process_s > 0 else None,
-            # CPU seconds of the same phase: unlike wall time, these do not depend on what
-            # else runs on the machine, so they show the parent's share of the work.
-            "cpu_parent_s": round(cpu_parent1 - cpu_parent0, 3),
-            "cpu_workers_s": round(cpu_children1 - cpu_children0, 3),
-            # cores this run actually got: well under --workers means other load, not this code
-            "cores_busy": round((cpu_parent1 - cpu_parent0 + cpu_children1 - cpu_children0) / process_s, 2)
-            if process_s > 0 else None,
-        },
+        "timing": {"elapsed_s": round(elapsed_s, 3), **timing},  # elapsed: whole run, imports included
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
     }
-    write_json_atomic(out_dir / META_NAME, meta)
-    logger.info("wrote %s (%.1f posts/s over %d workers, %.1f s total)", out_dir,
-                meta["timing"]["posts_per_s"] or 0.0, workers, elapsed_s)
-    return meta
 
 
 def main(argv: list[str] | None = None) -> int:

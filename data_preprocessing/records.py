@@ -6,8 +6,9 @@ record with standard tools. ``DIR/{split}.idx`` beside it holds the byte offset 
 record as little-endian int64, so training can seek to record ``i`` without reading the
 others: memory stays flat whatever the dataset size.
 
-A record is ``{"image": PIL.Image (RGB), "text": str, "sentiment": float, "label": float}``
-plus ``"row"`` (the input row number) for tracing a record back to the posts table.
+A record is the plain dict ``posts.Record.to_dict`` writes (the keys are spelled there,
+once); readers hand back ``posts.Record`` objects. ``meta.json["record_format"]["version"]``
+says which version of that dict a directory holds (``check_record_format``).
 
 Reading is only ever done through ``RecordReader``/``iter_records``, which use
 ``SafeUnpickler``: a pickle may name only the classes this module writes. Anything else
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from data_preprocessing.posts import RECORD_FORMAT_VERSION, Record
 
 SPLITS = ("train", "val", "test")
 META_NAME = "meta.json"
@@ -55,6 +58,11 @@ def safe_loads(data: bytes):
     return SafeUnpickler(io.BytesIO(data)).load()
 
 
+def record_bytes(record: Record) -> bytes:
+    """One record as the bytes a record file holds (workers pickle; the parent only writes)."""
+    return pickle.dumps(record.to_dict(), protocol=pickle.HIGHEST_PROTOCOL)
+
+
 class RecordWriter:
     """Appends records to ``{split}.pkl`` and their offsets to ``{split}.idx`` as they come.
 
@@ -77,8 +85,8 @@ class RecordWriter:
         self._fh.write(payload)
         self.count += 1
 
-    def write(self, record: dict) -> None:
-        self.write_bytes(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+    def write(self, record: Record) -> None:
+        self.write_bytes(record_bytes(record))
 
     def close(self) -> None:
         self._fh.close()
@@ -114,7 +122,11 @@ class RecordReader:
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> Record:
+        return Record.from_dict(self.read_raw(i))
+
+    def read_raw(self, i: int) -> dict:
+        """Record ``i`` as stored: the plain dict, unchecked (for validation)."""
         if self._fh is None or self._pid != os.getpid():
             self._fh = open(self.path, "rb")
             self._pid = os.getpid()
@@ -122,7 +134,7 @@ class RecordReader:
         self._fh.seek(int(self.offsets[i]))
         return safe_loads(self._fh.read(int(self._ends[i] - self.offsets[i])))
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Record]:
         for i in range(len(self)):
             yield self[i]
 
@@ -146,14 +158,12 @@ def iter_pickles(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
             yield start, SafeUnpickler(fh).load()
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[dict]:
+def iter_records(path: str | os.PathLike) -> Iterator[Record]:
     """Stream the records of a ``.pkl`` file in order, without the index (safe unpickler)."""
     for _, obj in iter_pickles(path):
         # Files hold record dicts, or lists of them; both are accepted.
-        if isinstance(obj, list):
-            yield from obj
-        else:
-            yield obj
+        for d in obj if isinstance(obj, list) else [obj]:
+            yield Record.from_dict(d)
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
@@ -161,6 +171,15 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {data_dir} the output of preprocess.py?")
     return json.loads(path.read_text())
+
+
+def check_record_format(meta: dict, data_dir) -> None:
+    """Refuse record files of a format version this code cannot read."""
+    # Version 1 (before features) wrote no version; its records load as posts without features.
+    found = (meta.get("record_format") or {}).get("version", 1)
+    if found not in (1, RECORD_FORMAT_VERSION):
+        raise ValueError(f"{data_dir} holds records of format version {found!r}; this code reads versions 1 "
+                         f"and {RECORD_FORMAT_VERSION}. Re-run data_preprocessing/preprocess.py on the raw posts.")
 
 
 def check_cleaning_version(meta: dict, data_dir) -> None:

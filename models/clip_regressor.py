@@ -3,8 +3,9 @@
 This module owns everything that turns prepared posts into a prediction, so training,
 evaluation and serving share it:
 
-- ``PostBatcher``: prepared posts (RGB image, cleaned text, sentiment) -> model tensors,
-  through the CLIP processor saved with the model (one call per batch, dynamic padding).
+- ``PostBatcher``: prepared posts (``data_preprocessing.posts.Post``) -> model tensors,
+  through the CLIP processor saved with the model (one call per batch, dynamic padding)
+  and the feature schema fitted on the train split.
 - ``CLIPRegressor``: the network, with named ``freeze_clip``/``unfreeze_clip`` phases.
 - ``TargetTransform``: label units <-> the model's scale (log1p by default), and the
   train-split standardisation the head actually regresses.
@@ -29,11 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import atomic_dir
+from data_preprocessing.features import FeatureSchema
+from data_preprocessing.posts import Post, PrepareConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-ARTIFACT_FORMAT = 1
+ARTIFACT_FORMAT = 2  # 2: config.json holds "prepare" (resize policy, feature schema)
 CLIP_SUBDIR = "clip"  # save_pretrained output: CLIP weights, processor, tokenizer
 HEAD_FILE = "head.safetensors"
 CONFIG_FILE = "config.json"
@@ -84,29 +87,34 @@ class TargetTransform:
 class PostBatcher:
     """Prepared posts -> the tensors ``CLIPRegressor.forward`` takes.
 
-    The one place the CLIP processor is called, by the training collate function and by
-    the server alike, so both feed the model identical tensors for the same post. Text is
-    padded to the longest caption in the batch (dynamic padding) and truncated to the
-    text model's maximum length, read from the CLIP config, never hard-coded.
+    The one place the CLIP processor is called and features are encoded, by the training
+    collate function and by the server alike, so both feed the model identical tensors
+    for the same post. Text is padded to the longest caption in the batch (dynamic
+    padding) and truncated to the text model's maximum length, read from the CLIP config,
+    never hard-coded.
     """
 
-    def __init__(self, processor, max_length: int):
+    def __init__(self, processor, max_length: int, features: FeatureSchema | None = None):
         self.processor = processor
         self.max_length = int(max_length)
+        self.features = features or FeatureSchema()
 
     @classmethod
-    def from_clip(cls, processor, clip_config) -> "PostBatcher":
-        return cls(processor, clip_config.text_config.max_position_embeddings)
+    def from_clip(cls, processor, clip_config, features: FeatureSchema | None = None) -> "PostBatcher":
+        return cls(processor, clip_config.text_config.max_position_embeddings, features)
 
-    def __call__(self, images, texts: Sequence[str], sentiments: Sequence[float]) -> dict[str, torch.Tensor]:
-        pixel_values = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        tok = self.processor.tokenizer(list(texts), padding=True, truncation=True,
+    def __call__(self, posts: Sequence[Post]) -> dict[str, torch.Tensor]:
+        pixel_values = self.processor.image_processor(images=[p.image for p in posts],
+                                                      return_tensors="pt")["pixel_values"]
+        tok = self.processor.tokenizer([p.text for p in posts], padding=True, truncation=True,
                                        max_length=self.max_length, return_tensors="pt")
         return {
             "pixel_values": pixel_values,  # (B, 3, H, W) float32, normalised
             "input_ids": tok["input_ids"],  # (B, T) T = longest caption in batch, <= max_length
             "attention_mask": tok["attention_mask"],  # (B, T)
-            "sentiment": torch.tensor(list(sentiments), dtype=torch.float32),  # (B,) VADER compound
+            "sentiment": torch.tensor([float(p.sentiment) for p in posts], dtype=torch.float32),  # (B,)
+            # (B, F) float32, F = features.width (0 without feature columns)
+            "features": torch.from_numpy(self.features.encode([p.features for p in posts])),
         }
 
 
@@ -122,21 +130,23 @@ class HeadConfig:
 
 
 class CLIPRegressor(nn.Module):
-    """CLIP towers + an MLP head over [img, txt, img*txt, sentiment] -> one score per post.
+    """CLIP towers + an MLP head over [img, txt, img*txt, sentiment, features] -> one score.
 
     The embeddings are CLIP's projected, L2-normalised embeddings (as in the contrastive
     objective). The element-wise product gives the head direct access to image-caption
     agreement, which a plain concatenation would leave to the MLP to discover. The head's
-    input size is derived from the CLIP config's ``projection_dim``.
+    input size is derived from the CLIP config's ``projection_dim`` and the feature
+    schema's encoded width ``n_features``.
     """
 
-    def __init__(self, clip, head: HeadConfig | None = None):
+    def __init__(self, clip, head: HeadConfig | None = None, n_features: int = 0):
         super().__init__()
         self.clip = clip
         self.head_config = head or HeadConfig()
+        self.n_features = int(n_features)
         d = clip.config.projection_dim
         self.head = nn.Sequential(
-            nn.Linear(3 * d + 1, self.head_config.hidden),
+            nn.Linear(3 * d + 1 + self.n_features, self.head_config.hidden),
             nn.GELU(),
             nn.Dropout(self.head_config.dropout),
             nn.Linear(self.head_config.hidden, 1),
@@ -144,10 +154,11 @@ class CLIPRegressor(nn.Module):
         self._clip_frozen = False
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = DEFAULT_CLIP, head: HeadConfig | None = None) -> "CLIPRegressor":
+    def from_pretrained(cls, name_or_path: str = DEFAULT_CLIP, head: HeadConfig | None = None,
+                        n_features: int = 0) -> "CLIPRegressor":
         from transformers import CLIPModel
 
-        return cls(CLIPModel.from_pretrained(name_or_path), head)
+        return cls(CLIPModel.from_pretrained(name_or_path), head, n_features)
 
     # -- phases ---------------------------------------------------------------------------
     def freeze_clip(self) -> None:
@@ -194,15 +205,17 @@ class CLIPRegressor(nn.Module):
         txt = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 
-    def head_forward(self, img: torch.Tensor, txt: torch.Tensor, sentiment: torch.Tensor) -> torch.Tensor:
+    def head_forward(self, img: torch.Tensor, txt: torch.Tensor, sentiment: torch.Tensor,
+                     features: torch.Tensor) -> torch.Tensor:
         """Embeddings -> (B,) standardised score. Phase 1 calls this on cached embeddings."""
         img, txt = img.float(), txt.float()
-        x = torch.cat([img, txt, img * txt, sentiment.float().unsqueeze(-1)], dim=-1)  # (B, 3D+1)
+        x = torch.cat([img, txt, img * txt, sentiment.float().unsqueeze(-1), features.float()],
+                      dim=-1)  # (B, 3D+1+F)
         return self.head(x).squeeze(-1)
 
-    def forward(self, pixel_values, input_ids, attention_mask, sentiment) -> torch.Tensor:
+    def forward(self, pixel_values, input_ids, attention_mask, sentiment, features) -> torch.Tensor:
         img, txt = self.embed(pixel_values, input_ids, attention_mask)
-        return self.head_forward(img, txt, sentiment)
+        return self.head_forward(img, txt, sentiment, features)
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,6 +230,7 @@ class LoadedModel:
     model: CLIPRegressor
     batcher: PostBatcher
     target: TargetTransform
+    prepare: PrepareConfig  # how a raw post becomes a ``Post`` for this model
     config: dict
     path: Path
 
@@ -231,23 +245,27 @@ class LoadedModel:
 
     @property
     def resize_policy(self):
-        from data_preprocessing.prepare import ResizePolicy
-
-        return ResizePolicy.from_image_processor(self.batcher.processor.image_processor)
+        return self.prepare.resize
 
 
 def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_dir: str | os.PathLike,
-                  extra_config: dict | None = None) -> Path:
+                  prepare: PrepareConfig | None = None, extra_config: dict | None = None) -> Path:
     """Write a self-contained model directory atomically (temp dir, then rename).
 
     Layout: ``clip/`` (CLIPModel.save_pretrained + processor + tokenizer),
-    ``head.safetensors`` and ``config.json`` (architecture, target transform, cleaning
-    version, plus whatever the caller adds: training args, git commit, metrics).
+    ``head.safetensors`` and ``config.json`` (architecture, target transform, the
+    ``prepare`` config with the feature schema, cleaning version, plus whatever the caller
+    adds: training args, git commit, metrics). ``prepare`` defaults to the processor's own
+    resize policy and no features.
     """
     from safetensors.torch import save_file
 
-    from data_preprocessing.prepare import CLEANING_VERSION
+    from data_preprocessing.prepare import CLEANING_VERSION, ResizePolicy
 
+    prepare = prepare or PrepareConfig(ResizePolicy.from_image_processor(processor.image_processor))
+    if prepare.features.width != model.n_features:
+        raise ValueError(f"the head takes {model.n_features} feature inputs but the schema encodes "
+                         f"{prepare.features.width}")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.clip.save_pretrained(tmp / CLIP_SUBDIR)
@@ -261,10 +279,12 @@ def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_
                 "clip_subdir": CLIP_SUBDIR,
                 "projection_dim": model.clip.config.projection_dim,
                 "head": asdict(model.head_config),
-                "head_input": "[img, txt, img*txt, sentiment] (L2-normalised CLIP projections)",
+                "head_input": "[img, txt, img*txt, sentiment, features] (L2-normalised CLIP projections)",
+                "n_features": model.n_features,
                 "max_text_length": model.clip.config.text_config.max_position_embeddings,
             },
             "target_transform": asdict(target),
+            "prepare": prepare.to_dict(),
             "cleaning_version": CLEANING_VERSION,
             **(extra_config or {}),
         }
@@ -295,13 +315,15 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
     clip_dir = model_dir / arch["clip_subdir"]
     clip = CLIPModel.from_pretrained(clip_dir)
     processor = CLIPProcessor.from_pretrained(clip_dir)
-    model = CLIPRegressor(clip, HeadConfig(**arch["head"]))
+    prepare = PrepareConfig.from_dict(config["prepare"])
+    model = CLIPRegressor(clip, HeadConfig(**arch["head"]), n_features=prepare.features.width)
     model.head.load_state_dict(load_file(str(model_dir / HEAD_FILE)))
     model.to(device).eval()
     return LoadedModel(
         model=model,
-        batcher=PostBatcher(processor, arch["max_text_length"]),
+        batcher=PostBatcher(processor, arch["max_text_length"], prepare.features),
         target=TargetTransform(**config["target_transform"]),
+        prepare=prepare,
         config=config,
         path=model_dir,
     )

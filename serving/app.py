@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import binascii
 import hashlib
 import http
@@ -50,7 +51,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.config import config_dict, field, parse_config, setup_logging
-from data_preprocessing.prepare import ImageError, clean_text, load_image, pre_resize, sentiment
+from data_preprocessing.posts import Post, prepare_post
+from data_preprocessing.prepare import ImageError, clean_text, sentiment
 from serving.batching import MicroBatcher, QueueFull
 from serving.schemas import (
     REQUEST_SCHEMAS,
@@ -189,15 +191,6 @@ class BodySizeLimitMiddleware:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class PreparedPost:
-    """A post ready for ``PostBatcher``: the same fields a preprocessed record holds."""
-
-    image: Any  # RGB PIL.Image, pre-resized with the model's resize policy
-    text: str  # clean_text(raw caption)
-    sentiment: dict[str, float]  # sentiment(raw caption): compound, pos, neu, neg
-
-
 def model_info(loaded) -> ModelInfo:
     """name: the run directory's name; version: a hash of the artifact's config and head."""
     path = Path(loaded.path).resolve()
@@ -218,35 +211,35 @@ class Predictor:
         self.loaded = loaded
         self.settings = settings
         self.policy = loaded.resize_policy  # from the processor saved with the model
+        # The artifact's own preparation config, with MAX_PIXELS from the settings.
+        self.prepare_config = dataclasses.replace(loaded.prepare, max_pixels=settings.max_pixels)
         self.info = model_info(loaded)
         # Test hook: called with every batch's model tensors (in the inference thread)
         # before the forward pass. tests/test_parity.py captures them; overload tests sleep.
         self.on_batch: Callable[[dict], None] | None = None
 
-    def prepare(self, image_bytes: bytes, raw_text: str) -> PreparedPost:
+    def prepare(self, image_bytes: bytes, raw_text: str) -> Post:
         """Decode, pre-resize, clean and score one post exactly as preprocessing does."""
         try:
-            image = load_image(image_bytes, max_pixels=self.settings.max_pixels)
+            return prepare_post(image_bytes, raw_text, {}, self.prepare_config)
         except ImageError as e:
             raise APIError(IMAGE_ERROR_STATUS.get(e.reason, 422), e.reason, e.message) from None
         except Exception as e:  # noqa: BLE001 - a decoder failing on a damaged header is a bad image
             # (preprocess.prepare_record rejects these as "corrupt" too), not a server error.
             log.warning("image decoder raised %s: %s", type(e).__name__, e)
             raise APIError(422, "corrupt", f"could not open image: {type(e).__name__}") from None
-        return PreparedPost(pre_resize(image, self.policy), clean_text(raw_text), sentiment(raw_text))
 
-    def run_batch(self, posts: list[PreparedPost]) -> list[tuple[float, float]]:
+    def run_batch(self, posts: list[Post]) -> list[tuple[float, float]]:
         """Prepared posts -> [(model-scale score, label-unit engagement)], one per post."""
-        batch = self.loaded.batcher([p.image for p in posts], [p.text for p in posts],
-                                    [p.sentiment["compound"] for p in posts])
+        batch = self.loaded.batcher(posts)
         if self.on_batch is not None:
             self.on_batch(batch)
         score, engagement = self.loaded.predict_batch(batch)
         return list(zip(score.tolist(), engagement.tolist()))
 
-    def prediction(self, post: PreparedPost, result: tuple[float, float]) -> dict:
+    def prediction(self, post: Post, result: tuple[float, float]) -> dict:
         score, engagement = result
-        return {"engagement": engagement, "score": score, "sentiment": Sentiment(**post.sentiment),
+        return {"engagement": engagement, "score": score, "sentiment": Sentiment(**post.sentiment_scores),
                 "cleaned_text": post.text, "model": self.info}
 
     def describe(self) -> dict:
@@ -281,7 +274,7 @@ class Service:
     prep_pool: ThreadPoolExecutor  # decoding threads, separate from the one inference thread
     loaded_at: float
 
-    async def prepare(self, image_bytes: bytes, raw_text: str) -> PreparedPost:
+    async def prepare(self, image_bytes: bytes, raw_text: str) -> Post:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.prep_pool, self.predictor.prepare, image_bytes, raw_text)
 
@@ -311,7 +304,8 @@ def _warm_up(predictor: Predictor) -> None:
     from PIL import Image
 
     edge = max(predictor.policy.shortest_edge, 1)
-    post = PreparedPost(Image.new("RGB", (edge, edge), (127, 127, 127)), clean_text("warm up"), sentiment("warm up"))
+    post = Post(Image.new("RGB", (edge, edge), (127, 127, 127)), clean_text("warm up"), sentiment("warm up")["compound"],
+                dict.fromkeys(predictor.loaded.prepare.features.names))
     predictor.run_batch([post])
 
 
@@ -569,7 +563,7 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
                 # Announced to the batcher, so a batch forming now waits for these posts.
                 with service.batcher.incoming(sum(not isinstance(p, APIError) for p in posts)):
                     prepared = await asyncio.gather(*(prep(p) for p in posts))
-                good = [p for p in prepared if isinstance(p, PreparedPost)]
+                good = [p for p in prepared if isinstance(p, Post)]
                 results = iter(await service.batcher.submit_many(good))
         except TimeoutError:
             raise APIError(504, "deadline_exceeded",

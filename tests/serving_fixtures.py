@@ -33,7 +33,8 @@ def build_artifact(root: Path, seed: int = 0) -> Path:
     model = CLIPRegressor(CLIPModel.from_pretrained(clip_dir))
     processor = CLIPProcessor.from_pretrained(clip_dir)
     extra = {"metrics": {"test": {"rmse": 1.25, "r2": 0.1}}, "git_commit": "test", "training_args": {"epochs": 0}}
-    return save_artifact(model, processor, TargetTransform("log1p", 3.0, 1.5), root / "run" / "model", extra)
+    return save_artifact(model, processor, TargetTransform("log1p", 3.0, 1.5), root / "run" / "model",
+                         extra_config=extra)
 
 
 @pytest.fixture(scope="session")

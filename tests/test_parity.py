@@ -20,7 +20,7 @@ from tests.serving_fixtures import (  # noqa: F401 - model_dir is a fixture
     serving_client,
 )
 
-MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "sentiment")
+MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "sentiment", "features")
 
 
 def _exif_rotated_jpeg() -> bytes:
@@ -61,7 +61,7 @@ def records(model_dir, tmp_path_factory):
                      "--test-frac", "0", "--workers", "1", "--clip-processor", str(model_dir / "clip"),
                      "--no-progress"])
     ds = EngagementDataset(root / "processed", "train")
-    by_row = {ds[i]["row"]: ds[i] for i in range(len(ds))}
+    by_row = {ds[i].row: ds[i] for i in range(len(ds))}
     assert sorted(by_row) == list(range(len(POSTS)))  # every post kept, the empty caption too
     return by_row
 
@@ -107,8 +107,8 @@ def test_single_post_parity(client, records, offline, row):
     # (a) the tensors the server fed the model == the Dataset + Collator tensors
     trained = collate([records[row]])
     _assert_same_tensors(captured[0], trained)
-    assert r.json()["cleaned_text"] == records[row]["text"]
-    assert r.json()["sentiment"]["compound"] == records[row]["sentiment"]
+    assert r.json()["cleaned_text"] == records[row].text
+    assert r.json()["sentiment"]["compound"] == records[row].sentiment
 
     # (b) the server's prediction == the offline prediction on that batch
     score, engagement = loaded.predict_batch({k: trained[k] for k in MODEL_KEYS})

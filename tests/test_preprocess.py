@@ -55,12 +55,12 @@ def run(argv: list[str]) -> dict:
     return json.loads((Path(argv[argv.index("--out") + 1]) / "meta.json").read_text())
 
 
-def load_split_records(out: Path) -> dict[str, list[dict]]:
+def load_split_records(out: Path) -> dict[str, list[Record]]:
     return {s: list(RecordReader(out / f"{s}.pkl")) for s in SPLITS}
 
 
-def _signature(rec: dict) -> tuple:
-    return rec["row"], rec["text"], rec["sentiment"], rec["label"], rec["image"].size, rec["image"].tobytes()
+def _signature(rec: Record) -> tuple:
+    return rec.row, rec.text, rec.sentiment, rec.label, rec.image.size, rec.image.tobytes()
 
 
 def read_rejects(out: Path) -> dict[int, str]:
@@ -95,23 +95,24 @@ def test_end_to_end_records(good_run):
     expected_split = preprocess.assign_splits(len(table), 0.2, 0.2, seed=3)
     seen_rows = []
     for split, recs in records.items():
-        assert [r["row"] for r in recs] == sorted(r["row"] for r in recs)  # written in row order
+        assert [r.row for r in recs] == sorted(r.row for r in recs)  # written in row order
         for rec in recs:
-            raw = table[rec["row"]]
-            assert SPLITS[expected_split[rec["row"]]] == split
-            assert rec.keys() == {"image", "text", "sentiment", "label", "row"}
-            assert isinstance(rec["image"], Image.Image) and rec["image"].mode == "RGB"
-            assert min(rec["image"].size) == 24  # pre-resized to --resize-shortest-edge
-            assert rec["image"].info == {}  # no EXIF/ICC baggage in records
-            assert rec["text"] == clean_text(raw["description"])
-            assert type(rec["sentiment"]) is float
-            assert rec["sentiment"] == sentiment(raw["description"])["compound"]  # raw, not cleaned
-            assert type(rec["label"]) is float and rec["label"] == float(raw["engagement"])
-            seen_rows.append(rec["row"])
+            raw = table[rec.row]
+            assert SPLITS[expected_split[rec.row]] == split
+            # On disk, without feature flags: exactly the keys records had before features existed.
+            assert rec.to_dict().keys() == {"image", "text", "sentiment", "label", "row"}
+            assert isinstance(rec.image, Image.Image) and rec.image.mode == "RGB"
+            assert min(rec.image.size) == 24  # pre-resized to --resize-shortest-edge
+            assert rec.image.info == {}  # no EXIF/ICC baggage in records
+            assert rec.text == clean_text(raw["description"])
+            assert type(rec.sentiment) is float
+            assert rec.sentiment == sentiment(raw["description"])["compound"]  # raw, not cleaned
+            assert type(rec.label) is float and rec.label == float(raw["engagement"])
+            seen_rows.append(rec.row)
     assert sorted(seen_rows) == list(range(len(table)))
     # the empty-caption policy: kept with empty text and neutral sentiment
-    empty = [r for recs in records.values() for r in recs if table[r["row"]]["description"] == ""]
-    assert empty and all(r["text"] == "" and r["sentiment"] == 0.0 for r in empty)
+    empty = [r for recs in records.values() for r in recs if table[r.row]["description"] == ""]
+    assert empty and all(r.text == "" and r.sentiment == 0.0 for r in empty)
 
     counts = meta["counts"]
     assert counts["rows_read"] == counts["kept"] == len(table) and counts["rejected"] == 0
@@ -222,14 +223,14 @@ def test_broken_table_is_fully_accounted_for(tmp_path):
 
     expected = {i: r[3] for i, r in enumerate(rows) if r[3]}
     assert read_rejects(out) == expected
-    kept_rows = sorted(rec["row"] for s in SPLITS for rec in RecordReader(out / f"{s}.pkl"))
+    kept_rows = sorted(rec.row for s in SPLITS for rec in RecordReader(out / f"{s}.pkl"))
     assert kept_rows == [i for i, r in enumerate(rows) if r[3] is None]
     counts = meta["counts"]
     assert counts["kept"] + counts["rejected"] == counts["rows_read"] == len(rows)
     assert counts["rejected"] == len(expected)
     assert counts["rejects_by_reason"] == {
         reason: sum(1 for r in expected.values() if r == reason) for reason in set(expected.values())}
-    labels = {rec["row"]: rec["label"] for s in SPLITS for rec in RecordReader(out / f"{s}.pkl")}
+    labels = {rec.row: rec.label for s in SPLITS for rec in RecordReader(out / f"{s}.pkl")}
     assert labels[19] == 1000.0 and labels[20] == 12.0 and labels[21] == 0.5
     with open(out / "rejects.csv", newline="") as fh:
         by_row = {int(r["row"]): r for r in csv.DictReader(fh)}
@@ -351,8 +352,8 @@ def test_pre_resize_shrinks_records(tmp_path):
     print(f"record bytes: full size {size['full']}, pre-resized {size['small']}")
     assert size["small"] < 0.25 * size["full"]  # 298x224 vs 640x480 pixels: 0.22x
     assert m_small["record_format"]["bytes"] == size["small"]
-    full = load_split_records(tmp_path / "full")["train"][0]["image"]
-    small = load_split_records(tmp_path / "small")["train"][0]["image"]
+    full = load_split_records(tmp_path / "full")["train"][0].image
+    small = load_split_records(tmp_path / "small")["train"][0].image
     assert min(full.size) == 480 and min(small.size) == 224
     assert m_full["image_size_policy"]["shortest_edge"] == 0
 
@@ -366,7 +367,7 @@ def test_policy_from_clip_processor_dir(tmp_path):
     meta = run(["--input", str(posts), "--out", str(tmp_path / "out"), "--clip-processor", str(proc_dir)])
     assert meta["image_size_policy"]["shortest_edge"] == 30
     assert meta["image_size_policy"]["source"] == f"clip_processor:{proc_dir}"
-    assert all(min(r["image"].size) == 30 for r in iter_records(tmp_path / "out" / "train.pkl"))
+    assert all(min(r.image.size) == 30 for r in iter_records(tmp_path / "out" / "train.pkl"))
     assert "could not load CLIP processor" in _error(
         ["--input", str(posts), "--out", str(tmp_path / "o2"), "--clip-processor", str(tmp_path / "nope")])
 

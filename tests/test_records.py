@@ -12,17 +12,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_preprocessing.posts import Record
 from data_preprocessing.records import RecordReader, RecordWriter, UnsafePickleError, iter_records, safe_loads
 
 
-def _record(i: int) -> dict:
+def _record(i: int) -> Record:
     rng = np.random.default_rng(i)
     im = Image.fromarray(rng.integers(0, 256, (6 + i, 9, 3), dtype=np.uint8))  # sizes differ per record
-    return {"image": im, "text": f"caption {i} \U0001F60D", "sentiment": 0.1 * i - 0.2, "label": float(i * 3),
-            "row": i}
+    features = {"followers": float(10 ** i), "platform": None if i == 2 else "tiktok"} if i % 2 == 0 else {}
+    return Record(image=im, text=f"caption {i} \U0001F60D", sentiment=0.1 * i - 0.2, features=features,
+                  label=float(i * 3), row=i)
 
 
-def _same(a: dict, b: dict) -> bool:
+def _same(a: Record | dict, b: Record | dict) -> bool:
+    """Equal records; a plain dict is the on-disk form (what pickle.load gives)."""
+    a, b = (r.to_dict() if isinstance(r, Record) else r for r in (a, b))
     return (a.keys() == b.keys() and a["image"].mode == b["image"].mode and a["image"].size == b["image"].size
             and a["image"].tobytes() == b["image"].tobytes()
             and all(a[k] == b[k] for k in a if k != "image"))
@@ -36,7 +40,7 @@ def split_file(tmp_path):
         if i % 2:
             w.write(_record(i))
         else:  # how preprocess.py writes: workers pickle, the parent appends bytes
-            w.write_bytes(pickle.dumps(_record(i), protocol=pickle.HIGHEST_PROTOCOL))
+            w.write_bytes(pickle.dumps(_record(i).to_dict(), protocol=pickle.HIGHEST_PROTOCOL))
     assert not (tmp_path / "train.pkl").exists()  # nothing visible before close()
     w.close()
     assert w.count == 5

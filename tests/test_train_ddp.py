@@ -48,8 +48,8 @@ def test_two_process_run_writes_a_loadable_artifact(tmp_path):
     records = [test[i] for i in range(len(test))]
     with open(out / "predictions_test.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["row"]) for r in rows] == [r["row"] for r in records]  # each post once, in order
-    assert [float(r["label"]) for r in rows] == [r["label"] for r in records]
+    assert [int(r["row"]) for r in rows] == [r.row for r in records]  # each post once, in order
+    assert [float(r["label"]) for r in rows] == [r.label for r in records]
 
     loaded = load_model(out / "model")
     assert loaded.config["training"]["num_processes"] == 2

@@ -104,21 +104,23 @@ def test_fails_on_bad_records(data, capsys):
     # A val split whose records break each rule once, behind a well-formed index.
     good_im = Image.new("RGB", (4, 4))
     bad = [
-        {"image": good_im, "text": "  not   clean &amp; ", "sentiment": 0.0, "label": 1.0},
-        {"image": Image.new("L", (4, 4)), "text": "ok", "sentiment": 0.0, "label": 1.0},
-        {"image": good_im, "text": "ok", "sentiment": 1.5, "label": 1.0},
-        {"image": good_im, "text": "ok", "sentiment": 0.0, "label": float("inf")},
-        {"image": good_im, "text": "ok", "sentiment": 0.0, "label": 3},  # int, not float
-        {"image": good_im, "text": "ok", "sentiment": 0.0},
+        {"image": good_im, "text": "  not   clean &amp; ", "sentiment": 0.0, "label": 1.0, "row": 0},
+        {"image": Image.new("L", (4, 4)), "text": "ok", "sentiment": 0.0, "label": 1.0, "row": 1},
+        {"image": good_im, "text": "ok", "sentiment": 1.5, "label": 1.0, "row": 2},
+        {"image": good_im, "text": "ok", "sentiment": 0.0, "label": float("inf"), "row": 3},
+        {"image": good_im, "text": "ok", "sentiment": 0.0, "label": 3, "row": 4},  # int, not float
+        {"image": good_im, "text": "ok", "sentiment": 0.0, "row": 5},
+        {"image": good_im, "text": "ok", "sentiment": 0.0, "label": 1.0, "row": 6, "features": {"x": 1.0}},
     ]
     w = RecordWriter(data, "val")
-    for rec in bad:
-        w.write(rec)
+    for rec in bad:  # on-disk dicts, as a broken writer would leave them
+        w.write_bytes(pickle.dumps(rec))
     w.close()
     _edit_meta(data, lambda m: m["counts"]["splits"].update(val=len(bad)))
     out = _fails(data, capsys)
     for reason in ["text is not clean", "image mode is L", "sentiment outside [-1, 1]", "label is not finite",
-                   "label is a int, not a float", "record lacks keys ['label']"]:
+                   "label is a int, not a float", "record lacks keys ['label']",
+                   "features ['x'] are not meta.json's feature columns []"]:
         assert reason in out, reason
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_preprocessing.posts import Record
 from data_preprocessing.prepare import CLEANING_VERSION
 from data_preprocessing.records import RecordWriter
 
@@ -34,9 +35,9 @@ def write_tiny_posts(out_dir: Path, counts=(("train", 32), ("val", 8), ("test", 
             pixels = np.clip(rng.normal(colour, 30, (shortest_edge, shortest_edge + 32, 3)), 0, 255)
             sentiment = float(rng.uniform(-1, 1))
             likes = float(np.round(np.expm1(3 + colour[0] / 100 + sentiment + rng.normal(0, 0.3))))
-            writer.write({"image": Image.fromarray(pixels.astype(np.uint8)),
-                          "text": " ".join(rng.choice(WORDS, int(rng.integers(1, 12)))),
-                          "sentiment": sentiment, "label": likes, "row": row})
+            writer.write(Record(image=Image.fromarray(pixels.astype(np.uint8)),
+                                text=" ".join(rng.choice(WORDS, int(rng.integers(1, 12)))),
+                                sentiment=sentiment, label=likes, row=row))
             row += 1
         writer.close()
     meta = {"cleaning_version": CLEANING_VERSION, "counts": {"splits": dict(counts)},

@@ -62,7 +62,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.config import atomic_dir, config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
-from data_preprocessing.records import RecordReader, check_cleaning_version, load_meta
+from data_preprocessing.posts import PrepareConfig, Record
+from data_preprocessing.records import RecordReader, check_cleaning_version, check_record_format, load_meta
 from models.clip_regressor import (DEFAULT_CLIP, CLIPRegressor, HeadConfig, PostBatcher, TargetTransform,
                                    regression_metrics, save_artifact)
 
@@ -168,7 +169,7 @@ class NonFiniteLoss(RuntimeError):
 
 
 class EngagementDataset(Dataset):
-    """One split of preprocessed posts; ``[i]`` is the record dict, read from disk on access."""
+    """One split of preprocessed posts; ``[i]`` is its ``posts.Record``, read from disk on access."""
 
     def __init__(self, data_dir: str | os.PathLike, split: str):
         self.split = split
@@ -177,14 +178,14 @@ class EngagementDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> Record:
         return self.reader[i]
 
     def labels(self) -> np.ndarray:
         """(N,) float64 labels of the whole split (reads every record once)."""
         from tqdm.auto import tqdm
 
-        return np.array([r["label"] for r in tqdm(self.reader, total=len(self), desc=f"{self.split} labels",
+        return np.array([r.label for r in tqdm(self.reader, total=len(self), desc=f"{self.split} labels",
                                                      leave=False, disable=None)], dtype=np.float64)
 
 
@@ -199,11 +200,10 @@ class Collator:
         self.batcher = batcher
         self.target = target
 
-    def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
-        batch = self.batcher([r["image"] for r in records], [r["text"] for r in records],
-                             [r["sentiment"] for r in records])
+    def __call__(self, records: Sequence[Record]) -> dict[str, torch.Tensor]:
+        batch = self.batcher(records)
         if self.target is not None:
-            label = torch.tensor([float(r["label"]) for r in records], dtype=torch.float64)  # (B,)
+            label = torch.tensor([float(r.label) for r in records], dtype=torch.float64)  # (B,)
             batch["label"] = label
             batch["target"] = self.target.standardise(self.target.to_model_scale(label)).float()  # (B,)
         return batch
@@ -265,12 +265,29 @@ def make_loader(dataset: Dataset, batch_size: int, collate_fn: Callable, *, shuf
     )
 
 
+def model_prepare_config(meta: dict, image_processor) -> PrepareConfig:
+    """How serving must prepare a post for the model trained on this data.
+
+    The feature schema (fitted on the train split) comes from the data; the resize policy
+    is the processor's own, which gives the model the same tensors as the data's
+    pre-resizing (check_data refused data resized below it).
+    """
+    from data_preprocessing.features import FeatureSchema
+    from data_preprocessing.prepare import MAX_PIXELS, ResizePolicy
+
+    data_prepare = meta.get("prepare") or {}  # absent in data written before feature columns
+    return PrepareConfig(ResizePolicy.from_image_processor(image_processor),
+                         int((meta.get("image_size_policy") or {}).get("max_pixels", MAX_PIXELS)),
+                         FeatureSchema.from_dict(data_prepare.get("features")))
+
+
 def check_data(data_dir: str | os.PathLike, image_processor) -> dict:
     """Refuse data the model would see differently from serving; return its meta.json."""
     from data_preprocessing.prepare import ResizePolicy
 
     try:
         meta = load_meta(data_dir)
+        check_record_format(meta, data_dir)
         check_cleaning_version(meta, data_dir)
     except (FileNotFoundError, ValueError) as e:
         raise DataRefused(str(e)) from None
@@ -297,8 +314,9 @@ def check_data(data_dir: str | os.PathLike, image_processor) -> dict:
 def forward_batch(model: CLIPRegressor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B,) standardised scores for an image batch, or for a batch of cached embeddings."""
     if "img" in batch:  # phase-1 cache: the frozen CLIP already ran
-        return model.head_forward(batch["img"], batch["txt"], batch["sentiment"])
-    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["sentiment"])
+        return model.head_forward(batch["img"], batch["txt"], batch["sentiment"], batch["features"])
+    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["sentiment"],
+                 batch["features"])
 
 
 class TrainStep(nn.Module):
@@ -459,18 +477,19 @@ def embed_split(model: CLIPRegressor, loader, accelerator, desc: str) -> dict[st
     """The frozen CLIP's embeddings of one split, gathered across ranks (CPU tensors, loader order).
 
     Keys: ``img``/``txt`` (N, D) L2-normalised float32, ``sentiment``/``target`` (N,)
-    float32, ``label`` (N,) float64: exactly what a phase-1 batch needs.
+    float32, ``features`` (N, F) float32, ``label`` (N,) float64: exactly what a phase-1
+    batch needs.
     """
     from tqdm.auto import tqdm
 
     model.eval()
-    parts: dict[str, list] = {k: [] for k in ("img", "txt", "sentiment", "target", "label")}
+    parts: dict[str, list] = {k: [] for k in ("img", "txt", "sentiment", "features", "target", "label")}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         with accelerator.autocast():
             img, txt = model.embed(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         rows = accelerator.gather_for_metrics({"img": img.float(), "txt": txt.float(),
-                                               "sentiment": batch["sentiment"], "target": batch["target"],
-                                               "label": batch["label"]})
+                                               "sentiment": batch["sentiment"], "features": batch["features"],
+                                               "target": batch["target"], "label": batch["label"]})
         for k, v in rows.items():
             parts[k].append(v.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -606,7 +625,7 @@ def cached_baselines(cache: dict, target: TargetTransform) -> dict:
 
     def arrays(c):
         return {"img": c["img"].numpy(), "txt": c["txt"].numpy(), "sentiment": c["sentiment"].double().numpy(),
-                "z": target.to_model_scale(c["label"]).numpy()}
+                "features": c["features"].double().numpy(), "z": target.to_model_scale(c["label"]).numpy()}
 
     out = baseline_metrics(arrays(cache["train"]), arrays(cache["test"]))
     for name, m in out.items():
@@ -696,8 +715,12 @@ def train(cfg: TrainConfig) -> int:
 
     # 5. Model (the seed fixes the head's init) and the batcher the collate function calls.
     set_seed(cfg.seed)
-    model = CLIPRegressor.from_pretrained(cfg.clip_model, HeadConfig(cfg.head_hidden, cfg.head_dropout))
-    batcher = PostBatcher.from_clip(processor, model.clip.config)
+    prep = model_prepare_config(meta, processor.image_processor)
+    log.info("feature columns: %s (%d head inputs)", ", ".join(
+        f"{f.name} ({f.column.kind}, {f.transform})" for f in prep.features.features) or "none", prep.features.width)
+    model = CLIPRegressor.from_pretrained(cfg.clip_model, HeadConfig(cfg.head_hidden, cfg.head_dropout),
+                                          n_features=prep.features.width)
+    batcher = PostBatcher.from_clip(processor, model.clip.config, prep.features)
     best_state = None
     if resumed is not None:
         model.load_state_dict(resumed[1])
@@ -780,8 +803,8 @@ def train(cfg: TrainConfig) -> int:
                                                          accelerator, target)
 
     # 9. The best model on test, the outputs and the artifact.
-    finish(cfg, accelerator, model, best_state, state, image_loaders["test"], datasets["test"], target, processor,
-           meta, run_dir, state["seconds_before"] + time.perf_counter() - t_start, precision)
+    finish(cfg, accelerator, model, best_state, state, image_loaders["test"], datasets["test"], target,
+           (processor, prep), meta, run_dir, state["seconds_before"] + time.perf_counter() - t_start, precision)
     return 0
 
 
@@ -796,7 +819,7 @@ def finish_frozen_phase(model: CLIPRegressor, best_state: dict | None, loaders: 
 
 
 def finish(cfg: TrainConfig, accelerator, model: CLIPRegressor, best_state: dict | None, state: dict, test_loader,
-           test_set: EngagementDataset, target: TargetTransform, processor, meta: dict, run_dir: Path,
+           test_set: EngagementDataset, target: TargetTransform, transforms: tuple, meta: dict, run_dir: Path,
            total_seconds: float, precision: str) -> None:
     """Score the best model on test; write metrics.json, predictions, plots and the artifact."""
     from training.plots import plot_learning_curves, plot_predictions
@@ -833,7 +856,7 @@ def finish(cfg: TrainConfig, accelerator, model: CLIPRegressor, best_state: dict
                  timings["embedding_cache_saving_seconds_estimate"], cfg.frozen_epochs)
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "metrics.json", metrics)
-        write_predictions(run_dir / "predictions_test.csv", [test_set[i]["row"] for i in range(len(test_set))],
+        write_predictions(run_dir / "predictions_test.csv", [test_set[i].row for i in range(len(test_set))],
                           labels, scored)
         plot_learning_curves(state["history"], cfg.frozen_epochs, run_dir / "learning_curves.png", cfg.select_metric)
         plot_predictions(scored["z_true"], scored["z_pred"], run_dir / "pred_vs_actual.png",
@@ -843,7 +866,9 @@ def finish(cfg: TrainConfig, accelerator, model: CLIPRegressor, best_state: dict
                               "num_processes": accelerator.num_processes, "mixed_precision": precision,
                               "data": metrics["data"]},
                  "metrics": {k: metrics[k] for k in ("test", "test_label_units", "test_after_frozen", "baselines")}}
-        path = save_artifact(model, processor, target, run_dir / "model", extra_config=extra)
+        processor, prep = transforms  # what serving prepares and batches posts with
+        path = save_artifact(model, processor, target, run_dir / "model", prepare=prep,
+                             extra_config=extra)
         log.info("wrote %s, metrics.json, plots and predictions in %s", path, run_dir)
     accelerator.wait_for_everyone()
 

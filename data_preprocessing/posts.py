@@ -1,0 +1,150 @@
+"""A post, as one typed thing: what preprocessing stores, training batches and serving predicts.
+
+- ``Post``: a *prepared* post, the model's input: the RGB image (pre-resized), the cleaned
+  caption, the caption's VADER sentiment and the parsed extra feature values.
+- ``Record``: a ``Post`` plus its label and its row in the posts table; what a record file
+  holds, one per kept post.
+- ``PrepareConfig``: how raw parts become a ``Post`` (resize policy, pixel cap, feature
+  columns). It travels with the data (``meta.json["prepare"]``) and with the model (the
+  artifact's ``config.json["prepare"]``), as open_clip's ``PreprocessCfg`` does, so serving
+  prepares a post exactly as the training data was prepared.
+- ``prepare_post``: raw image + raw caption + raw feature cells -> ``Post``. The only
+  function that does it; preprocessing's workers and the server both call it.
+
+On disk a record is a plain dict (``Record.to_dict``), so ``pickle.load`` reads record
+files with no project code, and the restricted unpickler needs no class of ours. The keys
+are spelled here and nowhere else::
+
+    {"image": PIL.Image (RGB), "text": str, "sentiment": float, "label": float, "row": int,
+     "features": {column: float | str | None}}      # "features" only when there are any
+
+``RECORD_FORMAT_VERSION`` 2 added ``features``; version 1 records (no ``features``) load
+as posts without features. ``records.check_record_format`` refuses any other version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from PIL import Image
+
+from data_preprocessing.features import FeatureError, FeatureSchema, FeatureSpec, Value
+from data_preprocessing.prepare import (CLEANING_VERSION, MAX_PIXELS, ImageSource, ResizePolicy, clean_text,
+                                        load_image, pre_resize, sentiment)
+
+RECORD_FORMAT_VERSION = 2
+# The on-disk keys, once. Readers accept records without the optional ones.
+_REQUIRED_KEYS = ("image", "text", "sentiment", "label", "row")
+_FEATURES_KEY = "features"
+
+
+@dataclass
+class Post:
+    """A prepared post: exactly what ``PostBatcher`` turns into model tensors."""
+
+    image: Image.Image  # RGB, pre-resized with the processor's resize policy
+    text: str  # clean_text(raw caption)
+    sentiment: float  # VADER compound of the *raw* caption, in [-1, 1]
+    features: dict[str, Value] = field(default_factory=dict)  # column -> parsed value (None = missing)
+    # All four VADER scores, for the API's answer; not stored in records.
+    sentiment_scores: dict[str, float] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(kw_only=True)
+class Record(Post):
+    """A post of the training data: a ``Post`` plus its label and its input row number."""
+
+    label: float
+    row: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The on-disk form: a plain dict (see the module docstring)."""
+        d = {"image": self.image, "text": self.text, "sentiment": float(self.sentiment),
+             "label": float(self.label), "row": int(self.row)}
+        if self.features:
+            d[_FEATURES_KEY] = dict(self.features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Record":
+        missing = [k for k in _REQUIRED_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"not a record: keys {missing} missing (record format {RECORD_FORMAT_VERSION})")
+        return cls(image=d["image"], text=d["text"], sentiment=d["sentiment"], label=d["label"], row=d["row"],
+                   features=dict(d.get(_FEATURES_KEY) or {}))
+
+    @staticmethod
+    def problems(d: Any) -> list[str]:
+        """What keeps ``d`` from being an on-disk record (key and type checks, for validation)."""
+        if not isinstance(d, dict):
+            return [f"record is a {type(d).__name__}, not a dict"]
+        missing = [k for k in _REQUIRED_KEYS if k not in d]
+        if missing:
+            return [f"record lacks keys {missing}"]
+        extra = sorted(set(d) - set(_REQUIRED_KEYS) - {_FEATURES_KEY})
+        problems = [f"record has unknown keys {extra}"] if extra else []
+        if not isinstance(d.get(_FEATURES_KEY, {}), dict):
+            problems.append(f"features is a {type(d[_FEATURES_KEY]).__name__}, not a dict")
+        return problems
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How raw parts become a ``Post``; saved with the data and with the model."""
+
+    resize: ResizePolicy = field(default_factory=ResizePolicy)
+    max_pixels: int = MAX_PIXELS
+    features: FeatureSchema = field(default_factory=FeatureSchema)
+    cleaning_version: str = CLEANING_VERSION
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize.as_dict(), "max_pixels": self.max_pixels,
+                "features": self.features.to_dict(), "cleaning_version": self.cleaning_version}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "PrepareConfig":
+        resize = ResizePolicy(int(d["resize"]["shortest_edge"]), int(d["resize"]["resample"]))
+        return cls(resize, int(d["max_pixels"]), FeatureSchema.from_dict(d.get("features")),
+                   str(d["cleaning_version"]))
+
+    @classmethod
+    def for_columns(cls, resize: ResizePolicy, max_pixels: int, columns) -> "PrepareConfig":
+        """A config that can parse ``columns`` (not yet fitted: preprocessing fits on train)."""
+        return cls(resize, max_pixels, FeatureSchema(tuple(FeatureSpec(c) for c in columns)))
+
+
+def parse_features(raw: Mapping[str, object], schema: FeatureSchema) -> dict[str, Value]:
+    """Raw cells by column name -> parsed values; ``FeatureError`` names the first bad one.
+
+    Every schema column must be present (an explicitly empty value means missing), and no
+    other name may be: a client that forgot a field, or misspelt one, is told so.
+    """
+    unknown = sorted(set(raw) - set(schema.names))
+    if unknown:
+        raise FeatureError(unknown[0], f"unknown feature; this model takes {schema.names or 'no features'}",
+                           reason="unknown_feature")
+    out = {}
+    for col in schema.columns:
+        if col.name not in raw:
+            raise FeatureError(col.name, "feature is missing; send an empty value for an unknown value",
+                               reason="missing_feature")
+        out[col.name] = col.parse(raw[col.name])
+    return out
+
+
+def prepare_post(image: ImageSource, raw_text: object, raw_features: Mapping[str, object],
+                 cfg: PrepareConfig) -> Post:
+    """Raw post parts -> a ``Post``, by ``cfg``. Raises ``FeatureError`` or ``prepare.ImageError``.
+
+    Features are parsed first: they are cheap, and a bad cell should not cost a decode.
+    """
+    features = parse_features(raw_features, cfg.features)
+    im = pre_resize(load_image(image, max_pixels=cfg.max_pixels), cfg.resize)
+    # EXIF/ICC/dpi are not used downstream, cost bytes, and may hold classes the safe
+    # unpickler refuses (e.g. TIFF rationals), so a prepared image carries no info.
+    im.info = {}
+    scores = sentiment(raw_text)  # VADER reads the raw caption (capitals, emoji, "!!!")
+    return Post(image=im, text=clean_text(raw_text), sentiment=scores["compound"], features=features,
+                sentiment_scores=scores)
+
