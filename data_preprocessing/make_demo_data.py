@@ -2,7 +2,8 @@
 
 Output of ``python data_preprocessing/make_demo_data.py --out DIR --n N --seed S``::
 
-    DIR/posts.csv      image_path, description, engagement   (the raw posts: exactly these columns)
+    DIR/posts.csv      image_path, description, engagement, followers, platform, posted_hour
+                       (the raw posts: exactly these columns; some platform/posted_hour cells empty)
     DIR/images/*.jpg   one JPEG per post, 320-1280 px a side, portrait/landscape/square
     DIR/meta.json      generator version, seed, the label law's coefficients, sigma, R² ceilings
     DIR/truth.csv      per-post latent attributes, the noiseless f and the noisy y. For
@@ -20,6 +21,7 @@ which is also saved in meta.json)::
     f(post) = base + image_topic[t_img] + brightness + colourfulness + objects
                    + caption_topic[t_cap] + hashtags + call_to_action + length + sentiment
                    + agreement(t_img, t_cap)
+                   + followers + platform + posted_hour         (the account data)
     y       = f(post) + eps,   eps ~ N(0, sigma^2)          (the log1p scale)
     likes   = max(0, round(expm1(y)))                       (heavy-tailed counts)
 
@@ -34,7 +36,11 @@ fine-tuned model) can.
 
 The best achievable R² on the log1p scale is ``Var(f) / (Var(f) + sigma^2)``
 (``r2_ceiling_theoretical``); ``r2_ceiling_empirical`` is the R² of predicting
-``log1p(likes)`` with f on the generated set (rounding to counts costs a little).
+``log1p(likes)`` with f on the generated set (rounding to counts costs a little), and
+``r2_ceiling_observed`` the same when an empty platform/hour cell's term is replaced by
+its mean (all a model can know). ``r2_ceiling_without_features`` is the best a model that
+ignores the account columns can do: the account terms are drawn independently of the
+image and caption, so it can only predict ``f_content`` plus their mean.
 
 Every post is generated from its own ``numpy`` Generator seeded by ``(seed, index)``, so
 the output is byte-for-byte the same for a seed whatever ``--workers`` is.
@@ -62,12 +68,14 @@ from data_preprocessing.prepare import HASHTAG_RE, sentiment
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: account-data columns (followers, platform, posted_hour)
 JPEG_QUALITY = 90  # fixed, with no EXIF and no optimiser pass, so bytes depend on pixels only
 MIN_SIDE, MAX_SIDE = 320, 1280
 THUMB = 64  # side of the square thumbnail brightness/colourfulness are measured on
 TOPICS = ("beach", "food", "pets", "city", "forest", "fitness")
 POSTS_CSV, META_JSON, TRUTH_CSV, IMAGES_DIR = "posts.csv", "meta.json", "truth.csv", "images"
+POST_COLUMNS = ("image_path", "description", "engagement", "followers", "platform", "posted_hour")
+FEATURE_TERMS = ("followers", "platform", "posted_hour")  # LabelLaw terms that come from account data
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,6 +110,14 @@ class LabelLaw:
     sentiment_coef: float = 0.9  # * VADER compound of the raw caption, in [-1, 1]
     agree_bonus: float = 0.8  # caption topic == image topic
     mismatch_penalty: float = 0.8  # caption names another topic (subtracted)
+    # Account data, the table's other columns. Reach first: likes scale with followers
+    # (a power law, i.e. linear in log followers), then the platform's audience habits
+    # and the time of day (an evening peak).
+    followers_coef: float = 0.9  # * (log1p(followers) - followers_center)
+    followers_center: float = 8.0
+    platform: tuple = (("instagram", 0.3), ("tiktok", 0.5), ("facebook", -0.3), ("x", -0.6))
+    hour_amp: float = 0.4  # * cos(2 pi (hour - hour_peak) / 24)
+    hour_peak: int = 19
     sigma: float = 0.7  # sd of the Gaussian noise on the log1p scale
 
     def terms(self, a: dict) -> dict[str, float]:
@@ -125,7 +141,14 @@ class LabelLaw:
             "length": self.length_coef * min(a["n_words"], self.length_cap) / self.length_cap,
             "sentiment": self.sentiment_coef * a["sentiment"],
             "agreement": agreement,
+            "followers": self.followers_coef * (math.log1p(a["followers"]) - self.followers_center),
+            "platform": dict(self.platform)[a["platform"]],
+            "posted_hour": self.hour_amp * math.cos(2 * math.pi * (a["posted_hour"] - self.hour_peak) / 24),
         }
+
+    def content_f(self, a: dict) -> float:
+        """f without the account-data terms: all that the image and caption can explain."""
+        return float(sum(v for k, v in self.terms(a).items() if k not in FEATURE_TERMS))
 
     def f(self, a: dict) -> float:
         return float(sum(self.terms(a).values()))
@@ -155,6 +178,11 @@ def label_function_doc(law: LabelLaw = LAW) -> str:
         ("sentiment", "prepare.sentiment(raw)['compound'], [-1,1]", f"{law.sentiment_coef:+.2f} * x"),
         ("agreement", "caption topic vs image topic",
          f"same {law.agree_bonus:+.2f}, other {-law.mismatch_penalty:+.2f}, none +0.00"),
+        ("followers", "the account's follower count (column followers)",
+         f"{law.followers_coef:+.2f} * (log1p(x) - {law.followers_center:.1f})"),
+        ("platform", "column platform (empty in some rows)", ", ".join(f"{p} {v:+.2f}" for p, v in law.platform)),
+        ("posted hour", "column posted_hour, 0-23 (empty in some rows)",
+         f"{law.hour_amp:+.2f} * cos(2 pi (x - {law.hour_peak}) / 24)"),
         ("noise", "eps ~ N(0, sigma^2) on log1p scale", f"sigma = {law.sigma:.2f}"),
     ]
     lines = ["| term | input | contribution to log1p(likes) |", "|---|---|---|"]
@@ -570,6 +598,11 @@ def make_caption(rng, topic: str) -> tuple[str, dict]:
 # ---------------------------------------------------------------------------------------
 
 P_EMPTY, P_MATCH, P_OTHER = 0.04, 0.55, 0.30  # the rest of the captions name no topic
+# Account data: followers ~ log-normal (median ~3,000, a heavy tail into the millions);
+# platform and posting hour are sometimes missing from a scrape (empty cells).
+FOLLOWERS_LOG_MEAN, FOLLOWERS_LOG_SD = 8.0, 1.3
+PLATFORM_PROBS = (0.45, 0.30, 0.15, 0.10)  # in LabelLaw.platform's order
+P_MISSING_PLATFORM, P_MISSING_HOUR = 0.03, 0.05
 
 
 def _post_rng(seed: int, index: int) -> np.random.Generator:
@@ -608,12 +641,40 @@ def _make_post(args: tuple[int, int, str]) -> dict:
         "n_hashtags": len(HASHTAG_RE.findall(caption)), "cta": extra["cta"],
         "n_words": len(caption.split()), "sentiment": sentiment(caption)["compound"],
     }
-    # 3. label: the law plus noise, drawn last so it never shifts the content streams
+    # 3. label: the law plus noise, drawn after the content so it never shifts its streams;
+    # the account data is drawn after the noise, so posts and noise match version 1's.
+    eps = float(rng.normal(0.0, LAW.sigma))
+    a.update(_account_data(rng))
     a["f"] = LAW.f(a)
-    a["y"] = a["f"] + float(rng.normal(0.0, LAW.sigma))
+    a["f_content"] = LAW.content_f(a)
+    a["y"] = a["f"] + eps
     a["engagement"] = max(0, int(round(math.expm1(a["y"]))))
     a["description"] = caption
     return a
+
+
+def _account_data(rng) -> dict:
+    """Followers, platform and posting hour, and which of them the table leaves empty."""
+    platforms = [p for p, _ in LAW.platform]
+    return {
+        "followers": int(round(math.exp(rng.normal(FOLLOWERS_LOG_MEAN, FOLLOWERS_LOG_SD)))),
+        "platform": platforms[int(rng.choice(len(platforms), p=PLATFORM_PROBS))],
+        "posted_hour": int(rng.integers(0, 24)),
+        "platform_missing": bool(rng.random() < P_MISSING_PLATFORM),
+        "posted_hour_missing": bool(rng.random() < P_MISSING_HOUR),
+    }
+
+
+def _observed_f(df) -> np.ndarray:
+    """The best prediction from what the table shows: a missing cell's term is its mean."""
+    terms = {"platform": np.array([dict(LAW.platform)[p] for p in df["platform"]]),
+             "posted_hour": LAW.hour_amp * np.cos(2 * np.pi * (df["posted_hour"] - LAW.hour_peak) / 24)}
+    f = df["f"].to_numpy().copy()
+    mean_platform = float(np.dot(PLATFORM_PROBS, [v for _, v in LAW.platform]))
+    for name, mean in (("platform", mean_platform), ("posted_hour", 0.0)):  # a cosine over a day averages 0
+        miss = df[f"{name}_missing"].to_numpy()
+        f[miss] += mean - terms[name][miss]
+    return f
 
 
 def _r2(y: np.ndarray, pred: np.ndarray) -> float:
@@ -653,21 +714,29 @@ def make_posts(out_dir: str | os.PathLike, n: int = 2000, seed: int = 0, workers
 
     # 2. posts.csv holds only what a real scrape would; truth.csv holds the latents
     df = pd.DataFrame(rows)
-    df[["image_path", "description", "engagement"]].to_csv(out / POSTS_CSV, index=False, lineterminator="\n")
+    table = df[list(POST_COLUMNS)].astype(object)
+    table.loc[df["platform_missing"], "platform"] = ""  # what a scrape leaves empty
+    table.loc[df["posted_hour_missing"], "posted_hour"] = ""
+    table.to_csv(out / POSTS_CSV, index=False, lineterminator="\n")
     truth_cols = ["image_path", "image_topic", "caption_topic", "width", "height", "n_objects", "brightness",
-                  "colourfulness", "n_hashtags", "cta", "n_words", "sentiment", "f", "y", "engagement"]
+                  "colourfulness", "n_hashtags", "cta", "n_words", "sentiment", "followers", "platform",
+                  "posted_hour", "platform_missing", "posted_hour_missing", "f", "f_content", "y", "engagement"]
     df[truth_cols].to_csv(out / TRUTH_CSV, index=False, lineterminator="\n")  # floats at full repr
 
     # 3. ceilings on the log1p scale and label statistics
     f = df["f"].to_numpy()
     likes = df["engagement"].to_numpy()
     var_f = float(np.var(f))
+    # A model that ignores the account columns can at best predict f_content plus the
+    # mean of the account terms (they are drawn independently of the content).
+    f_blind = df["f_content"].to_numpy() + float(np.mean(f - df["f_content"].to_numpy()))
     meta = {
         "n": n,
         "seed": seed,
         "generator_version": GENERATOR_VERSION,
         "files": {"posts": POSTS_CSV, "images": IMAGES_DIR, "truth": TRUTH_CSV},
-        "columns": ["image_path", "description", "engagement"],
+        "columns": list(POST_COLUMNS),
+        "feature_columns": {"numeric": ["followers", "posted_hour"], "categorical": ["platform"]},
         "topics": list(TOPICS),
         "caption_topic_probs": {"empty": P_EMPTY, "same_as_image": P_MATCH, "other_topic": P_OTHER,
                                 "no_topic": round(1 - P_EMPTY - P_MATCH - P_OTHER, 10)},
@@ -678,6 +747,10 @@ def make_posts(out_dir: str | os.PathLike, n: int = 2000, seed: int = 0, workers
         "var_f": var_f,
         "r2_ceiling_theoretical": var_f / (var_f + LAW.sigma ** 2),
         "r2_ceiling_empirical": _r2(np.log1p(likes), f) if n > 1 else float("nan"),
+        # What the table shows: missing platform/hour cells hide their terms.
+        "r2_ceiling_observed": _r2(np.log1p(likes), _observed_f(df)) if n > 1 else float("nan"),
+        "r2_ceiling_without_features_theoretical": float(np.var(df["f_content"])) / (var_f + LAW.sigma ** 2),
+        "r2_ceiling_without_features": _r2(np.log1p(likes), f_blind) if n > 1 else float("nan"),
         "label_stats": {
             "min": int(likes.min()), "median": float(np.median(likes)), "mean": float(likes.mean()),
             "p90": float(np.percentile(likes, 90)), "p99": float(np.percentile(likes, 99)),
@@ -726,7 +799,9 @@ def main(argv=None) -> dict:
     # 3. report: the ceiling any model can reach on this data
     logger.info("label stats: %s", meta["label_stats"])
     print(f"best achievable R^2 (log1p scale): theoretical {meta['r2_ceiling_theoretical']:.4f}, "
-          f"empirical {meta['r2_ceiling_empirical']:.4f} (n={cfg.n}, sigma={LAW.sigma})")
+          f"empirical {meta['r2_ceiling_empirical']:.4f}, from the table's cells "
+          f"{meta['r2_ceiling_observed']:.4f}; ignoring followers/platform/posted_hour "
+          f"{meta['r2_ceiling_without_features']:.4f} (n={cfg.n}, sigma={LAW.sigma})")
     return meta
 
 

@@ -59,7 +59,7 @@ def test_another_seed_differs(sets):
 def test_posts_csv_columns_and_paths(sets):
     root = sets["one"][0]
     df = read_posts(root)
-    assert list(df.columns) == ["image_path", "description", "engagement"]
+    assert list(df.columns) == ["image_path", "description", "engagement", "followers", "platform", "posted_hour"]
     assert len(df) == N
     assert all(re.fullmatch(r"images/\d{6}\.jpg", p) for p in df["image_path"])
     assert all((root / p).is_file() for p in df["image_path"])
@@ -100,6 +100,39 @@ def test_labels_are_heavy_tailed_counts(sets):
     assert 0.0 <= logs.min() and logs.max() <= 12.0 and logs.std() > 0.8
 
 
+def documented_f(a: dict, c: dict) -> float:
+    """The label law written out from the module docstring and meta.json's coefficients,
+    independently of ``LabelLaw.terms``: a wrong term there cannot also be wrong here."""
+    cap = a["caption_topic"]
+    agreement = 0.0 if cap == "" else (c["agree_bonus"] if cap == a["image_topic"] else -c["mismatch_penalty"])
+    return (c["base"] + c["image_topic"][a["image_topic"]]
+            + c["brightness_coef"] * (a["brightness"] - c["brightness_center"])
+            + c["colourfulness_coef"] * (a["colourfulness"] - c["colourfulness_center"])
+            + c["objects_coef"] * min(a["n_objects"], c["objects_cap"])
+            + c["caption_topic"].get(cap, 0.0) + c["hashtags_coef"] * math.log1p(a["n_hashtags"])
+            + c["cta_coef"] * a["cta"] + c["length_coef"] * min(a["n_words"], c["length_cap"]) / c["length_cap"]
+            + c["sentiment_coef"] * a["sentiment"] + agreement
+            + c["followers_coef"] * (math.log1p(a["followers"]) - c["followers_center"])
+            + c["platform"][a["platform"]]
+            + c["hour_amp"] * math.cos(2 * math.pi * (a["posted_hour"] - c["hour_peak"]) / 24))
+
+
+def test_account_columns_are_heavy_tailed_with_empty_cells(tmp_path):
+    meta = mdd.make_posts(tmp_path, n=400, seed=0, workers=1, progress=False)
+    posts = read_posts(tmp_path)
+    truth = pd.read_csv(tmp_path / "truth.csv", keep_default_na=False)
+    followers = posts["followers"].astype(float)
+    assert followers.max() / followers.median() > 20  # a heavy tail, as real follower counts have
+    for col in ("platform", "posted_hour"):
+        empty = posts[col].astype(str) == ""
+        assert list(empty) == list(truth[f"{col}_missing"]), col  # truth.csv records which cells are hidden
+        assert 0 < empty.sum() < 0.15 * len(posts), col
+    hours = posts.loc[posts["posted_hour"] != "", "posted_hour"].astype(int)
+    assert hours.min() >= 0 and hours.max() <= 23
+    # the account terms carry a large share of the variance: ignoring them costs R²
+    assert meta["r2_ceiling_observed"] - meta["r2_ceiling_without_features"] > 0.3
+
+
 def test_truth_matches_the_documented_law(sets):
     """f in truth.csv is LAW.f of the saved attributes, and sentiment is that of the raw caption."""
     root, meta = sets["one"]
@@ -109,7 +142,7 @@ def test_truth_matches_the_documented_law(sets):
     assert list(truth["engagement"]) == list(posts["engagement"])
     for row, caption in zip(truth.to_dict("records"), posts["description"]):
         assert row["sentiment"] == pytest.approx(sentiment(caption)["compound"], abs=1e-6)
-        assert row["f"] == pytest.approx(mdd.LAW.f(row), abs=1e-5)
+        assert row["f"] == pytest.approx(documented_f(row, meta["coefficients"]), abs=1e-5)
         assert row["engagement"] == max(0, round(math.expm1(row["y"])))
     assert meta["coefficients"]["sigma"] == meta["sigma"] == mdd.LAW.sigma
     assert meta["label_function_doc"] == mdd.label_function_doc()
@@ -138,12 +171,17 @@ def test_meta_ceilings_match_a_recomputation(sets):
     assert 0 < meta["r2_ceiling_theoretical"] < 1 and 0 < meta["r2_ceiling_empirical"] < 1
     assert meta["r2_ceiling_theoretical"] == pytest.approx(theo, abs=1e-4)
     assert meta["r2_ceiling_empirical"] == pytest.approx(emp, abs=1e-4)
+    content = truth["f_content"].to_numpy()
+    blind = content + (f - content).mean()
+    assert meta["r2_ceiling_without_features"] == pytest.approx(
+        1 - np.sum((y - blind) ** 2) / np.sum((y - y.mean()) ** 2), abs=1e-4)
     assert meta["label_stats"]["mean"] > meta["label_stats"]["median"]
 
 
 def test_agreement_is_an_interaction():
     base = {"image_topic": "pets", "brightness": 0.4, "colourfulness": 0.3, "n_objects": 2,
-            "n_hashtags": 3, "cta": 0, "n_words": 10, "sentiment": 0.0}
+            "n_hashtags": 3, "cta": 0, "n_words": 10, "sentiment": 0.0, "followers": 3000, "platform": "x",
+            "posted_hour": 12}
     t = {cap: mdd.LAW.terms({**base, "caption_topic": cap})["agreement"] for cap in ("pets", "city", "")}
     assert t == {"pets": mdd.LAW.agree_bonus, "city": -mdd.LAW.mismatch_penalty, "": 0.0}
     # the same caption topic flips sign with the image topic: no additive term can do that

@@ -17,6 +17,7 @@ import torch
 
 from models.clip_regressor import CLIPRegressor, HeadConfig, TargetTransform, load_model, regression_metrics
 from tiny_posts import write_tiny_posts
+from data_preprocessing.posts import Record
 from training import train_torch
 from training.train_torch import (Collator, EngagementDataset, NonFiniteGuard, TrainConfig, make_loader,
                                   start_phase, train_one_epoch)
@@ -242,3 +243,45 @@ def test_refuses_mismatched_data(tmp_path, posts, tiny_clip, change, message):
     with pytest.raises(SystemExit, match=message):
         train_torch.main(args(data, tmp_path / "run", tiny_clip))
     assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Feature columns
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def featured_run(tmp_path_factory, tiny_clip):
+    posts = write_tiny_posts(tmp_path_factory.mktemp("featured_posts"), features=True)
+    out = tmp_path_factory.mktemp("runs") / "featured"
+    assert train_torch.main(args(posts, out, tiny_clip, "--frozen-epochs", "2", "--finetune-epochs", "1")) == 0
+    return posts, out
+
+
+def test_features_reach_the_head_and_the_artifact(featured_run):
+    posts, out = featured_run
+    art = json.loads((out / "model" / "config.json").read_text())
+    schema = art["prepare"]["features"]
+    assert [f["column"]["name"] for f in schema["features"]] == ["followers", "platform"]
+    assert schema["features"][0]["transform"] == "log1p"  # a skewed count
+    width = 2 + len(schema["features"][1]["categories"]) + 1  # value + missing flag, one-hot + unknown
+    assert art["architecture"]["n_features"] == schema["width"] == width
+    loaded = load_model(out / "model")  # rebuilt from config.json alone
+    d = loaded.model.clip.config.projection_dim
+    assert loaded.model.head[0].in_features == 3 * d + 1 + width
+    # The served batch carries the encoded features, and they change the prediction.
+    records = [EngagementDataset(posts, "test")[i] for i in range(4)]
+    batch = Collator(loaded.batcher)(records)
+    assert batch["features"].shape == (4, width)
+    more = [Record(**{**vars(r), "features": {**r.features, "followers": 1e6}}) for r in records]
+    score, _ = loaded.predict_batch(batch)
+    score_more, _ = loaded.predict_batch(Collator(loaded.batcher)(more))
+    assert not torch.allclose(score, score_more)
+
+
+def test_features_only_baseline_and_feature_aware_baselines(featured_run):
+    _, out = featured_run
+    m = _metrics(out)
+    assert set(m["baselines"]) == {"mean", "sentiment_linear", "frozen_clip_ridge", "features_only"}
+    # followers drive the tiny set's label: the features alone already explain much of it
+    assert m["baselines"]["features_only"]["r2"] > m["baselines"]["mean"]["r2"] + 0.2

@@ -13,20 +13,29 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_preprocessing.posts import Record
-from data_preprocessing.prepare import CLEANING_VERSION
+from data_preprocessing.features import FeatureColumn, FeatureSchema
+from data_preprocessing.posts import RECORD_FORMAT_VERSION, PrepareConfig, Record
+from data_preprocessing.prepare import CLEANING_VERSION, ResizePolicy
 from data_preprocessing.records import RecordWriter
 
 WORDS = "sunset beach dog pizza coffee city forest gym cat happy love new morning friends".split()
 
 
+FEATURE_COLUMNS = (FeatureColumn("followers", "numeric", 0.0, None), FeatureColumn("platform", "categorical"))
+PLATFORMS = ("instagram", "tiktok", "x")
+
+
 def write_tiny_posts(out_dir: Path, counts=(("train", 32), ("val", 8), ("test", 8)), seed: int = 0,
-                     shortest_edge: int = 224) -> Path:
-    """Posts whose label depends on image colour and sentiment (so there is signal to learn)."""
+                     shortest_edge: int = 224, features: bool = False) -> Path:
+    """Posts whose label depends on image colour and sentiment (so there is signal to learn).
+
+    ``features=True`` adds ``followers`` (log-normal, the label's main driver, a few
+    missing) and ``platform`` columns, with a schema fitted on train in meta.json.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    row = 0
+    row, train_values = 0, {"followers": [], "platform": []}
     for split, n in counts:
         writer = RecordWriter(out_dir, split)
         for _ in range(n):
@@ -34,13 +43,27 @@ def write_tiny_posts(out_dir: Path, counts=(("train", 32), ("val", 8), ("test", 
             # Already at the processor's resize size, as preprocess.py would leave it.
             pixels = np.clip(rng.normal(colour, 30, (shortest_edge, shortest_edge + 32, 3)), 0, 255)
             sentiment = float(rng.uniform(-1, 1))
-            likes = float(np.round(np.expm1(3 + colour[0] / 100 + sentiment + rng.normal(0, 0.3))))
+            z = 3 + colour[0] / 100 + sentiment + rng.normal(0, 0.3)
+            feats = {}
+            if features:
+                followers = float(np.round(np.exp(rng.normal(7, 1.5))))
+                z += 1.5 * (np.log1p(followers) - 7)
+                feats = {"followers": None if rng.random() < 0.1 else followers,
+                         "platform": PLATFORMS[int(rng.integers(len(PLATFORMS)))]}
+                if split == "train":
+                    for k, v in feats.items():
+                        train_values[k].append(v)
             writer.write(Record(image=Image.fromarray(pixels.astype(np.uint8)),
                                 text=" ".join(rng.choice(WORDS, int(rng.integers(1, 12)))),
-                                sentiment=sentiment, label=likes, row=row))
+                                sentiment=sentiment, features=feats, label=float(np.round(np.expm1(max(z, 0)))),
+                                row=row))
             row += 1
         writer.close()
+    policy = ResizePolicy(shortest_edge)
+    schema = FeatureSchema.fit(FEATURE_COLUMNS, train_values) if features else FeatureSchema()
     meta = {"cleaning_version": CLEANING_VERSION, "counts": {"splits": dict(counts)},
-            "image_size_policy": {"shortest_edge": shortest_edge, "resample": 3, "resample_name": "BICUBIC"}}
+            "image_size_policy": {"shortest_edge": shortest_edge, "resample": 3, "resample_name": "BICUBIC"},
+            "prepare": PrepareConfig(policy, features=schema).to_dict(),
+            "record_format": {"version": RECORD_FORMAT_VERSION}}
     (out_dir / "meta.json").write_text(json.dumps(meta))
     return out_dir
