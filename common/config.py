@@ -128,3 +128,12 @@ def atomic_dir(final: str | os.PathLike):
 
 def config_dict(cfg) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def bar_disabled(show: bool = True) -> bool | None:
+    """tqdm's ``disable`` for a progress bar: off where ``show`` is false, and off a terminal.
+
+    tqdm's ``None`` means "only on a TTY": written to a file or a pipe (CI, ``make demo |
+    tee``) a redrawn bar becomes one line per update, while the per-epoch log lines stay.
+    """
+    return None if show else True

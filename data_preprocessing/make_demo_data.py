@@ -63,7 +63,7 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageEnhance
 
-from common.config import config_dict, field, parse_config, setup_logging, write_json_atomic
+from common.config import bar_disabled, config_dict, field, parse_config, setup_logging, write_json_atomic
 from data_preprocessing.prepare import HASHTAG_RE, sentiment
 
 logger = logging.getLogger(__name__)
@@ -704,7 +704,7 @@ def make_posts(out_dir: str | os.PathLike, n: int = 2000, seed: int = 0, workers
     # 1. generate posts in parallel; imap keeps index order, so rows never depend on workers
     workers = workers or os.cpu_count() or 1
     jobs = [(seed, i, str(images)) for i in range(n)]
-    bar = dict(total=n, desc="posts", unit="post", disable=not progress)
+    bar = dict(total=n, desc="posts", unit="post", disable=bar_disabled(progress))
     if workers == 1 or n < 8:
         rows = [_make_post(j) for j in tqdm(jobs, **bar)]
     else:

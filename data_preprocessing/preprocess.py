@@ -87,7 +87,7 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
 import numpy as np
 from PIL import Image
 
-from common.config import config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
+from common.config import bar_disabled, config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
 from data_preprocessing.features import FEATURE_REASON, FeatureColumn, FeatureError, FeatureSchema, parse_column_specs
 from data_preprocessing.posts import RECORD_FORMAT_VERSION, PrepareConfig, Record, prepare_post
 from data_preprocessing.prepare import CLEANING_VERSION, MAX_PIXELS, ImageError, ResizePolicy
@@ -514,7 +514,7 @@ def write_splits(screened: Screened, table: dict[str, list], cfg: PreprocessConf
     try:
         with OrderedPool(partial(prepare_record, cfg=prep), workers, chunksize) as pool:
             for row, payload, reason, detail in tqdm(pool.imap(tasks), total=len(todo), desc="preprocess",
-                                                     unit="post", disable=not cfg.progress or None,
+                                                     unit="post", disable=bar_disabled(cfg.progress),
                                                      dynamic_ncols=True):
                 if payload is None:
                     screened.rejects.append((row, images[row], reason, detail))

@@ -36,7 +36,7 @@ from data_preprocessing.posts import Post, PrepareConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-ARTIFACT_FORMAT = 2  # 2: config.json holds "prepare" (resize policy, feature schema)
+ARTIFACT_FORMAT = 2  # 2: "prepare" (resize policy, feature schema) and a linear + MLP head
 CLIP_SUBDIR = "clip"  # save_pretrained output: CLIP weights, processor, tokenizer
 HEAD_FILE = "head.safetensors"
 CONFIG_FILE = "config.json"
@@ -129,6 +129,31 @@ class HeadConfig:
     dropout: float = 0.1
 
 
+class RegressionHead(nn.Module):
+    """A linear path plus an MLP on the same input: ``linear(x) + mlp(x)``.
+
+    The linear path is where phase 1 starts: training sets it to the closed-form ridge
+    solution on the frozen embeddings (the linear probe of LP-FT), and the MLP's last
+    layer starts at zero, so the head starts exactly at the probe and phase 1 refines it
+    with whatever the MLP can add (the image-caption interaction, for instance).
+    """
+
+    def __init__(self, in_features: int, cfg: HeadConfig):
+        super().__init__()
+        self.linear = nn.Linear(in_features, 1)
+        self.mlp = nn.Sequential(nn.Linear(in_features, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+                                 nn.Linear(cfg.hidden, 1))
+        nn.init.zeros_(self.mlp[-1].weight)  # zero output at start: the head *is* the linear path
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B,)
+        return (self.linear(x) + self.mlp(x)).squeeze(-1)
+
+
 class CLIPRegressor(nn.Module):
     """CLIP towers + an MLP head over [img, txt, img*txt, sentiment, features] -> one score.
 
@@ -145,12 +170,7 @@ class CLIPRegressor(nn.Module):
         self.head_config = head or HeadConfig()
         self.n_features = int(n_features)
         d = clip.config.projection_dim
-        self.head = nn.Sequential(
-            nn.Linear(3 * d + 1 + self.n_features, self.head_config.hidden),
-            nn.GELU(),
-            nn.Dropout(self.head_config.dropout),
-            nn.Linear(self.head_config.hidden, 1),
-        )
+        self.head = RegressionHead(3 * d + 1 + self.n_features, self.head_config)
         self._clip_frozen = False
 
     @classmethod
@@ -205,13 +225,17 @@ class CLIPRegressor(nn.Module):
         txt = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 
+    @staticmethod
+    def head_input(img: torch.Tensor, txt: torch.Tensor, sentiment: torch.Tensor,
+                   features: torch.Tensor) -> torch.Tensor:
+        """(B, 3D+1+F) head input: [img, txt, img*txt, sentiment, features]."""
+        img, txt = img.float(), txt.float()
+        return torch.cat([img, txt, img * txt, sentiment.float().unsqueeze(-1), features.float()], dim=-1)
+
     def head_forward(self, img: torch.Tensor, txt: torch.Tensor, sentiment: torch.Tensor,
                      features: torch.Tensor) -> torch.Tensor:
         """Embeddings -> (B,) standardised score. Phase 1 calls this on cached embeddings."""
-        img, txt = img.float(), txt.float()
-        x = torch.cat([img, txt, img * txt, sentiment.float().unsqueeze(-1), features.float()],
-                      dim=-1)  # (B, 3D+1+F)
-        return self.head(x).squeeze(-1)
+        return self.head(self.head_input(img, txt, sentiment, features))
 
     def forward(self, pixel_values, input_ids, attention_mask, sentiment, features) -> torch.Tensor:
         img, txt = self.embed(pixel_values, input_ids, attention_mask)
@@ -280,6 +304,7 @@ def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_
                 "projection_dim": model.clip.config.projection_dim,
                 "head": asdict(model.head_config),
                 "head_input": "[img, txt, img*txt, sentiment, features] (L2-normalised CLIP projections)",
+                "head_form": "linear(x) + mlp(x)",
                 "n_features": model.n_features,
                 "max_text_length": model.clip.config.text_config.max_position_embeddings,
             },

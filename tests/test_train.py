@@ -268,7 +268,7 @@ def test_features_reach_the_head_and_the_artifact(featured_run):
     assert art["architecture"]["n_features"] == schema["width"] == width
     loaded = load_model(out / "model")  # rebuilt from config.json alone
     d = loaded.model.clip.config.projection_dim
-    assert loaded.model.head[0].in_features == 3 * d + 1 + width
+    assert loaded.model.head.in_features == 3 * d + 1 + width
     # The served batch carries the encoded features, and they change the prediction.
     records = [EngagementDataset(posts, "test")[i] for i in range(4)]
     batch = Collator(loaded.batcher)(records)
@@ -285,3 +285,112 @@ def test_features_only_baseline_and_feature_aware_baselines(featured_run):
     assert set(m["baselines"]) == {"mean", "sentiment_linear", "frozen_clip_ridge", "features_only"}
     # followers drive the tiny set's label: the features alone already explain much of it
     assert m["baselines"]["features_only"]["r2"] > m["baselines"]["mean"]["r2"] + 0.2
+
+
+# ---------------------------------------------------------------------------------------
+# Phase 0 linear probe, WiSE-FT, checkpoints, trackers
+# ---------------------------------------------------------------------------------------
+
+
+def test_fit_ridge_matches_sklearn_and_picks_the_penalty_on_val():
+    from sklearn.linear_model import Ridge
+
+    from training.probe import fit_ridge
+
+    rng = np.random.default_rng(0)
+    w_true = rng.normal(size=20)
+    x = rng.normal(size=(120, 20))
+    y = x @ w_true + rng.normal(0, 2.0, 120)
+    xt, yt, xv, yv = (torch.from_numpy(a) for a in (x[:80], y[:80], x[80:], y[80:]))
+    fit = fit_ridge(xt, yt, xv, yv, alphas=(0.1, 10.0, 1000.0))
+    assert fit.alpha == min(fit.val_mse, key=fit.val_mse.get)
+    ref = Ridge(alpha=fit.alpha).fit(x[:80], y[:80])
+    np.testing.assert_allclose(fit.weight.numpy(), ref.coef_, rtol=1e-4, atol=1e-5)
+    assert fit.bias == pytest.approx(ref.intercept_, abs=1e-5)
+
+
+def test_phase1_starts_at_the_probe_and_never_ends_below_it(straight_run):
+    m = _metrics(straight_run)
+    probe = m["probe"]
+    assert probe["alpha"] > 0 and set(probe["val"]) == KEYS and set(probe["test"]) == KEYS
+    frozen_val = [h["val_rmse"] for h in m["history"] if h["phase"] == "frozen"]
+    # The best frozen-phase model is the probe unless a frozen epoch beat it on val.
+    best_frozen = min([probe["val"]["rmse"], *frozen_val])
+    assert m["wise_ft"]["curve"][0]["alpha"] == 0.0
+    assert m["wise_ft"]["curve"][0]["val_rmse"] == pytest.approx(best_frozen, rel=1e-5)
+    # The probe is at least as good as the ridge baseline on the same frozen embeddings (on val it is
+    # chosen; on test allow the noise of 8 posts).
+    assert probe["test"]["r2"] >= m["baselines"]["frozen_clip_ridge"]["r2"] - 0.15
+
+
+def test_wise_ft_keeps_the_best_interpolation_on_val(straight_run):
+    m = _metrics(straight_run)
+    wise = m["wise_ft"]
+    assert [p["alpha"] for p in wise["curve"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    best = min(wise["curve"], key=lambda p: p["val_rmse"])
+    assert wise["chosen_alpha"] == best["alpha"]
+    # alpha = 1 is the end of fine-tuning: the last epoch's validation
+    assert wise["curve"][-1]["val_rmse"] == pytest.approx(m["history"][-1]["val_rmse"], rel=1e-5)
+    art = json.loads((straight_run / "model" / "config.json").read_text())
+    assert art["training"]["wise_ft_alpha"] == wise["chosen_alpha"]
+
+
+@pytest.fixture(scope="session")
+def plain_run(tmp_path_factory, posts, tiny_clip):
+    """No WiSE-FT, with the TensorBoard tracker: the best epoch is kept."""
+    out = tmp_path_factory.mktemp("runs") / "plain"
+    assert train_torch.main(args(posts, out, tiny_clip, "--frozen-epochs", "1", "--finetune-epochs", "2",
+                                 "--wise-ft-alphas", "none", "--report-to", "tensorboard")) == 0
+    return out
+
+
+def test_without_wise_ft_the_best_epoch_is_kept(plain_run, posts):
+    m = _metrics(plain_run)
+    assert m["wise_ft"] is None
+    best = m["best"]
+    values = {0: m["probe"]["val"]["rmse"], **{h["epoch"]: h["val_rmse"] for h in m["history"]}}
+    assert best["epoch"] == min(values, key=values.get)
+
+
+def test_tensorboard_logs_epochs_lrs_and_the_phase_boundary(plain_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list(plain_run.rglob("events.out.tfevents.*"))
+    assert events, list(plain_run.rglob("*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"val_rmse", "train_loss", "lr_head", "lr_clip", "phase"} <= tags
+    assert [e.step for e in acc.Scalars("val_rmse")] == [1, 2, 3]
+    assert [(e.step, e.value) for e in acc.Scalars("phase")] == [(0, 1.0), (1, 2.0)]
+
+
+def test_old_checkpoint_format_is_refused(tmp_path, posts, tiny_clip):
+    out = tmp_path / "old"
+    base = args(posts, out, tiny_clip, "--frozen-epochs", "1", "--finetune-epochs", "1")
+    assert train_torch.main(base + ["--stop-after-epochs", "1"]) == 0
+    state_path = out / "checkpoint" / "training_state.pt"
+    saved = torch.load(state_path, weights_only=True)
+    torch.save({**saved, "format": 1}, state_path)
+    with pytest.raises(SystemExit, match="checkpoint of format 1, written by an older train_torch.py"):
+        train_torch.main(base + ["--resume"])
+
+
+def test_progress_bars_are_quiet_off_a_terminal():
+    import io
+
+    from tqdm.auto import tqdm
+
+    from common.config import bar_disabled
+
+    pipe = io.StringIO()  # what CI or `| tee` gives: not a TTY
+    list(tqdm(range(50), file=pipe, disable=bar_disabled(True)))
+    assert pipe.getvalue() == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    list(tqdm(range(50), file=tty, disable=bar_disabled(True)))
+    assert "50/50" in tty.getvalue()

@@ -45,7 +45,6 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -61,22 +60,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from common.config import atomic_dir, config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
+from common.config import bar_disabled, config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
 from data_preprocessing.posts import PrepareConfig, Record
 from data_preprocessing.records import RecordReader, check_cleaning_version, check_record_format, load_meta
 from models.clip_regressor import (DEFAULT_CLIP, CLIPRegressor, HeadConfig, PostBatcher, TargetTransform,
                                    regression_metrics, save_artifact)
+from training.probe import parse_alphas
+from training.state import (CHECKPOINT_DIR, Checkpoint, RunState, cpu_state, load_checkpoint, save_checkpoint,
+                            set_rng_state)
 
 log = logging.getLogger(__name__)
 
 PHASES = ("frozen", "finetune")
+BAR_EVERY = 25  # steps between progress-bar loss updates (each one is a host sync)
 # Metric -> True if higher is better. All are on the validation split, model scale.
 SELECT_METRICS = {"val_rmse": False, "val_mae": False, "val_r2": True, "val_pearson": True, "val_spearman": True}
-CHECKPOINT_DIR = "checkpoint"
-CHECKPOINT_FORMAT = 1
 # Flags that may differ between an interrupted run and its --resume (they change how,
 # not what, it computes).
-RESUME_MAY_DIFFER = ("resume", "stop_after_epochs", "num_workers", "torch_threads", "eval_batch_size")
+RESUME_MAY_DIFFER = ("resume", "stop_after_epochs", "num_workers", "torch_threads", "eval_batch_size", "report_to")
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,6 +121,13 @@ class TrainConfig:
     # -- run control ----------------------------------------------------------------------
     embedding_cache: bool = field(True, help="phase 1: embed with the frozen CLIP once and reuse it "
                                              "(--no-embedding-cache recomputes every epoch, for tests/benchmarks)")
+    linear_probe_init: bool = field(True, help="phase 0: start the head's linear path at the closed-form ridge "
+                                               "solution on the frozen embeddings (LP-FT); phase 1 refines it")
+    wise_ft_alphas: str = field("0,0.25,0.5,0.75,1", help="after phase 2, keep the best on val of the weight "
+                                "interpolations (1-a)*phase1 + a*phase2 for these a (WiSE-FT); 'none' = off, "
+                                "keep the best epoch")
+    report_to: str = field("none", help="Accelerate tracker for per-epoch metrics, LRs and the phase boundary "
+                                        "(tensorboard writes under OUT/train)", choices=("none", "tensorboard"))
     mixed_precision: str = field("auto", help="auto = bf16 on CUDA, none on CPU", choices=("auto", "no", "bf16"))
     seed: int = field(0, help="seed for the head init, shuffling and dropout (CPU runs are reproducible)")
     resume: bool = field(False, help="continue an interrupted run from OUT/checkpoint")
@@ -145,6 +153,7 @@ class TrainConfig:
             raise ValueError("--weight-decay, --max-grad-norm, --num-workers, --torch-threads must be >= 0")
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"--select-metric must be one of {tuple(SELECT_METRICS)}")
+        self.alphas = parse_alphas(self.wise_ft_alphas)  # validated here; a derived, typed view
 
     @property
     def total_epochs(self) -> int:
@@ -186,7 +195,7 @@ class EngagementDataset(Dataset):
         from tqdm.auto import tqdm
 
         return np.array([r.label for r in tqdm(self.reader, total=len(self), desc=f"{self.split} labels",
-                                                     leave=False, disable=None)], dtype=np.float64)
+                                                     leave=False, disable=bar_disabled())], dtype=np.float64)
 
 
 class Collator:
@@ -413,7 +422,7 @@ def train_one_epoch(step: nn.Module, loader, optimizer, scheduler, accelerator, 
     step.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     n_seen, skipped = 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
+    bar = tqdm(loader, desc=desc, leave=False, disable=bar_disabled(accelerator.is_local_main_process))
     for i, batch in enumerate(bar):
         with accelerator.accumulate(step):
             pred = step(batch)  # (B,)
@@ -432,9 +441,10 @@ def train_one_epoch(step: nn.Module, loader, optimizer, scheduler, accelerator, 
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach().double() * len(pred)
+        loss_sum += loss.detach().double() * len(pred)  # stays on the device: no host sync per step
         n_seen += len(pred)
-        bar.set_postfix(loss=f"{loss_sum.item() / max(n_seen, 1):.4f}")
+        if not bar.disable and i % BAR_EVERY == 0:  # .item() waits for the device, so only now and then
+            bar.set_postfix(loss=f"{loss_sum.item() / max(n_seen, 1):.4f}")
     totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(n_seen), dtype=torch.float64,
                                                                     device=accelerator.device)]), "sum")
     return {"train_loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
@@ -452,7 +462,7 @@ def predict(model: CLIPRegressor, loader, accelerator, desc: str) -> tuple[np.nd
 
     model.eval()
     preds, labels = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=bar_disabled(accelerator.is_local_main_process)):
         with accelerator.autocast():
             s = forward_batch(model, batch)
         s, y = accelerator.gather_for_metrics((s.float(), batch["label"]))
@@ -484,7 +494,7 @@ def embed_split(model: CLIPRegressor, loader, accelerator, desc: str) -> dict[st
 
     model.eval()
     parts: dict[str, list] = {k: [] for k in ("img", "txt", "sentiment", "features", "target", "label")}
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=bar_disabled(accelerator.is_local_main_process)):
         with accelerator.autocast():
             img, txt = model.embed(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         rows = accelerator.gather_for_metrics({"img": img.float(), "txt": txt.float(),
@@ -504,59 +514,61 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints
+# The phase-1 embedding cache
 # ---------------------------------------------------------------------------------------
 
 
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+class EmbeddingCache:
+    """The frozen CLIP's embeddings of every split, computed once (shard-wise, then gathered).
+
+    A frozen CLIP maps a post to the same embedding every epoch (no augmentation), so the
+    frozen phase, the baselines and the linear probe all run on these. ``loader(split)``
+    is the one way in for the epoch loop: the same batch size and ``EpochShuffle`` as the
+    image loader, so a cached epoch sees the same batches in the same order.
+    """
+
+    def __init__(self, model: CLIPRegressor, datasets: dict, collate: Collator, cfg: TrainConfig, accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.splits, seconds = {}, {}
+        for split, ds in datasets.items():
+            t0 = time.perf_counter()
+            loader = accelerator.prepare(make_loader(ds, cfg.eval_batch_size, collate, shuffle_seed=None,
+                                                     num_workers=cfg.num_workers))
+            self.splits[split] = embed_split(model, loader, accelerator, f"embed {split}")
+            seconds[split] = round(time.perf_counter() - t0, 3)
+        self.timings = {"build_seconds": round(sum(seconds.values()), 3), "seconds_per_split": seconds}
+        log.info("embedding cache: %d posts embedded once in %.1f s (%s)",
+                 sum(len(c["label"]) for c in self.splits.values()), self.timings["build_seconds"],
+                 ", ".join(f"{s} {t:.1f} s" for s, t in seconds.items()))
+
+    def loader(self, split: str):
+        c = self.splits[split]
+        bs = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
+        return self.accelerator.prepare(make_loader(_Indices(len(c["label"])), bs, CachedBatch(c),
+                                                    shuffle_seed=self.cfg.seed if split == "train" else None))
+
+    def head_inputs(self, split: str) -> torch.Tensor:
+        """(N, 3D+1+F) what the head sees for every post of ``split``."""
+        c = self.splits[split]
+        return CLIPRegressor.head_input(c["img"], c["txt"], c["sentiment"], c["features"])
+
+    def baselines(self, target: TargetTransform) -> dict:
+        """The reference models (training/baselines.py) on the test split."""
+        from training.baselines import baseline_metrics
+
+        def arrays(c):
+            return {"img": c["img"].numpy(), "txt": c["txt"].numpy(), "sentiment": c["sentiment"].double().numpy(),
+                    "features": c["features"].double().numpy(), "z": target.to_model_scale(c["label"]).numpy()}
+
+        out = baseline_metrics(arrays(self.splits["train"]), arrays(self.splits["test"]))
+        for name, m in out.items():
+            log.info("baseline %-17s test r2 %.4f rmse %.4f", name, m["r2"], m["rmse"])
+        return out
 
 
-def rng_state() -> dict:
-    """Python, numpy and torch RNG states as types ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(run_dir: Path, model: CLIPRegressor, best_state: dict | None, optimizer, scheduler,
-                    state: dict) -> None:
-    """Write RUN_DIR/checkpoint atomically: weights as safetensors, the rest via torch.save."""
-    from safetensors.torch import save_file
-
-    with atomic_dir(run_dir / CHECKPOINT_DIR) as tmp:
-        save_file(_cpu_state(model), str(tmp / "model.safetensors"))
-        if best_state is not None:
-            save_file(best_state, str(tmp / "best.safetensors"))
-        torch.save({"format": CHECKPOINT_FORMAT, "state": state, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "training_state.pt")
-
-
-def load_checkpoint(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """(training_state, model weights, best weights or None) of RUN_DIR/checkpoint."""
-    from safetensors.torch import load_file
-
-    ckpt = run_dir / CHECKPOINT_DIR
-    if not (ckpt / "training_state.pt").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt}")
-    training_state = torch.load(ckpt / "training_state.pt", map_location="cpu", weights_only=True)
-    if training_state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{ckpt}: checkpoint format {training_state.get('format')!r} is not {CHECKPOINT_FORMAT}")
-    best = load_file(str(ckpt / "best.safetensors")) if (ckpt / "best.safetensors").is_file() else None
-    return training_state, load_file(str(ckpt / "model.safetensors")), best
+# ---------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------
 
 
 def check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -571,13 +583,10 @@ def check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
                          + ", ".join(f"{k}={a!r}->{b!r}" for k, (a, b) in diff.items()))
 
 
-# ---------------------------------------------------------------------------------------
-# Reporting
-# ---------------------------------------------------------------------------------------
-
-
 def log_phase_table(cfg: TrainConfig) -> None:
     rows = [("phase", "epochs", "trains", "head lr", "CLIP lr", "schedule")]
+    if cfg.linear_probe_init:
+        rows.append(("0 probe", "-", "head linear path", "closed form", "-", "ridge, penalty chosen on val"))
     if cfg.frozen_epochs:
         rows.append(("1 frozen", f"1-{cfg.frozen_epochs}", "head only",
                      f"{cfg.head_lr:g}", "-", "constant" + (", cached CLIP embeddings" if cfg.embedding_cache else "")))
@@ -585,6 +594,8 @@ def log_phase_table(cfg: TrainConfig) -> None:
         rows.append(("2 finetune", f"{cfg.frozen_epochs + 1}-{cfg.total_epochs}", "CLIP + head",
                      f"{cfg.finetune_head_lr:g}", f"{cfg.clip_lr:g}",
                      f"warmup {cfg.warmup_frac:.0%} + cosine, clip grad {cfg.max_grad_norm:g}"))
+        if cfg.alphas:
+            rows.append(("3 WiSE-FT", "-", "-", "-", "-", f"alpha in {list(cfg.alphas)}, chosen on val"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     log.info("training phases (weight decay %g, no decay on biases/LayerNorm):\n  %s", cfg.weight_decay,
@@ -600,277 +611,333 @@ def write_predictions(path: Path, rows: Sequence[int], labels: np.ndarray, score
             w.writerow([int(row[0])] + [repr(float(v)) for v in row[1:]])
 
 
+def epoch_timings(history: list[dict], cache_timings: dict | None, cfg: TrainConfig) -> dict:
+    """Measured per-phase epoch times and the embedding cache's build time (seconds)."""
+    def mean(phase):
+        xs = [h["seconds"] for h in history if h["phase"] == phase]
+        return round(sum(xs) / len(xs), 3) if xs else None
+
+    return {"frozen_epoch_seconds_mean": mean("frozen"), "finetune_epoch_seconds_mean": mean("finetune"),
+            "embedding_cache_used": bool(cfg.embedding_cache and cfg.frozen_epochs > 0),
+            "embedding_cache_build_seconds": (cache_timings or {}).get("build_seconds"),
+            "embedding_seconds_per_split": (cache_timings or {}).get("seconds_per_split")}
+
+
 # ---------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------
 
 
-def build_embedding_cache(model: CLIPRegressor, loaders: dict, accelerator) -> tuple[dict, dict]:
-    """Embed every split once with the frozen CLIP; returns (cache per split, timings in s)."""
-    seconds = {}
-    cache = {}
-    for split, loader in loaders.items():
-        t0 = time.perf_counter()
-        cache[split] = embed_split(model, loader, accelerator, f"embed {split}")
-        seconds[split] = round(time.perf_counter() - t0, 3)
-    timings = {"build_seconds": round(sum(seconds.values()), 3), "seconds_per_split": seconds}
-    log.info("embedding cache: %s posts embedded once in %.1f s (%s)", sum(len(c["label"]) for c in cache.values()),
-             timings["build_seconds"], ", ".join(f"{s} {t:.1f} s" for s, t in seconds.items()))
-    return cache, timings
+@dataclass
+class Run:
+    """Everything the phases share: built once by ``setup``, read by every step after it."""
+
+    cfg: TrainConfig
+    accelerator: object
+    precision: str
+    run_dir: Path
+    meta: dict
+    processor: object
+    prep: PrepareConfig
+    target: TargetTransform
+    model: CLIPRegressor
+    datasets: dict
+    loaders: dict  # split -> prepared image loader (CLIP processing on the fly)
+    state: RunState
+    weights: dict  # "best", "phase1": CPU state dicts or None
+    resumed: Checkpoint | None
+    t_start: float
+    cache: EmbeddingCache | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def loaders_for(self, phase: str) -> dict:
+        """The frozen phase runs on the embedding cache when there is one; all else on images."""
+        if phase == "frozen" and self.cache is not None and self.cfg.embedding_cache:
+            return {s: self.cache.loader(s) for s in ("train", "val", "test")}
+        return self.loaders
+
+    def validate(self, phase: str, desc: str = "val") -> dict:
+        return score(*predict(self.model, self.loaders_for(phase)["val"], self.accelerator, desc), self.target)
 
 
-def cached_baselines(cache: dict, target: TargetTransform) -> dict:
-    """The three reference models (training/baselines.py) on the cache's test split."""
-    from training.baselines import baseline_metrics
-
-    def arrays(c):
-        return {"img": c["img"].numpy(), "txt": c["txt"].numpy(), "sentiment": c["sentiment"].double().numpy(),
-                "features": c["features"].double().numpy(), "z": target.to_model_scale(c["label"]).numpy()}
-
-    out = baseline_metrics(arrays(cache["train"]), arrays(cache["test"]))
-    for name, m in out.items():
-        log.info("baseline %-17s test r2 %.4f rmse %.4f", name, m["r2"], m["rmse"])
-    return out
-
-
-def epoch_timings(history: list[dict], cache_timings: dict | None, cfg: TrainConfig) -> dict:
-    """Per-phase epoch times and what the embedding cache saved (seconds)."""
-    def mean(phase):
-        xs = [h["seconds"] for h in history if h["phase"] == phase]
-        return round(sum(xs) / len(xs), 3) if xs else None
-
-    out = {"frozen_epoch_seconds_mean": mean("frozen"), "finetune_epoch_seconds_mean": mean("finetune"),
-           "embedding_cache_used": bool(cfg.embedding_cache and cfg.frozen_epochs > 0),
-           "embedding_cache_build_seconds": None}
-    if cache_timings is not None:
-        per_split = cache_timings["seconds_per_split"]
-        # Without the cache every frozen epoch re-embeds train and val.
-        recompute = per_split["train"] + per_split["val"]
-        out["embedding_cache_build_seconds"] = cache_timings["build_seconds"]
-        out["embedding_seconds_per_split"] = per_split
-        if out["embedding_cache_used"] and out["frozen_epoch_seconds_mean"] is not None:
-            out["frozen_epoch_seconds_without_cache_estimate"] = round(out["frozen_epoch_seconds_mean"] + recompute, 3)
-            out["embedding_cache_saving_seconds_estimate"] = round(
-                cfg.frozen_epochs * recompute - cache_timings["build_seconds"], 3)
-    return out
-
-
-def train(cfg: TrainConfig) -> int:
-    """The whole run: data checks, phases, evaluation and outputs. Returns an exit code."""
+def make_accelerator(cfg: TrainConfig, run_dir: Path):
+    """Accelerate is the one seam for devices, mixed precision, processes and trackers."""
     from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
+    # cpu=True without CUDA: that is also what lets Accelerate run DDP over gloo on CPU processes.
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=run_dir)
+    if cfg.report_to != "none":
+        accelerator.init_trackers("train", config={k: v for k, v in config_dict(cfg).items()
+                                                   if isinstance(v, (int, float, str, bool))})
+    return accelerator, precision
+
+
+def start_run_dir(cfg: TrainConfig, run_dir: Path, accelerator, precision: str, meta: dict) -> Checkpoint | None:
+    """A fresh run dir (config.json written), or the interrupted run's checkpoint."""
+    if cfg.resume:
+        check_resume_config(run_dir, cfg)
+        if (run_dir / CHECKPOINT_DIR).exists():
+            try:
+                return load_checkpoint(run_dir)
+            except ValueError as e:
+                raise DataRefused(str(e)) from None
+        log.warning("--resume: no checkpoint in %s yet; starting from epoch 1", run_dir)
+        return None
+    if (run_dir / CHECKPOINT_DIR).exists():
+        raise SystemExit(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    if accelerator.is_main_process:
+        write_json_atomic(run_dir / "config.json", {"args": config_dict(cfg), "git_commit": git_commit(),
+                                                    "num_processes": accelerator.num_processes,
+                                                    "mixed_precision": precision, "data_meta": meta})
+    return None
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Devices, data checks, run dir, target, model and loaders: everything before epoch 1."""
     from accelerate.utils import set_seed
     from transformers import CLIPProcessor
 
     from data_preprocessing.records import SPLITS
 
     t_start = time.perf_counter()
-    # 1. Devices, mixed precision and processes: Accelerate is the one seam for all three.
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
-    cuda = torch.cuda.is_available()
-    precision = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
-    # cpu=True without CUDA: that is also what lets Accelerate run DDP over gloo on CPU processes.
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum)
-    is_main = accelerator.is_main_process
-    if not is_main:
-        logging.getLogger().setLevel(logging.WARNING)  # one rank tells the story
     run_dir = Path(cfg.out)
+    accelerator, precision = make_accelerator(cfg, run_dir)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank tells the story
     log.info("config: %s", json.dumps(config_dict(cfg)))
     log.info("device %s, %d process(es), mixed precision %s, %d torch threads", accelerator.device,
              accelerator.num_processes, precision, torch.get_num_threads())
-
-    # 2. Check the data against the processor before spending time on the model.
+    # 1. Check the data against the processor before spending time on the model.
     processor = CLIPProcessor.from_pretrained(cfg.clip_model)
     meta = check_data(cfg.data, processor.image_processor)
     datasets = {s: EngagementDataset(cfg.data, s) for s in SPLITS}
     log.info("data %s: %s (cleaning version %s)", cfg.data, ", ".join(f"{s} {len(d)}" for s, d in datasets.items()),
              meta.get("cleaning_version"))
-
-    # 3. A fresh run dir, or the interrupted run's checkpoint.
-    resumed = None
-    if cfg.resume:
-        check_resume_config(run_dir, cfg)
-        if (run_dir / CHECKPOINT_DIR).exists():
-            resumed = load_checkpoint(run_dir)
-        else:  # interrupted before its first checkpoint: nothing to continue, so start over
-            log.warning("--resume: no checkpoint in %s yet; starting from epoch 1", run_dir)
-    elif (run_dir / CHECKPOINT_DIR).exists():
-        raise SystemExit(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    elif is_main:
-        write_json_atomic(run_dir / "config.json", {"args": config_dict(cfg), "git_commit": git_commit(),
-                                                    "num_processes": accelerator.num_processes,
-                                                    "mixed_precision": precision, "data_meta": meta})
+    # 2. A fresh run dir, or the checkpoint to continue; the target's statistics come with it.
+    resumed = start_run_dir(cfg, run_dir, accelerator, precision, meta)
     log_phase_table(cfg)
-
-    # 4. Target: label -> model scale, standardised with train statistics (saved, so a resume reuses them).
     if resumed is not None:
-        state = resumed[0]["state"]
-        target = TargetTransform(**state["target_transform"])
+        state = resumed.state
+        target = TargetTransform(**state.target_transform)
     else:
         target = TargetTransform.fit(datasets["train"].labels(), kind=cfg.target_transform)
-        state = {"epoch": 0, "history": [], "best": None, "test_after_frozen": None, "baselines": None,
-                 "cache_timings": None, "optimizer_phase": None, "target_transform": dataclasses.asdict(target),
-                 "seconds_before": 0.0}
+        state = RunState(target_transform=dataclasses.asdict(target))
     log.info("target: %s -> standardised (train mean %.4f, std %.4f)", target.kind, target.mean, target.std)
-
-    # 5. Model (the seed fixes the head's init) and the batcher the collate function calls.
-    set_seed(cfg.seed)
+    # 3. Model (the seed fixes the head's init) and its inputs: the processor runs on the fly.
     prep = model_prepare_config(meta, processor.image_processor)
     log.info("feature columns: %s (%d head inputs)", ", ".join(
         f"{f.name} ({f.column.kind}, {f.transform})" for f in prep.features.features) or "none", prep.features.width)
+    set_seed(cfg.seed)
     model = CLIPRegressor.from_pretrained(cfg.clip_model, HeadConfig(cfg.head_hidden, cfg.head_dropout),
                                           n_features=prep.features.width)
-    batcher = PostBatcher.from_clip(processor, model.clip.config, prep.features)
-    best_state = None
+    weights = {"best": None, "phase1": None}
     if resumed is not None:
-        model.load_state_dict(resumed[1])
-        best_state = resumed[2]
+        model.load_state_dict(resumed.weights["model"])
+        weights = {"best": resumed.weights["best"], "phase1": resumed.weights["phase1"]}
     model.to(accelerator.device)
-
-    # 6. Loaders: the processor runs on the fly in the collate function (in workers).
-    collate = Collator(batcher, target)
-    pin = accelerator.device.type == "cuda"
-    image_loaders = {s: accelerator.prepare(make_loader(
+    collate = Collator(PostBatcher.from_clip(processor, model.clip.config, prep.features), target)
+    loaders = {s: accelerator.prepare(make_loader(
         datasets[s], cfg.batch_size if s == "train" else cfg.eval_batch_size, collate,
-        shuffle_seed=cfg.seed if s == "train" else None, num_workers=cfg.num_workers, pin_memory=pin))
-        for s in SPLITS}
+        shuffle_seed=cfg.seed if s == "train" else None, num_workers=cfg.num_workers,
+        pin_memory=accelerator.device.type == "cuda")) for s in SPLITS}
+    run = Run(cfg, accelerator, precision, run_dir, meta, processor, prep, target, model, datasets, loaders, state,
+              weights, resumed, t_start)
+    # 4. The frozen CLIP's embeddings, once: phase 1, the probe and the baselines run on them.
+    if state.baselines is None or (state.test_after_frozen is None and (cfg.frozen_epochs or cfg.linear_probe_init)):
+        run.cache = EmbeddingCache(model, datasets, collate, cfg, accelerator)
+        state.cache_timings = state.cache_timings or run.cache.timings
+        state.baselines = state.baselines or run.cache.baselines(target)
+    return run
 
-    # 7. Phase-1 embedding cache (and the baselines that reuse it), built shard-wise once.
-    use_cache = cfg.embedding_cache and cfg.frozen_epochs > 0 and state["test_after_frozen"] is None
-    cached_loaders = {}
-    if use_cache or state["baselines"] is None:
-        embed_loaders = {s: accelerator.prepare(make_loader(
-            datasets[s], cfg.eval_batch_size, collate, shuffle_seed=None, num_workers=cfg.num_workers,
-            pin_memory=pin)) for s in SPLITS}
-        cache, state["cache_timings"] = build_embedding_cache(model, embed_loaders, accelerator)
-        if state["baselines"] is None:
-            state["baselines"] = cached_baselines(cache, target)
-        if use_cache:
-            # Same batch size and EpochShuffle as the image loader: the same batches, in the same order.
-            cached_loaders = {s: accelerator.prepare(make_loader(
-                _Indices(len(cache[s]["label"])), cfg.batch_size if s == "train" else cfg.eval_batch_size,
-                CachedBatch(cache[s]), shuffle_seed=cfg.seed if s == "train" else None)) for s in SPLITS}
-        del embed_loaders
 
-    # 8. The epochs. Each phase starts with its freeze/unfreeze, optimizer and schedule.
-    if resumed is not None:
-        set_rng_state(resumed[0]["rng"])
-        log.info("resuming after epoch %d of %d", state["epoch"], cfg.total_epochs)
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
-    phase = step = optimizer = scheduler = None
-    for epoch in range(state["epoch"] + 1, cfg.total_epochs + 1):
-        if cfg.phase_of(epoch) != phase:
-            phase = cfg.phase_of(epoch)
-            if phase == "finetune" and cfg.frozen_epochs > 0 and state["test_after_frozen"] is None:
-                state["test_after_frozen"] = finish_frozen_phase(model, best_state, cached_loaders or image_loaders,
-                                                                 accelerator, target)
-            log.info("=== phase %d/2 %s: epochs %d-%d ===", PHASES.index(phase) + 1, phase, epoch,
-                     cfg.frozen_epochs if phase == "frozen" else cfg.total_epochs)
-            step, optimizer, scheduler = start_phase(phase, model, accelerator, cfg, len(image_loaders["train"]))
-            if resumed is not None and state["optimizer_phase"] == phase and epoch == state["epoch"] + 1:
-                optimizer.load_state_dict(resumed[0]["optimizer"])
-                scheduler.load_state_dict(resumed[0]["scheduler"])
-        # Every epoch's shuffle and dropout are a function of (seed, epoch) alone.
-        set_seed(cfg.seed + 1000 * epoch, device_specific=True)
-        t0 = time.perf_counter()
-        loaders = cached_loaders if (phase == "frozen" and cached_loaders) else image_loaders
-        loaders["train"].set_epoch(epoch)
-        stats = train_one_epoch(step, loaders["train"], optimizer, scheduler, accelerator, guard,
-                                max_grad_norm=cfg.max_grad_norm, desc=f"epoch {epoch}/{cfg.total_epochs} {phase}")
-        val = score(*predict(model, loaders["val"], accelerator, "val"), target)["model"]
-        entry = {"epoch": epoch, "phase": phase, **stats, **{f"val_{k}": v for k, v in val.items()},
-                 **group_lrs(optimizer), "seconds": round(time.perf_counter() - t0, 3)}
-        state["history"].append(entry)
-        improved = is_better(entry[cfg.select_metric], state["best"] and state["best"]["value"], cfg.select_metric)
-        if improved:
-            state["best"] = {"epoch": epoch, "phase": phase, "metric": cfg.select_metric,
-                             "value": entry[cfg.select_metric]}
-            best_state = _cpu_state(model)
-        log.info("epoch %d/%d [%s] train_loss %.4f  val_rmse %.4f  val_r2 %.4f  %s  (%.1f s)%s", epoch,
-                 cfg.total_epochs, phase, entry["train_loss"], entry["val_rmse"], entry["val_r2"],
-                 "  ".join(f"{k} {v:.2e}" for k, v in group_lrs(optimizer).items()), entry["seconds"],
-                 "  *best*" if improved else "")
-        state["epoch"], state["optimizer_phase"] = epoch, phase
-        if is_main:
-            state_to_save = dict(state, seconds_before=state["seconds_before"] + time.perf_counter() - t_start)
-            save_checkpoint(run_dir, model, best_state, optimizer, scheduler, state_to_save)
-        accelerator.wait_for_everyone()
+def init_from_probe(run: Run) -> None:
+    """Phase 0: start the head's linear path at the ridge solution on the frozen embeddings."""
+    from training.probe import fit_ridge
+
+    cache, target = run.cache, run.target
+    fit = fit_ridge(cache.head_inputs("train"), cache.splits["train"]["target"],
+                    cache.head_inputs("val"), cache.splits["val"]["target"])
+    with torch.no_grad():
+        run.model.head.linear.weight.copy_(fit.weight.unsqueeze(0))
+        run.model.head.linear.bias.fill_(fit.bias)
+    val = run.validate("frozen", "val (probe)")["model"]
+    test = score(*predict(run.model, run.loaders_for("frozen")["test"], run.accelerator, "test (probe)"),
+                 target)["model"]
+    run.state.probe = {"alpha": fit.alpha, "val_mse_by_alpha": {f"{a:g}": v for a, v in fit.val_mse.items()},
+                       "val": val, "test": test}
+    # The probe is the model to beat: a frozen epoch that does not improve on it is not kept.
+    run.state.best = {"epoch": 0, "phase": "probe", "metric": run.cfg.select_metric,
+                      "value": val[run.cfg.select_metric.removeprefix("val_")]}
+    run.weights["best"] = cpu_state(run.model)
+    log.info("phase 0 linear probe: ridge penalty %g chosen on val; val r2 %.4f rmse %.4f, test r2 %.4f",
+             fit.alpha, val["r2"], val["rmse"], test["r2"])
+
+
+def run_epoch(run: Run, phase: str, epoch: int, step, optimizer, scheduler, guard: NonFiniteGuard) -> dict:
+    """Train one epoch, validate, keep the best model; returns the epoch's history entry."""
+    from accelerate.utils import set_seed
+
+    cfg, state = run.cfg, run.state
+    set_seed(cfg.seed + 1000 * epoch, device_specific=True)  # shuffle and dropout: a function of (seed, epoch)
+    t0 = time.perf_counter()
+    loaders = run.loaders_for(phase)
+    loaders["train"].set_epoch(epoch)
+    stats = train_one_epoch(step, loaders["train"], optimizer, scheduler, run.accelerator, guard,
+                            max_grad_norm=cfg.max_grad_norm, desc=f"epoch {epoch}/{cfg.total_epochs} {phase}")
+    val = run.validate(phase)["model"]
+    lrs = group_lrs(optimizer)
+    entry = {"epoch": epoch, "phase": phase, **stats, **{f"val_{k}": v for k, v in val.items()}, **lrs,
+             "seconds": round(time.perf_counter() - t0, 3)}
+    improved = is_better(entry[cfg.select_metric], state.best and state.best["value"], cfg.select_metric)
+    if improved:
+        state.best = {"epoch": epoch, "phase": phase, "metric": cfg.select_metric, "value": entry[cfg.select_metric]}
+        run.weights["best"] = cpu_state(run.model)
+    log.info("epoch %d/%d [%s] train_loss %.4f  val_rmse %.4f  val_r2 %.4f  %s  (%.1f s)%s", epoch,
+             cfg.total_epochs, phase, entry["train_loss"], entry["val_rmse"], entry["val_r2"],
+             "  ".join(f"{k} {v:.2e}" for k, v in lrs.items()), entry["seconds"], "  *best*" if improved else "")
+    run.accelerator.log({k: v for k, v in entry.items() if isinstance(v, (int, float))}, step=epoch)
+    return entry
+
+
+def run_phase(run: Run, phase: str, first: int, last: int, guard: NonFiniteGuard) -> bool:
+    """Epochs ``first..last`` of ``phase``; False when ``--stop-after-epochs`` ends the run early."""
+    cfg, state = run.cfg, run.state
+    if first > last or state.epoch >= last:  # no such phase, or finished before a --resume
+        return True
+    log.info("=== phase %d/2 %s: epochs %d-%d ===", PHASES.index(phase) + 1, phase, first, last)
+    step, optimizer, scheduler = start_phase(phase, run.model, run.accelerator, cfg, len(run.loaders["train"]))
+    ckpt = run.resumed
+    if ckpt is not None and state.optimizer_phase == phase and state.epoch >= first:  # resuming mid-phase
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.scheduler)
+    run.accelerator.log({"phase": PHASES.index(phase) + 1}, step=max(state.epoch, first - 1))
+    for epoch in range(max(first, state.epoch + 1), last + 1):
+        state.history.append(run_epoch(run, phase, epoch, step, optimizer, scheduler, guard))
+        state.epoch, state.optimizer_phase = epoch, phase
+        if run.is_main:
+            saved = dataclasses.replace(state, seconds_before=state.seconds_before + time.perf_counter() - run.t_start)
+            save_checkpoint(run.run_dir, saved, {"model": cpu_state(run.model), **run.weights}, optimizer, scheduler)
+        run.accelerator.wait_for_everyone()
         if cfg.stop_after_epochs and epoch >= cfg.stop_after_epochs and epoch < cfg.total_epochs:
             log.info("stopping after epoch %d (--stop-after-epochs); continue with --resume", epoch)
-            return 0
-    if cfg.frozen_epochs > 0 and state["test_after_frozen"] is None:  # no phase 2 to hand over to
-        state["test_after_frozen"] = finish_frozen_phase(model, best_state, cached_loaders or image_loaders,
-                                                         accelerator, target)
+            return False
+    return True
 
-    # 9. The best model on test, the outputs and the artifact.
-    finish(cfg, accelerator, model, best_state, state, image_loaders["test"], datasets["test"], target,
-           (processor, prep), meta, run_dir, state["seconds_before"] + time.perf_counter() - t_start, precision)
+
+def end_frozen_phase(run: Run) -> None:
+    """Phase 1 is over: restore its best model (phase 2 and WiSE-FT start from it), score it."""
+    if run.weights["best"] is not None:
+        run.model.load_state_dict(run.weights["best"])
+    run.weights["phase1"] = cpu_state(run.model)
+    if run.cfg.frozen_epochs or run.cfg.linear_probe_init:
+        loader = run.loaders_for("frozen")["test"]
+        run.state.test_after_frozen = score(*predict(run.model, loader, run.accelerator, "test (frozen)"),
+                                            run.target)["model"]
+        log.info("best frozen-phase model (epoch %s) on test: r2 %.4f rmse %.4f", (run.state.best or {}).get("epoch"),
+                 run.state.test_after_frozen["r2"], run.state.test_after_frozen["rmse"])
+
+
+def wise_ft(run: Run) -> dict | None:
+    """Phase 3: keep the best of theta(alpha) = (1-alpha) theta_phase1 + alpha theta_phase2 on val."""
+    from training.probe import interpolate
+
+    cfg = run.cfg
+    if not cfg.alphas or not cfg.finetune_epochs or run.weights["phase1"] is None:
+        return None
+    theta1, theta2 = run.weights["phase1"], cpu_state(run.model)  # theta2: the end of fine-tuning
+    curve = []
+    for alpha in cfg.alphas:
+        run.model.load_state_dict(interpolate(theta1, theta2, alpha))
+        val = run.validate("finetune", f"val (WiSE-FT alpha {alpha:g})")["model"]
+        curve.append({"alpha": alpha, **{f"val_{k}": v for k, v in val.items()}})
+    best = curve[0]
+    for point in curve[1:]:
+        best = point if is_better(point[cfg.select_metric], best[cfg.select_metric], cfg.select_metric) else best
+    run.model.load_state_dict(interpolate(theta1, theta2, best["alpha"]))
+    log.info("WiSE-FT: %s; kept alpha %g", ", ".join(f"alpha {p['alpha']:g} {cfg.select_metric} "
+                                                      f"{p[cfg.select_metric]:.4f}" for p in curve), best["alpha"])
+    return {"alphas": list(cfg.alphas), "curve": curve, "chosen_alpha": best["alpha"], "metric": cfg.select_metric}
+
+
+def train(cfg: TrainConfig) -> int:
+    """The whole run: setup, then each phase, then WiSE-FT, test and the outputs. Returns an exit code."""
+    run = setup(cfg)
+    if run.resumed is not None:
+        set_rng_state(run.resumed.rng)
+        log.info("resuming after epoch %d of %d", run.state.epoch, cfg.total_epochs)
+    elif cfg.linear_probe_init:
+        init_from_probe(run)
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+    if not run_phase(run, "frozen", 1, cfg.frozen_epochs, guard):
+        return 0
+    if run.weights["phase1"] is None:
+        end_frozen_phase(run)
+    if not run_phase(run, "finetune", cfg.frozen_epochs + 1, cfg.total_epochs, guard):
+        return 0
+    finish(run, wise_ft(run))
     return 0
 
 
-def finish_frozen_phase(model: CLIPRegressor, best_state: dict | None, loaders: dict, accelerator,
-                        target: TargetTransform) -> dict:
-    """End of phase 1: restore its best model (phase 2 starts from it) and score it on test."""
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    result = score(*predict(model, loaders["test"], accelerator, "test (frozen)"), target)["model"]
-    log.info("best frozen-phase model on test: r2 %.4f rmse %.4f", result["r2"], result["rmse"])
-    return result
-
-
-def finish(cfg: TrainConfig, accelerator, model: CLIPRegressor, best_state: dict | None, state: dict, test_loader,
-           test_set: EngagementDataset, target: TargetTransform, transforms: tuple, meta: dict, run_dir: Path,
-           total_seconds: float, precision: str) -> None:
-    """Score the best model on test; write metrics.json, predictions, plots and the artifact."""
+def finish(run: Run, wise: dict | None) -> None:
+    """Score the kept model on test; write metrics.json, predictions, plots and the artifact."""
     from training.plots import plot_learning_curves, plot_predictions
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    else:
-        log.warning("no epoch had a finite %s; keeping the last model", cfg.select_metric)
-    pred, labels = predict(model, test_loader, accelerator, "test")
+    cfg, state, target = run.cfg, run.state, run.target
+    if wise is None and run.weights["best"] is not None:  # without WiSE-FT: the best epoch by val
+        run.model.load_state_dict(run.weights["best"])
+    pred, labels = predict(run.model, run.loaders["test"], run.accelerator, "test")
     scored = score(pred, labels, target)
-    timings = {"total_seconds": round(total_seconds, 3), **epoch_timings(state["history"], state["cache_timings"], cfg)}
+    total = state.seconds_before + time.perf_counter() - run.t_start
     metrics = {
-        "test": scored["model"],
-        "test_label_units": scored["label"],
-        "test_after_frozen": state["test_after_frozen"],
-        "baselines": state["baselines"],
-        "best": state["best"],
-        "history": state["history"],
-        "timings": timings,
+        "test": scored["model"], "test_label_units": scored["label"],
+        "test_after_frozen": state.test_after_frozen, "probe": state.probe, "wise_ft": wise,
+        "baselines": state.baselines, "best": state.best, "history": state.history,
+        "timings": {"total_seconds": round(total, 3), **epoch_timings(state.history, state.cache_timings, cfg)},
         "scale": f"{target.kind} of the label (model scale); test_label_units in label units",
         "target_transform": dataclasses.asdict(target),
-        "data": {"dir": str(cfg.data), "counts": meta.get("counts"), "cleaning_version": meta.get("cleaning_version")},
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": precision,
+        "data": {"dir": str(cfg.data), "counts": run.meta.get("counts"),
+                 "cleaning_version": run.meta.get("cleaning_version"), "features": run.prep.features.names},
+        "num_processes": run.accelerator.num_processes, "mixed_precision": run.precision,
     }
-    log.info("test (best epoch %s): r2 %.4f rmse %.4f | after frozen phase r2 %s | baselines r2: %s",
-             state["best"] and state["best"]["epoch"], scored["model"]["r2"], scored["model"]["rmse"],
-             "-" if state["test_after_frozen"] is None else f"{state['test_after_frozen']['r2']:.4f}",
-             ", ".join(f"{k} {v['r2']:.4f}" for k, v in state["baselines"].items()))
-    if cfg.embedding_cache and timings.get("embedding_cache_saving_seconds_estimate") is not None:
-        log.info("embedding cache: built once in %.1f s; a frozen epoch took %.2f s instead of ~%.1f s; "
-                 "saved ~%.1f s over %d frozen epochs", timings["embedding_cache_build_seconds"],
-                 timings["frozen_epoch_seconds_mean"], timings["frozen_epoch_seconds_without_cache_estimate"],
-                 timings["embedding_cache_saving_seconds_estimate"], cfg.frozen_epochs)
-    if accelerator.is_main_process:
-        write_json_atomic(run_dir / "metrics.json", metrics)
-        write_predictions(run_dir / "predictions_test.csv", [test_set[i].row for i in range(len(test_set))],
-                          labels, scored)
-        plot_learning_curves(state["history"], cfg.frozen_epochs, run_dir / "learning_curves.png", cfg.select_metric)
-        plot_predictions(scored["z_true"], scored["z_pred"], run_dir / "pred_vs_actual.png",
+    log_test_summary(metrics)
+    if run.is_main:
+        write_json_atomic(run.run_dir / "metrics.json", metrics)
+        write_predictions(run.run_dir / "predictions_test.csv", [r.row for r in run.datasets["test"]], labels, scored)
+        plot_learning_curves(state.history, cfg.frozen_epochs, run.run_dir / "learning_curves.png", cfg.select_metric,
+                             probe=state.probe, wise_ft=wise)
+        plot_predictions(scored["z_true"], scored["z_pred"], run.run_dir / "pred_vs_actual.png",
                          f"test, {target.kind} scale: R² {scored['model']['r2']:.3f}, "
                          f"RMSE {scored['model']['rmse']:.3f}")
-        extra = {"training": {"args": config_dict(cfg), "git_commit": git_commit(), "best": state["best"],
-                              "num_processes": accelerator.num_processes, "mixed_precision": precision,
+        extra = {"training": {"args": config_dict(cfg), "git_commit": git_commit(), "best": state.best,
+                              "wise_ft_alpha": wise and wise["chosen_alpha"],
+                              "num_processes": run.accelerator.num_processes, "mixed_precision": run.precision,
                               "data": metrics["data"]},
                  "metrics": {k: metrics[k] for k in ("test", "test_label_units", "test_after_frozen", "baselines")}}
-        processor, prep = transforms  # what serving prepares and batches posts with
-        path = save_artifact(model, processor, target, run_dir / "model", prepare=prep,
+        path = save_artifact(run.model, run.processor, target, run.run_dir / "model", prepare=run.prep,
                              extra_config=extra)
-        log.info("wrote %s, metrics.json, plots and predictions in %s", path, run_dir)
-    accelerator.wait_for_everyone()
+        log.info("wrote %s, metrics.json, plots and predictions in %s", path, run.run_dir)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+
+
+def log_test_summary(metrics: dict) -> None:
+    """The final comparison, one line per model, as the demo prints it (test R², model scale)."""
+    rows = [("fine-tuned (kept model)", metrics["test"])]
+    if metrics["wise_ft"]:
+        rows[0] = (f"fine-tuned, WiSE-FT alpha {metrics['wise_ft']['chosen_alpha']:g}", metrics["test"])
+    rows += [("best frozen-phase model", metrics["test_after_frozen"]),
+             ("linear probe (phase 1 start)", (metrics["probe"] or {}).get("test"))]
+    rows += [(f"baseline {name}", m) for name, m in (metrics["baselines"] or {}).items()]
+    log.info("test R² (model scale) and RMSE:\n%s", "\n".join(
+        f"  {name:<34} r2 {m['r2']:.4f}  rmse {m['rmse']:.4f}" for name, m in rows if m))
 
 
 def main(argv: list[str] | None = None) -> int:
