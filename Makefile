@@ -18,6 +18,8 @@ PORT       ?= 8000
 # The tiny offline CLIP is far less trained than openai/clip-vit-base-patch32, so it
 # fine-tunes at 1e-4; train_torch.py's default (1e-5) is the one for a pretrained CLIP.
 DEMO_CLIP_LR ?= 1e-4
+# The demo table's account-data columns (make_demo_data.py writes them; its label law uses them).
+DEMO_FEATURES ?= --numeric-cols followers:0:,posted_hour:0:23 --categorical-cols platform
 
 install: $(VENV)/.installed
 
@@ -36,13 +38,13 @@ demo: install
 	@echo "== 1/9 demo posts"
 	$(PY) data_preprocessing/make_demo_data.py --out $(DEMO)/posts --n $(N) --seed 0 --overwrite
 	@echo "== 2/9 preprocess"
-	$(PY) data_preprocessing/preprocess.py --input $(DEMO)/posts/posts.csv --out $(DEMO)/data
+	$(PY) data_preprocessing/preprocess.py --input $(DEMO)/posts/posts.csv --out $(DEMO)/data $(DEMO_FEATURES)
 	@echo "== 3/9 validate the records"
 	$(PY) test_preprocessing.py --data $(DEMO)/data
 	@echo "== 4/9 offline CLIP, pretrained on separately generated posts (never the test split)"
 	$(PY) data_preprocessing/make_demo_data.py --out $(DEMO)/pretrain_posts --n $(PRETRAIN_N) --seed 1 --overwrite
 	$(PY) models/tiny_clip.py --out $(DEMO)/tiny_clip --pretrain-on $(DEMO)/pretrain_posts/posts.csv
-	@echo "== 5/9 train: 5 frozen + 5 fine-tuning epochs"
+	@echo "== 5/9 train: linear probe, 5 frozen + 5 fine-tuning epochs, WiSE-FT"
 	rm -rf $(DEMO)/run  # a demo is a fresh run; train_torch.py refuses to overwrite one (see --resume)
 	$(PY) training/train_torch.py --data $(DEMO)/data --out $(DEMO)/run --clip-model $(DEMO)/tiny_clip --clip-lr $(DEMO_CLIP_LR)
 	@echo "== 6-8/9 start uvicorn, curl a prediction, stop it"
