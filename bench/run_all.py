@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(out / "work", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     chosen = [n for n in BENCHMARKS if not cfg.only or n in cfg.only.split(",")]
+    if "serving" in chosen and not shutil.which("hey"):  # fail now, not after the other benchmarks
+        raise SystemExit("error: the serving benchmark needs hey: apt-get install hey (make bench does)")
     args = {n: ["--out-dir", str(out), *(["--smoke"] if cfg.smoke else [])] for n in chosen}
     if "quality" in chosen:
         run = quality_run(cfg)
