@@ -1,13 +1,12 @@
 """Run every CPU benchmark, then write BENCHMARKS.md: what ``make bench`` calls.
 
-    python bench/run_all.py              # full run, ~15-20 min on 2 cores; writes BENCHMARKS.md + bench/plots/
-    python bench/run_all.py --smoke      # ~30 s quiet; writes bench/out/smoke/{*.json,BENCHMARKS.md,plots/}
+    python bench/run_all.py                               # ~15 min on 2 cores; writes BENCHMARKS.md
+    python bench/run_all.py --quality-run-dir runs/x      # quality reports that finished run
+    python bench/run_all.py --smoke                       # toy sizes; bench/out/smoke/{*.json,BENCHMARKS.md}
 
-Each benchmark runs in its own process (``--in-process`` runs them here instead, which
-saves the imports: the smoke test uses it), in an order that lets later ones reuse the
-cached inputs of earlier ones (demo set, CLIP checkpoints). Run it on a quiet machine:
-everything else running on the cores shows up in the figures. ``bench/gpu_train.py`` is
-not part of this: it needs a GPU machine (see bench/README.md).
+Each benchmark runs in its own process (``--in-process``: here; the smoke test), later
+ones reusing earlier ones' cached inputs. Quality reads ``--quality-run-dir``, else `make
+demo`'s runs/demo/run if it exists; a smoke run trains a 1+1-epoch one on its toy data.
 """
 
 from __future__ import annotations
@@ -24,51 +23,55 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.benchlib import OUT_DIR, clip_checkpoint, demo_records
+from bench.quality_bench import DEFAULT_RUN
 from common.config import REPO_ROOT, config_dict, field, parse_config, setup_logging
 
 log = logging.getLogger(__name__)
 
-BENCH = Path(__file__).resolve().parent
-# (name, module) in run order: preprocessing first (no model), serving last (longest).
-BENCHMARKS = [
-    ("preprocess", "bench.preprocess_bench"),
-    ("train_datapath", "bench.train_bench"),
-    ("phase1", "bench.phase1_bench"),
-    ("quality", "bench.quality_bench"),
-    ("serving", "bench.serve_bench"),
-]
+# name -> module, in run order: preprocessing first (no model), serving last (longest).
+BENCHMARKS = {"preprocess": "bench.preprocess_bench", "train_datapath": "bench.train_bench",
+              "phase1": "bench.phase1_bench", "quality": "bench.quality_bench", "serving": "bench.serve_bench"}
 
 
 @dataclass
 class RunAllConfig:
     """Run the CPU benchmarks in bench/ one after another, then bench/report.py."""
 
-    smoke: bool = field(False, help="smoke mode: tiny sizes, results under OUT/smoke, BENCHMARKS.md untouched")
+    smoke: bool = field(False, help="toy sizes, results under OUT/smoke, BENCHMARKS.md untouched")
     out_dir: str | None = field(None, help="results folder (default bench/out, or bench/out/smoke with --smoke)")
-    only: str = field("", help="comma-separated subset of: " + ", ".join(n for n, _ in BENCHMARKS))
+    only: str = field("", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
     fresh: bool = field(False, help="delete cached inputs (OUT/work) first")
-    quality_run_dir: str | None = field(None, help="a finished train_torch.py run for the quality benchmark to "
-                                                   "report instead of training its own (saves ~4 min)")
+    quality_run_dir: str | None = field(None, help="finished train_torch.py run for the quality benchmark "
+                                                   "(default: runs/demo/run if it exists)")
     in_process: bool = field(False, help="run the scripts in this process (faster start; used by the smoke test)")
-    report: bool = field(True, help="write the report at the end")
     md: str | None = field(None, help="Markdown to write (default BENCHMARKS.md, or OUT/BENCHMARKS.md with --smoke)")
-    plots_dir: str | None = field(None, help="plot folder (default bench/plots, or OUT/plots with --smoke)")
 
     def __post_init__(self):
-        names = [n for n, _ in BENCHMARKS]
-        unknown = set(filter(None, self.only.split(","))) - set(names)
+        unknown = set(filter(None, self.only.split(","))) - set(BENCHMARKS)
         if unknown:
-            raise ValueError(f"--only: unknown benchmark(s) {sorted(unknown)}; choose from {names}")
-        if self.out_dir is None:
-            self.out_dir = str(BENCH / "out" / "smoke") if self.smoke else str(BENCH / "out")
-        if self.md is None:
-            self.md = str(Path(self.out_dir) / "BENCHMARKS.md") if self.smoke else str(REPO_ROOT / "BENCHMARKS.md")
-        if self.plots_dir is None:
-            self.plots_dir = str(Path(self.out_dir) / "plots") if self.smoke else str(BENCH / "plots")
+            raise ValueError(f"--only: unknown benchmark(s) {sorted(unknown)}; choose from {list(BENCHMARKS)}")
+        self.out_dir = self.out_dir or str(OUT_DIR / "smoke" if self.smoke else OUT_DIR)
+        self.md = self.md or str(Path(self.out_dir, "BENCHMARKS.md") if self.smoke else REPO_ROOT / "BENCHMARKS.md")
+
+
+def quality_run(cfg: RunAllConfig) -> str | None:
+    """The finished run that quality reads; for a smoke run, a 1+1-epoch one trained on its toy data."""
+    if cfg.quality_run_dir or not cfg.smoke:
+        run = Path(cfg.quality_run_dir or DEFAULT_RUN)
+        return str(run) if (run / "metrics.json").is_file() else None
+    from training import train_torch
+
+    run = Path(cfg.out_dir, "work", "quality-smoke-run")
+    shutil.rmtree(run, ignore_errors=True)  # train_torch refuses to overwrite a run
+    train_torch.main(["--data", str(demo_records(cfg.out_dir, 48, workers=1)), "--out", str(run),
+                      "--clip-model", str(clip_checkpoint(cfg.out_dir, "tiny")), "--frozen-epochs", "1",
+                      "--finetune-epochs", "1", "--batch-size", "16", "--num-workers", "0"])
+    return str(run)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # 1. Parse args; which benchmarks, where.
+    # 1. Parse args: which benchmarks, where.
     cfg = parse_config(RunAllConfig, argv)
     setup_logging()
     log.info("config: %s", config_dict(cfg))
@@ -76,31 +79,35 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.fresh:
         shutil.rmtree(out / "work", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    chosen = [(n, m) for n, m in BENCHMARKS if not cfg.only or n in cfg.only.split(",")]
-    args = ["--out-dir", str(out), *(["--smoke"] if cfg.smoke else [])]
-
-    # 2. Each benchmark in turn, timed; a failure stops the run (the JSONs so far stay).
-    seconds = {}
-    t_all = time.perf_counter()
-    for name, module in chosen:
-        log.info("=== %s (%s) ===", name, module)
-        t0 = time.perf_counter()
-        extra = ["--run-dir", cfg.quality_run_dir] if name == "quality" and cfg.quality_run_dir else []
-        if cfg.in_process:
-            importlib.import_module(module).main([*args, *extra])
+    chosen = [n for n in BENCHMARKS if not cfg.only or n in cfg.only.split(",")]
+    if "serving" in chosen and not shutil.which("hey"):  # fail now, not after the other benchmarks
+        raise SystemExit("error: the serving benchmark needs hey: apt-get install hey (make bench does)")
+    args = {n: ["--out-dir", str(out), *(["--smoke"] if cfg.smoke else [])] for n in chosen}
+    if "quality" in chosen:
+        run = quality_run(cfg)
+        if run is None:
+            log.warning("quality: no finished run (make demo, then make bench RUN=runs/demo/run); skipped")
+            chosen.remove("quality")
         else:
-            subprocess.run([sys.executable, "-m", module, *args, *extra], cwd=REPO_ROOT, check=True)
+            args["quality"] += ["--run-dir", run]
+
+    # 2. Each benchmark in turn, timed; a failure stops the run (the JSON files so far stay).
+    seconds = {}
+    for name in chosen:
+        log.info("=== %s (%s) ===", name, BENCHMARKS[name])
+        t0 = time.perf_counter()
+        if cfg.in_process:
+            importlib.import_module(BENCHMARKS[name]).main(args[name])
+        else:
+            subprocess.run([sys.executable, "-m", BENCHMARKS[name], *args[name]], cwd=REPO_ROOT, check=True)
         seconds[name] = round(time.perf_counter() - t0, 1)
-        log.info("=== %s done in %.0f s ===", name, seconds[name])
 
     # 3. The report, from whatever JSON is in the out dir.
-    if cfg.report:
-        from bench import report
+    from bench import report
 
-        report.main(["--in-dir", str(out), "--md", cfg.md, "--plots-dir", cfg.plots_dir])
-    total = round(time.perf_counter() - t_all, 1)
-    log.info("benchmarks took %s; total %.0f s", ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()), total)
-    return {"seconds": seconds, "total_seconds": total, "out_dir": str(out), "md": cfg.md}
+    report.main(["--in-dir", str(out), "--md", cfg.md])
+    log.info("benchmarks took %s", ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    return {"seconds": seconds, "out_dir": str(out), "md": cfg.md}
 
 
 if __name__ == "__main__":
