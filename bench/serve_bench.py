@@ -91,14 +91,14 @@ def measure_model(artifact: Path, image: bytes, caption: str, repeats: int) -> d
     """Raw forward at batch 1 and per post at batch 16, and the per-post preparation the server adds."""
     import torch
 
-    from data_preprocessing.prepare import clean_text, load_image, pre_resize, sentiment
+    from data_preprocessing.posts import prepare_post
     from models.clip_regressor import load_model
 
     lm = load_model(artifact)
+    features = dict.fromkeys(lm.prepare.features.names, "")  # every feature missing: always valid
 
-    def prepare() -> dict:
-        im = pre_resize(load_image(image), lm.resize_policy)
-        return lm.batcher([im], [clean_text(caption)], [sentiment(caption)["compound"]])
+    def prepare() -> dict:  # what the server does per post before the forward pass
+        return lm.batcher([prepare_post(image, caption, features, lm.prepare)])
 
     def ms(fn, n: int, warmup_s: float = 1.5) -> list[float]:
         t_end = time.perf_counter() + warmup_s  # the first passes at a new shape are far slower
