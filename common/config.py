@@ -75,6 +75,10 @@ def setup_logging(level: int = logging.INFO) -> None:
     """Configure logging once, in entry points; library modules only call getLogger."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    if not sys.stderr.isatty():
+        # transformers' and huggingface_hub's own bars ("Writing model shards", downloads) follow
+        # ours: off a terminal. Read when they are first imported, which entry points do later.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def git_commit() -> str | None:

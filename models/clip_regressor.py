@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from common.config import atomic_dir
 from data_preprocessing.features import FeatureSchema
 from data_preprocessing.posts import Post, PrepareConfig
+from models.explain import Calibration, Reference
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 ARTIFACT_FORMAT = 2  # 2: "prepare" (resize policy, feature schema) and a linear + MLP head
 CLIP_SUBDIR = "clip"  # save_pretrained output: CLIP weights, processor, tokenizer
 HEAD_FILE = "head.safetensors"
+REFERENCE_FILE = "reference.safetensors"  # train means of each input group (explain.Reference)
+MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "sentiment", "features")
 CONFIG_FILE = "config.json"
 
 
@@ -257,6 +260,8 @@ class LoadedModel:
     prepare: PrepareConfig  # how a raw post becomes a ``Post`` for this model
     config: dict
     path: Path
+    calibration: Calibration | None = None  # conformal half-widths (absent in artifacts without one)
+    reference: Reference | None = None  # train means, the "absent" value for contributions
 
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,13 +272,51 @@ class LoadedModel:
         score = self.target.unstandardise(s)
         return score, self.target.to_label_units(score)
 
+    @torch.no_grad()
+    def explain_batch(self, batch: dict[str, torch.Tensor]) -> "Predictions":
+        """Model tensors -> scores, engagement, conformal intervals and Shapley contributions."""
+        from models.explain import shapley
+
+        device = next(self.model.parameters()).device
+        self.model.eval()
+        b = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+        img, txt = self.model.embed(b["pixel_values"], b["input_ids"], b["attention_mask"])
+        if self.reference is None:
+            s = self.model.head_forward(img, txt, b["sentiment"], b["features"]).double().cpu()
+            groups, phi, ref = [], None, None
+        else:
+            ref_t = Reference(**{k: v.to(device) for k, v in vars(self.reference).items()})
+            groups, phi, s, ref = shapley(self.model, img, txt, b["sentiment"], b["features"], ref_t,
+                                          self.prepare.features.slices())
+            s, phi = s.cpu(), phi.cpu() * self.target.std  # contributions on the model scale
+            ref = float(self.target.unstandardise(torch.tensor(ref, dtype=torch.float64)))
+        score = self.target.unstandardise(s)
+        intervals = {}
+        for level in (self.calibration.half_widths if self.calibration else {}):
+            low, high = self.calibration.interval(score, level)
+            intervals[level] = (self.target.to_label_units(low).clamp(min=0), self.target.to_label_units(high))
+        return Predictions(score, self.target.to_label_units(score), intervals, groups, phi, ref)
+
     @property
     def resize_policy(self):
         return self.prepare.resize
 
 
+@dataclass
+class Predictions:
+    """``LoadedModel.explain_batch``'s answer for B posts."""
+
+    score: torch.Tensor  # (B,) float64, model scale
+    engagement: torch.Tensor  # (B,) float64, label units
+    intervals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # level -> (low, high), label units
+    groups: list[str]  # contribution groups: image, caption, sentiment, then each feature column
+    contributions: torch.Tensor | None  # (B, len(groups)) model scale; sums to score - reference_score
+    reference_score: float | None  # the prediction for the reference post (train means), model scale
+
+
 def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_dir: str | os.PathLike,
-                  prepare: PrepareConfig | None = None, extra_config: dict | None = None) -> Path:
+                  prepare: PrepareConfig | None = None, extra_config: dict | None = None,
+                  calibration: Calibration | None = None, reference: Reference | None = None) -> Path:
     """Write a self-contained model directory atomically (temp dir, then rename).
 
     Layout: ``clip/`` (CLIPModel.save_pretrained + processor + tokenizer),
@@ -296,6 +339,9 @@ def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_
         processor.save_pretrained(tmp / CLIP_SUBDIR)
         head_state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
         save_file(head_state, str(tmp / HEAD_FILE))
+        if reference is not None:
+            save_file({k: v.detach().cpu().float().contiguous() for k, v in reference.tensors().items()},
+                      str(tmp / REFERENCE_FILE))
         config = {
             "format": ARTIFACT_FORMAT,
             "architecture": {
@@ -310,6 +356,7 @@ def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_
             },
             "target_transform": asdict(target),
             "prepare": prepare.to_dict(),
+            "calibration": asdict(calibration) if calibration is not None else None,
             "cleaning_version": CLEANING_VERSION,
             **(extra_config or {}),
         }
@@ -343,6 +390,9 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
     prepare = PrepareConfig.from_dict(config["prepare"])
     model = CLIPRegressor(clip, HeadConfig(**arch["head"]), n_features=prepare.features.width)
     model.head.load_state_dict(load_file(str(model_dir / HEAD_FILE)))
+    ref_path = model_dir / REFERENCE_FILE
+    reference = Reference.from_tensors(load_file(str(ref_path))) if ref_path.is_file() else None
+    calibration = Calibration(**config["calibration"]) if config.get("calibration") else None
     model.to(device).eval()
     return LoadedModel(
         model=model,
@@ -351,6 +401,8 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
         prepare=prepare,
         config=config,
         path=model_dir,
+        calibration=calibration,
+        reference=reference,
     )
 
 

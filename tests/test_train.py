@@ -394,3 +394,26 @@ def test_progress_bars_are_quiet_off_a_terminal():
     tty = Terminal()
     list(tqdm(range(50), file=tty, disable=bar_disabled(True)))
     assert "50/50" in tty.getvalue()
+
+
+def test_artifact_explains_predictions_with_intervals_and_contributions(straight_run, posts):
+    m = _metrics(straight_run)
+    iv = m["intervals"]
+    assert iv["n_calibration"] == 8 and set(iv["levels"]) == {"0.8"}
+    # 8 val residuals: ceil(9 * 0.8) = 8th smallest, the largest one
+    loaded = load_model(straight_run / "model")
+    assert loaded.calibration.half_widths == iv["levels"]
+    records = [EngagementDataset(posts, "test")[i] for i in range(8)]
+    batch = Collator(loaded.batcher)(records)
+    out = loaded.explain_batch(batch)
+    score, likes = loaded.predict_batch(batch)
+    np.testing.assert_allclose(out.score.numpy(), score.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.contributions.sum(1).numpy(), (out.score - out.reference_score).numpy(), atol=1e-5)
+    assert out.groups == ["image", "caption", "sentiment"]
+    low, high = out.intervals["0.8"]
+    q = iv["levels"]["0.8"]
+    np.testing.assert_allclose(torch.log1p(high).numpy(), (out.score + q).numpy(), rtol=1e-6)
+    assert torch.all(low <= likes) and torch.all(likes <= high)
+    truth = torch.log1p(torch.tensor([r.label for r in records], dtype=torch.float64))
+    covered = float(((truth - out.score).abs() <= q).double().mean())
+    assert iv["coverage_test"]["0.8"] == pytest.approx(covered)

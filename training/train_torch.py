@@ -65,6 +65,7 @@ from data_preprocessing.posts import PrepareConfig, Record
 from data_preprocessing.records import RecordReader, check_cleaning_version, check_record_format, load_meta
 from models.clip_regressor import (DEFAULT_CLIP, CLIPRegressor, HeadConfig, PostBatcher, TargetTransform,
                                    regression_metrics, save_artifact)
+from models.explain import Calibration, Reference, coverage
 from training.probe import parse_alphas
 from training.state import (CHECKPOINT_DIR, Checkpoint, RunState, cpu_state, load_checkpoint, save_checkpoint,
                             set_rng_state)
@@ -126,6 +127,8 @@ class TrainConfig:
     wise_ft_alphas: str = field("0,0.25,0.5,0.75,1", help="after phase 2, keep the best on val of the weight "
                                 "interpolations (1-a)*phase1 + a*phase2 for these a (WiSE-FT); 'none' = off, "
                                 "keep the best epoch")
+    interval_levels: str = field("0.8", help="prediction-interval levels, comma-separated: split conformal "
+                                            "on the val residuals of the kept model (see README)")
     report_to: str = field("none", help="Accelerate tracker for per-epoch metrics, LRs and the phase boundary "
                                         "(tensorboard writes under OUT/train)", choices=("none", "tensorboard"))
     mixed_precision: str = field("auto", help="auto = bf16 on CUDA, none on CPU", choices=("auto", "no", "bf16"))
@@ -154,6 +157,9 @@ class TrainConfig:
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"--select-metric must be one of {tuple(SELECT_METRICS)}")
         self.alphas = parse_alphas(self.wise_ft_alphas)  # validated here; a derived, typed view
+        self.levels = tuple(float(x) for x in self.interval_levels.split(",") if x.strip())
+        if not all(0 < x < 1 for x in self.levels):
+            raise ValueError(f"--interval-levels must lie in (0, 1), got {self.interval_levels!r}")
 
     @property
     def total_epochs(self) -> int:
@@ -643,6 +649,7 @@ class Run:
     model: CLIPRegressor
     datasets: dict
     loaders: dict  # split -> prepared image loader (CLIP processing on the fly)
+    collate: Collator
     state: RunState
     weights: dict  # "best", "phase1": CPU state dicts or None
     resumed: Checkpoint | None
@@ -748,8 +755,8 @@ def setup(cfg: TrainConfig) -> Run:
         datasets[s], cfg.batch_size if s == "train" else cfg.eval_batch_size, collate,
         shuffle_seed=cfg.seed if s == "train" else None, num_workers=cfg.num_workers,
         pin_memory=accelerator.device.type == "cuda")) for s in SPLITS}
-    run = Run(cfg, accelerator, precision, run_dir, meta, processor, prep, target, model, datasets, loaders, state,
-              weights, resumed, t_start)
+    run = Run(cfg, accelerator, precision, run_dir, meta, processor, prep, target, model, datasets, loaders, collate,
+              state, weights, resumed, t_start)
     # 4. The frozen CLIP's embeddings, once: phase 1, the probe and the baselines run on them.
     if state.baselines is None or (state.test_after_frozen is None and (cfg.frozen_epochs or cfg.linear_probe_init)):
         run.cache = EmbeddingCache(model, datasets, collate, cfg, accelerator)
@@ -895,10 +902,15 @@ def finish(run: Run, wise: dict | None) -> None:
         run.model.load_state_dict(run.weights["best"])
     pred, labels = predict(run.model, run.loaders["test"], run.accelerator, "test")
     scored = score(pred, labels, target)
+    calibration, reference = calibrate(run)
+    intervals = {"levels": calibration.half_widths, "n_calibration": calibration.n, "split": calibration.split,
+                 "coverage_test": coverage(scored["z_true"], scored["z_pred"], calibration)}
+    log.info("conformal intervals (model scale half-widths %s, from %d val posts): test coverage %s",
+             calibration.half_widths, calibration.n, intervals["coverage_test"])
     total = state.seconds_before + time.perf_counter() - run.t_start
     metrics = {
         "test": scored["model"], "test_label_units": scored["label"],
-        "test_after_frozen": state.test_after_frozen, "probe": state.probe, "wise_ft": wise,
+        "test_after_frozen": state.test_after_frozen, "probe": state.probe, "wise_ft": wise, "intervals": intervals,
         "baselines": state.baselines, "best": state.best, "history": state.history,
         "timings": {"total_seconds": round(total, 3), **epoch_timings(state.history, state.cache_timings, cfg)},
         "scale": f"{target.kind} of the label (model scale); test_label_units in label units",
@@ -922,10 +934,25 @@ def finish(run: Run, wise: dict | None) -> None:
                               "data": metrics["data"]},
                  "metrics": {k: metrics[k] for k in ("test", "test_label_units", "test_after_frozen", "baselines")}}
         path = save_artifact(run.model, run.processor, target, run.run_dir / "model", prepare=run.prep,
-                             extra_config=extra)
+                             extra_config=extra, calibration=calibration, reference=reference)
         log.info("wrote %s, metrics.json, plots and predictions in %s", path, run.run_dir)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
+
+
+def calibrate(run: Run) -> tuple[Calibration, Reference]:
+    """The kept model's conformal calibration (val residuals) and its reference post (train means).
+
+    Both use the *final* model: its val residuals are what a served prediction is off by,
+    and its own train-mean embeddings are what "no image" or "no caption" means to it.
+    """
+    pred, labels = predict(run.model, run.loaders["val"], run.accelerator, "val (calibration)")
+    val = score(pred, labels, run.target)
+    calibration = Calibration.fit(val["z_true"] - val["z_pred"], run.cfg.levels)
+    loader = run.accelerator.prepare(make_loader(run.datasets["train"], run.cfg.eval_batch_size, run.collate,
+                                                 shuffle_seed=None, num_workers=run.cfg.num_workers))
+    emb = embed_split(run.model, loader, run.accelerator, "train (reference)")
+    return calibration, Reference.mean_of(emb["img"], emb["txt"], emb["sentiment"], emb["features"])
 
 
 def log_test_summary(metrics: dict) -> None:
