@@ -173,12 +173,13 @@ class PreprocessConfig:
 # ---------------------------------------------------------------------------------------
 
 
-def read_table(path: Path, wanted: dict[str, str]) -> dict[str, list]:
+def read_table(path: Path, wanted: dict[str, str], optional: tuple[str, ...] = ()) -> dict[str, list]:
     """The ``wanted`` columns of a CSV or JSONL posts table, as raw cells (str/None/JSON).
 
     ``wanted`` maps each column name to the option that named it, for the error message.
     Only these columns are kept, so memory per row is a few short strings whatever else
-    the table holds.
+    the table holds. A column in ``optional`` that the table lacks is left out of the
+    result instead of being an error (serving/predict.py's label).
     """
     suffix = path.suffix.lower()
     cols: dict[str, list] = {c: [] for c in wanted}
@@ -188,6 +189,8 @@ def read_table(path: Path, wanted: dict[str, str]) -> dict[str, list]:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             header = next(reader, [])
+            wanted = {c: f for c, f in wanted.items() if c in header or c not in optional}
+            cols = {c: [] for c in wanted}
             _check_columns(path, header, wanted)
             where = {c: header.index(c) for c in wanted}
             try:
@@ -214,7 +217,8 @@ def read_table(path: Path, wanted: dict[str, str]) -> dict[str, list]:
                 seen.update(dict.fromkeys(obj))
                 for c in wanted:
                     cols[c].append(obj.get(c))
-        _check_columns(path, list(seen), wanted)
+        cols = {c: v for c, v in cols.items() if c in seen or c not in optional}
+        _check_columns(path, list(seen), {c: f for c, f in wanted.items() if c in cols})
         return cols
     raise SystemExit(f"error: unsupported input type {suffix!r} for {path} (expected .csv, .jsonl or .ndjson)")
 

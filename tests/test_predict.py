@@ -1,0 +1,148 @@
+"""serving/predict.py: score a posts table, account for every row, and give the same output
+on 2 processes (torchrun, gloo) as on 1."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_preprocessing.features import FeatureColumn, FeatureSchema
+from data_preprocessing.posts import PrepareConfig
+from serving import predict
+from tests.test_preprocess import write_images
+
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = (FeatureColumn("followers", "numeric", 0.0, None), FeatureColumn("platform", "categorical"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny artifact with two feature columns, a conformal calibration and a reference."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from data_preprocessing.prepare import ResizePolicy
+    from models.clip_regressor import CLIPRegressor, TargetTransform, save_artifact
+    from models.explain import Calibration, Reference
+    from models.tiny_clip import build_tiny_clip
+
+    root = tmp_path_factory.mktemp("predict_model")
+    clip_dir = build_tiny_clip(root / "clip", preset="tiny", seed=0)
+    processor = CLIPProcessor.from_pretrained(clip_dir)
+    schema = FeatureSchema.fit(COLUMNS, {"followers": [10.0, 1000.0, 50000.0, None], "platform": ["x", "tiktok", "x", None]})
+    torch.manual_seed(0)
+    model = CLIPRegressor(CLIPModel.from_pretrained(clip_dir), n_features=schema.width)
+    torch.nn.init.normal_(model.head.mlp[-1].weight, std=0.5)  # a head that is not just linear
+    d = model.clip.config.projection_dim
+    g = torch.Generator().manual_seed(1)
+    ref = Reference(torch.randn(d, generator=g), torch.randn(d, generator=g), torch.tensor(0.1),
+                    torch.from_numpy(schema.encode([{"followers": 1000.0, "platform": "x"}])[0]))
+    prep = PrepareConfig(ResizePolicy.from_image_processor(processor.image_processor), features=schema)
+    return save_artifact(model, processor, TargetTransform("log1p", 3.0, 1.5), root / "run" / "model", prepare=prep,
+                         calibration=Calibration({"0.8": 0.7}, 50), reference=ref)
+
+
+ROWS = [  # image, caption, followers, platform, engagement; None image -> missing_path
+    (0, "Sunset at the beach! #travel", "1200", "instagram", "40"),
+    (1, "", "", "tiktok", "3"),
+    (None, "no image", "5", "x", "1"),
+    (2, "bad followers", "lots", "x", "2"),
+    (3, "ok", "10", "", "not a number"),  # scored, left out of the metrics
+    ("missing.jpg", "file gone", "10", "x", "5"),
+    (4, "WOW 😍!!", "98000", "x", "900"),
+]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("predict_table")
+    names = write_images(root / "images", 5, size=(300, 240))
+    with open(root / "posts.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_path", "description", "followers", "platform", "engagement"])
+        for img, cap, fol, plat, likes in ROWS:
+            path = "" if img is None else (f"images/{names[img]}" if isinstance(img, int) else f"images/{img}")
+            w.writerow([path, cap, fol, plat, likes])
+    return root / "posts.csv"
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def one_process(model_dir, table, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("predict_out") / "pred.csv"
+    assert predict.main(["--model", str(model_dir), "--input", str(table), "--out", str(out), "--batch-size", "2",
+                         "--num-workers", "1", "--max-reject-frac", "0.5", "--no-progress"]) == 0
+    return out
+
+
+def test_every_row_is_scored_or_rejected_with_a_reason(one_process):
+    rows = _read(one_process)
+    assert [int(r["row"]) for r in rows] == [0, 1, 4, 6]
+    with open(one_process.with_name("pred.csv.rejects.csv"), newline="") as fh:
+        rejects = {int(r["row"]): (r["reason"], r["image_path"]) for r in csv.DictReader(fh)}
+    assert rejects == {2: ("missing_path", ""), 3: ("invalid_feature", rejects[3][1]),
+                       5: ("not_found", "images/missing.jpg")}
+    summary = json.loads(one_process.with_name("pred.csv.metrics.json").read_text())
+    assert (summary["rows_read"], summary["kept"], summary["rejected"]) == (7, 4, 3)
+    assert rows[2]["label"] == ""  # "not a number": scored, but no label for the metrics
+    labelled = [r for r in rows if r["label"]]
+    covered = np.mean([float(r["low_0.8"]) <= float(r["label"]) <= float(r["high_0.8"]) for r in labelled])
+    assert summary["coverage"]["0.8"] == pytest.approx(covered)
+
+
+def test_intervals_and_contributions(one_process):
+    for r in _read(one_process):
+        score = float(r["pred_score"])
+        assert float(r["pred_engagement"]) == pytest.approx(np.expm1(score), rel=1e-9)
+        assert float(r["high_0.8"]) == pytest.approx(np.expm1(score + 0.7), rel=1e-6)
+        contrib = [float(r[f"contrib_{g}"]) for g in ("image", "caption", "sentiment", "followers", "platform")]
+        assert sum(contrib) == pytest.approx(score - float(r["reference_score"]), abs=1e-5)
+
+
+def test_matches_load_model_on_the_same_posts(one_process, model_dir, table):
+    from data_preprocessing.posts import prepare_post
+    from models.clip_regressor import load_model
+
+    loaded = load_model(model_dir)
+    posts = [prepare_post(table.parent / "images/000.jpg", "Sunset at the beach! #travel",
+                          {"followers": "1200", "platform": "instagram"}, loaded.prepare)]
+    score, _ = loaded.predict_batch(loaded.batcher(posts))
+    assert float(_read(one_process)[0]["pred_score"]) == pytest.approx(float(score[0]), rel=1e-6, abs=1e-6)
+
+
+def test_missing_feature_column_is_a_clear_error(model_dir, tmp_path):
+    posts = tmp_path / "p.csv"
+    posts.write_text("image_path,description\nx.jpg,hi\n")
+    with pytest.raises(SystemExit, match="column 'followers' \\(a feature column of the model\\) not found"):
+        predict.main(["--model", str(model_dir), "--input", str(posts), "--out", str(tmp_path / "o.csv")])
+
+
+def _cli(nproc: int, model_dir: Path, table: Path, out: Path) -> None:
+    """The script under torchrun with one thread per process: the thread count is the one thing
+    that may change float results in the last digits, so both runs use the same."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         str(REPO / "serving" / "predict.py"), "--model", str(model_dir), "--input", str(table), "--out", str(out),
+         "--batch-size", "2", "--num-workers", "0", "--max-reject-frac", "0.5", "--no-progress"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_processes_give_the_same_output(model_dir, table, tmp_path):
+    _cli(1, model_dir, table, tmp_path / "one.csv")
+    _cli(2, model_dir, table, tmp_path / "two.csv")
+    assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
+    assert _read(tmp_path / "two.csv.rejects.csv") == _read(tmp_path / "one.csv.rejects.csv")
+    assert len(_read(tmp_path / "two.csv")) == 4
