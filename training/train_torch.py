@@ -402,57 +402,91 @@ def start_phase(phase: str, model: CLIPRegressor, accelerator, cfg: TrainConfig,
 
 
 class NonFiniteGuard:
-    """Counts non-finite losses; raises ``NonFiniteLoss`` after ``limit`` in a row (across epochs)."""
+    """Skips every update whose loss is not finite; aborts after ``limit`` in a row (across epochs).
 
-    def __init__(self, limit: int):
-        self.limit, self.in_a_row = limit, 0
+    The decision is made on the device, without the host waiting for it: each step's
+    ``found_inf`` (1.0 = skip) goes to the fused AdamW kernel, which then leaves the weights
+    and its moments untouched, as it does under GradScaler (``torch/optim/adam.py``). The
+    host reads the counters only every ``check_every`` steps and at the end of each epoch,
+    so the abort can come up to that many steps late; which updates are skipped, and the
+    limit, are exactly those of a per-step check. (The LR schedule still advances on a
+    skipped step.)
+    """
 
-    def check(self, finite: bool, where: str) -> bool:
-        if finite:
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        log.warning("non-finite loss at %s: update skipped (%d in a row, abort at %d)", where, self.in_a_row,
-                    self.limit)
-        if self.in_a_row >= self.limit:
-            raise NonFiniteLoss(f"{self.in_a_row} consecutive non-finite losses (last at {where}): training "
-                                "diverged. Lower the learning rates, or check the data for inf/NaN labels.")
-        return False
+    def __init__(self, limit: int, check_every: int = 50):
+        self.limit, self.check_every = limit, check_every
+        self.in_a_row = self.longest = self.skipped = None  # device scalars, made on first use
+        self.reported = 0
+
+    def observe(self, loss: torch.Tensor, accelerator) -> torch.Tensor:
+        """``found_inf`` for this step: 1.0 when the loss is not finite on any rank (no host sync)."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if accelerator.num_processes > 1:  # every rank must skip the same updates
+            bad = accelerator.gather(bad).max().reshape(1)
+        if self.in_a_row is None:
+            self.in_a_row, self.longest, self.skipped = (torch.zeros(1, device=bad.device) for _ in range(3))
+        self.in_a_row = (self.in_a_row + bad) * bad  # resets to 0 on a finite loss
+        self.longest = torch.maximum(self.longest, self.in_a_row)
+        self.skipped += bad
+        return bad
+
+    def check(self, where: str) -> int:
+        """Read the counters (a host sync): warn about new skips, raise past the limit. Returns skips so far."""
+        if self.skipped is None:
+            return 0
+        skipped, longest = int(self.skipped.item()), int(self.longest.item())
+        if skipped > self.reported:
+            log.warning("non-finite loss at %s: %d update(s) skipped (abort at %d in a row)", where,
+                        skipped - self.reported, self.limit)
+            self.reported = skipped
+        if longest >= self.limit:
+            raise NonFiniteLoss(f"{longest} consecutive non-finite losses (by {where}): training diverged. "
+                                "Lower the learning rates, or check the data for inf/NaN labels.")
+        return skipped
 
 
 def train_one_epoch(step: nn.Module, loader, optimizer, scheduler, accelerator, guard: NonFiniteGuard, *,
                     max_grad_norm: float, desc: str) -> dict:
-    """One pass over ``loader``; returns mean train loss (standardised MSE) and skipped steps."""
+    """One pass over ``loader``; returns mean train loss (standardised MSE) and skipped steps.
+
+    Nothing here waits for the device per step: the loss sums stay on it, and the
+    non-finite guard decides there (``NonFiniteGuard``).
+    """
     from tqdm.auto import tqdm
 
     step.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    n_seen, skipped = 0, 0
+    dev = accelerator.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    n_seen = torch.zeros((), dtype=torch.float64, device=dev)
+    window_bad = torch.zeros((), device=dev)  # any non-finite loss in this accumulation window (0-d, as
+    # the fused kernel's found_inf must be)
+    skipped_before = guard.check(desc)
     bar = tqdm(loader, desc=desc, leave=False, disable=bar_disabled(accelerator.is_local_main_process))
     for i, batch in enumerate(bar):
         with accelerator.accumulate(step):
             pred = step(batch)  # (B,)
             loss = F.mse_loss(pred.float(), batch["target"])
-            # Decide on all ranks together, or one rank would wait forever in all-reduce.
-            finite = bool(accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0)
-            if not guard.check(finite, f"{desc} batch {i}"):
-                # Also drop gradients accumulated earlier in this window: no update
-                # ever contains part of a diverging window.
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
+            bad = guard.observe(loss, accelerator)
+            window_bad = torch.maximum(window_bad, bad.reshape(()))
             accelerator.backward(loss)
-            if accelerator.sync_gradients and max_grad_norm > 0:
-                accelerator.clip_grad_norm_(step.parameters(), max_grad_norm)
+            if accelerator.sync_gradients:
+                if max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(step.parameters(), max_grad_norm)
+                # No update ever contains part of a diverging window.
+                getattr(optimizer, "optimizer", optimizer).found_inf = window_bad
+                window_bad = torch.zeros((), device=dev)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach().double() * len(pred)  # stays on the device: no host sync per step
-        n_seen += len(pred)
+        good = 1.0 - bad.double().squeeze()
+        loss_sum += torch.nan_to_num(loss.detach().double(), nan=0.0, posinf=0.0, neginf=0.0) * good * len(pred)
+        n_seen += good * len(pred)
+        if (i + 1) % guard.check_every == 0:
+            guard.check(f"{desc} batch {i}")
         if not bar.disable and i % BAR_EVERY == 0:  # .item() waits for the device, so only now and then
-            bar.set_postfix(loss=f"{loss_sum.item() / max(n_seen, 1):.4f}")
-    totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(n_seen), dtype=torch.float64,
-                                                                    device=accelerator.device)]), "sum")
+            bar.set_postfix(loss=f"{loss_sum.item() / max(n_seen.item(), 1):.4f}")
+    skipped = guard.check(desc) - skipped_before
+    totals = accelerator.reduce(torch.stack([loss_sum, n_seen]), "sum")
     return {"train_loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
             "nonfinite_steps": skipped}
 
