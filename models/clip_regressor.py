@@ -107,12 +107,15 @@ class PostBatcher:
         return cls(processor, clip_config.text_config.max_position_embeddings, features)
 
     def __call__(self, posts: Sequence[Post]) -> dict[str, torch.Tensor]:
-        pixel_values = self.processor.image_processor(images=[p.image for p in posts],
-                                                      return_tensors="pt")["pixel_values"]
+        # Resized and cropped but not rescaled or normalised: uint8, a quarter of float32's
+        # bytes through the DataLoader and onto the device. CLIPRegressor.embed normalises
+        # there with this processor's own rescale factor, mean and std.
+        pixel_values = self.processor.image_processor(images=[p.image for p in posts], do_rescale=False,
+                                                      do_normalize=False, return_tensors="pt")["pixel_values"]
         tok = self.processor.tokenizer([p.text for p in posts], padding=True, truncation=True,
                                        max_length=self.max_length, return_tensors="pt")
         return {
-            "pixel_values": pixel_values,  # (B, 3, H, W) float32, normalised
+            "pixel_values": pixel_values.to(torch.uint8),  # (B, 3, H, W) uint8, 0-255
             "input_ids": tok["input_ids"],  # (B, T) T = longest caption in batch, <= max_length
             "attention_mask": tok["attention_mask"],  # (B, T)
             "sentiment": torch.tensor([float(p.sentiment) for p in posts], dtype=torch.float32),  # (B,)
@@ -167,9 +170,12 @@ class CLIPRegressor(nn.Module):
     schema's encoded width ``n_features``.
     """
 
-    def __init__(self, clip, head: HeadConfig | None = None, n_features: int = 0):
+    def __init__(self, clip, head: HeadConfig | None = None, n_features: int = 0, image_processor=None):
         super().__init__()
         self.clip = clip
+        self.pixel_rescale = None
+        if image_processor is not None:
+            self.set_pixel_normalization(image_processor)
         self.head_config = head or HeadConfig()
         self.n_features = int(n_features)
         d = clip.config.projection_dim
@@ -179,9 +185,21 @@ class CLIPRegressor(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_CLIP, head: HeadConfig | None = None,
                         n_features: int = 0) -> "CLIPRegressor":
-        from transformers import CLIPModel
+        from transformers import CLIPImageProcessor, CLIPModel
 
-        return cls(CLIPModel.from_pretrained(name_or_path), head, n_features)
+        # The model comes with its transforms (open_clip's create_model_and_transforms): the
+        # image processor beside the weights says how to normalise pixels.
+        return cls(CLIPModel.from_pretrained(name_or_path), head, n_features,
+                   CLIPImageProcessor.from_pretrained(name_or_path))
+
+    def set_pixel_normalization(self, image_processor) -> None:
+        """Normalise uint8 pixels on the device with the processor's rescale factor, mean and std."""
+        shape = (1, -1, 1, 1)  # broadcast over (B, 3, H, W)
+        # Non-persistent buffers: they move with .to(device), stay out of the state dict, and
+        # come back from the processor saved with the weights.
+        self.register_buffer("pixel_mean", torch.tensor(image_processor.image_mean).view(shape), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(image_processor.image_std).view(shape), persistent=False)
+        self.pixel_rescale = float(image_processor.rescale_factor)
 
     # -- phases ---------------------------------------------------------------------------
     def freeze_clip(self) -> None:
@@ -223,7 +241,14 @@ class CLIPRegressor(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
     def embed(self, pixel_values, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, D) image and (B, D) text embeddings, projected and L2-normalised."""
+        """(B, D) image and (B, D) text embeddings, projected and L2-normalised.
+
+        ``pixel_values`` is uint8 (``PostBatcher``), normalised here, or already-normalised floats.
+        """
+        if pixel_values.dtype == torch.uint8:
+            if self.pixel_rescale is None:
+                raise RuntimeError("uint8 pixels need set_pixel_normalization(image_processor) first")
+            pixel_values = (pixel_values.float() * self.pixel_rescale - self.pixel_mean) / self.pixel_std
         img = self.clip.get_image_features(pixel_values=pixel_values).pooler_output
         txt = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
@@ -388,7 +413,8 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
     clip = CLIPModel.from_pretrained(clip_dir)
     processor = CLIPProcessor.from_pretrained(clip_dir)
     prepare = PrepareConfig.from_dict(config["prepare"])
-    model = CLIPRegressor(clip, HeadConfig(**arch["head"]), n_features=prepare.features.width)
+    model = CLIPRegressor(clip, HeadConfig(**arch["head"]), n_features=prepare.features.width,
+                          image_processor=processor.image_processor)
     model.head.load_state_dict(load_file(str(model_dir / HEAD_FILE)))
     ref_path = model_dir / REFERENCE_FILE
     reference = Reference.from_tensors(load_file(str(ref_path))) if ref_path.is_file() else None

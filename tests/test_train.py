@@ -419,3 +419,21 @@ def test_artifact_explains_predictions_with_intervals_and_contributions(straight
     truth = torch.log1p(torch.tensor([r.label for r in records], dtype=torch.float64))
     covered = float(((truth - out.score).abs() <= q).double().mean())
     assert iv["coverage_test"]["0.8"] == pytest.approx(covered)
+
+
+def test_uint8_pixels_match_the_processors_float_path(posts, tiny_clip):
+    from transformers import CLIPProcessor
+
+    from models.clip_regressor import PostBatcher
+
+    processor = CLIPProcessor.from_pretrained(tiny_clip)
+    model = CLIPRegressor.from_pretrained(tiny_clip).eval()
+    records = [EngagementDataset(posts, "val")[i] for i in range(4)]
+    batch = PostBatcher.from_clip(processor, model.clip.config)(records)
+    assert batch["pixel_values"].dtype == torch.uint8  # a quarter of float32's bytes
+    floats = processor.image_processor(images=[r.image for r in records], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        a = model(**{**batch, "pixel_values": floats})  # the processor normalising on the host
+        b = model(**batch)  # uint8, normalised by the model
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    assert not torch.equal(batch["pixel_values"].float(), floats)  # the two paths really differ in input
