@@ -148,3 +148,19 @@ def prepare_post(image: ImageSource, raw_text: object, raw_features: Mapping[str
     return Post(image=im, text=clean_text(raw_text), sentiment=scores["compound"], features=features,
                 sentiment_scores=scores)
 
+
+
+def artifact_feature_names(model_dir) -> tuple[str, ...]:
+    """The feature columns a model artifact takes, from its ``config.json`` alone (no torch,
+    no weights: the server builds its request models from them before loading the model).
+
+    () when there is no readable artifact there: loading it later says what is wrong.
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        return tuple(PrepareConfig.from_dict(config["prepare"]).features.names)
+    except (TypeError, OSError, ValueError, KeyError):
+        return ()

@@ -56,17 +56,19 @@ class MicroBatcher(Generic[T, R]):
 
     ``run_batch(items) -> results`` is a blocking function (one result per item, in
     order); it runs in this batcher's own thread. ``max_batch_size=1, max_wait_s=0``
-    runs every post alone (MICRO_BATCHING=0).
+    runs every post alone (MICRO_BATCHING=0). ``observe(size, seconds)``, if given, is
+    told about every batch that ran (the server's /metrics).
     """
 
     def __init__(self, run_batch: Callable[[list[T]], Sequence[R]], *, max_batch_size: int, max_wait_s: float,
-                 max_queue: int):
+                 max_queue: int, observe: Callable[[int, float], None] | None = None):
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_s >= 0")
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.observe = observe
         self._queue: deque[_Pending[T]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -212,6 +214,8 @@ class MicroBatcher(Generic[T, R]):
             self.batches += 1
             self.posts += len(batch)
             self.largest_batch = max(self.largest_batch, len(batch))
+            if self.observe is not None:
+                self.observe(len(batch), dt)
 
     def stats(self) -> dict:
         return {"batches": self.batches, "posts": self.posts, "largest_batch": self.largest_batch,

@@ -1,55 +1,17 @@
-"""Request and response schemas of the prediction API (they are also its OpenAPI docs).
-
-Multipart requests are parsed by hand (the same path also takes JSON), so the multipart
-schemas here exist for the OpenAPI document; JSON requests are validated with them.
-"""
+"""Response schemas of the prediction API, and the error body. The request models depend
+on the model's feature columns and on settings, so ``serving.contract`` builds them."""
 
 from __future__ import annotations
 
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-# --- requests -----------------------------------------------------------------------------
-
-
-class PostJSON(BaseModel):
-    """One post as JSON. The image travels inline as base64; the server never fetches URLs."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "example": {"image_base64": "/9j/4AAQSkZJRgABAQ...", "text": "Sunset at the beach! #travel"}})
-
-    image_base64: str = Field(description="the image file's bytes (JPEG, PNG, WEBP, BMP or GIF), base64; "
-                                          "a 'data:image/...;base64,' prefix is accepted")
-    text: str = Field(description="the raw caption as posted; may be empty (image-only post)")
-
-
-class BatchJSON(BaseModel):
-    """Several posts as JSON; results come back in the same order."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # Documentation shape: the server validates each post on its own, so one bad post
-    # gets an error entry while the others are still predicted.
-    posts: list[PostJSON] = Field(min_length=1, description="posts, each validated on its own")
-
-
-class PostMultipart(BaseModel):
-    """One post as multipart/form-data (what ``curl -F image=@photo.jpg -F text=...`` sends)."""
-
-    image: bytes = Field(json_schema_extra={"format": "binary"}, description="the image file")
-    text: str = Field(description="the raw caption; may be empty")
-
-
-class BatchMultipart(BaseModel):
-    """Several posts as multipart/form-data: repeated ``image`` and ``text`` fields, paired by order."""
-
-    image: list[bytes] = Field(json_schema_extra={"items": {"type": "string", "format": "binary"}},
-                               description="image files, one per post")
-    text: list[str] = Field(description="captions, one per image, in the same order")
-
-
-# --- responses ----------------------------------------------------------------------------
+# A real 8x8 PNG (sky over sand), so the documented examples work as sent:
+# tests/test_serving.py posts every example of the OpenAPI document.
+EXAMPLE_IMAGE_BASE64 = ("iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAG0lEQVR42mPUiDrBgA0wMeAApEswPuuxobUdAKqVAw"
+                        "cKxepQAAAAAElFTkSuQmCC")
+EXAMPLE_CAPTION = "Sunset at the beach! #travel"
 
 
 class Sentiment(BaseModel):
@@ -66,6 +28,14 @@ class ModelInfo(BaseModel):
     version: str = Field(description="content hash of the artifact's config and head (12 hex)")
 
 
+class Interval(BaseModel):
+    """A split-conformal prediction interval in label units (see the README)."""
+
+    level: float = Field(description="the nominal coverage, e.g. 0.8")
+    low: float = Field(description="lower end, label units")
+    high: float = Field(description="upper end, label units")
+
+
 class Prediction(BaseModel):
     """The model's prediction for one post."""
 
@@ -73,6 +43,14 @@ class Prediction(BaseModel):
     score: float = Field(description="the same prediction on the model's scale (e.g. log1p(likes))")
     sentiment: Sentiment
     cleaned_text: str = Field(description="the caption after data_preprocessing.prepare.clean_text")
+    interval: Interval | None = Field(None, description="how sure: the conformal interval at the artifact's level "
+                                                        "(null for an artifact without a calibration)")
+    contributions: dict[str, float] | None = Field(
+        None, description="what drove it: exact Shapley values, on the model scale, of image, caption, sentiment "
+                          "and each feature column against the train-mean reference; they sum to score - "
+                          "reference_score (null for an artifact without a reference)")
+    reference_score: float | None = Field(None, description="the prediction for the reference post (train means), "
+                                                            "model scale")
     model: ModelInfo
 
 
@@ -83,24 +61,28 @@ class BatchItem(Prediction):
     status: Literal[200] = 200
 
 
-class ErrorBody(BaseModel):
-    """Every error answer, and every failed post of a batch, has this shape."""
-
-    status: int = Field(description="HTTP status code")
-    reason: str = Field(description="stable machine-readable code, e.g. unsupported_format, too_many_pixels")
-    detail: str | list = Field(description="human-readable explanation (a list of field errors for 422 "
-                                           "validation_error)")
-
-
-class PostError(ErrorBody):
-    """A failed post of a batch; the other posts are unaffected."""
+class PostError(BaseModel):
+    """A failed post of a batch (its image could not be used); the other posts are unaffected."""
 
     index: int = Field(description="position of the post in the request")
+    status: int = Field(description="the HTTP status this post alone would have got")
+    reason: str = Field(description="stable code, e.g. unsupported_format, too_many_pixels")
+    detail: str = Field(description="human-readable explanation")
 
 
 class BatchResponse(BaseModel):
     results: list[Union[BatchItem, PostError]] = Field(description="one entry per post, in request order")
     model: ModelInfo
+
+
+class ErrorBody(BaseModel):
+    """Every error answer has this shape."""
+
+    status: int = Field(description="HTTP status code")
+    reason: str = Field(description="stable machine-readable code, e.g. unsupported_format, too_many_pixels")
+    detail: str | list = Field(description="human-readable explanation (a list of field errors for 422 "
+                                           "validation_error)")
+    request_id: str | None = Field(description="the X-Request-ID of this request; quote it when reporting a problem")
 
 
 class Health(BaseModel):
@@ -114,12 +96,8 @@ class Ready(BaseModel):
 
 class Metadata(BaseModel):
     model: dict = Field(description="name, version, path, architecture, target transform, cleaning version, "
-                                    "processor (image size, resize policy, max text length)")
+                                    "processor (image size, resize policy, max text length), feature columns")
     training: dict = Field(description="summary of the artifact config: metrics, git commit and the rest of "
                                        "what training recorded")
-    settings: dict = Field(description="the limits and settings this server runs with")
-
-
-# Models that only the hand-written request bodies reference; app.py adds them to the
-# OpenAPI components so /docs shows both request shapes.
-REQUEST_SCHEMAS = (PostJSON, BatchJSON, PostMultipart, BatchMultipart)
+    settings: dict = Field(description="the limits and settings this server runs with, and micro-batching "
+                                       "counters")

@@ -21,7 +21,7 @@ from data_preprocessing.prepare import MAX_PIXELS as PREPARE_MAX_PIXELS
 
 
 class ServingSettings(BaseSettings):
-    """Environment configuration of ``serving.app`` (see serving/README_section.md)."""
+    """Environment configuration of ``serving.app`` (the README's Settings table)."""
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
@@ -57,6 +57,11 @@ class ServingSettings(BaseSettings):
         out = self.model_dump()
         out["model_dir"] = str(self.model_dir) if self.model_dir is not None else None
         return out
+
+
+# The defaults, built without reading the environment (so importing never fails): what
+# the body limit and the placeholder routes use before the lifespan resolves settings.
+DEFAULT_SETTINGS = ServingSettings.model_construct()
 
 
 @lru_cache(maxsize=1)

@@ -1,7 +1,5 @@
-"""Shared helpers for the serving tests: a tiny model artifact, real image files, clients.
-
-Imported by tests/test_serving*.py and tests/test_parity.py (not a conftest, so that it
-stays out of other test files' way). The artifact is built once per test session.
+"""Helpers for the serving tests: a tiny model artifact, real image files, clients, and a
+spy on the model. The fixtures themselves live in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -12,37 +10,47 @@ import struct
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import pytest
 from PIL import Image
 
-_ARTIFACT: Path | None = None  # built once per session, shared by every serving test module
+from data_preprocessing.features import FeatureColumn, FeatureSchema
+from data_preprocessing.posts import PrepareConfig
 
 
-def build_artifact(root: Path, seed: int = 0) -> Path:
-    """A complete model artifact around a random tiny CLIP: ``root/run/model``."""
+FEATURE_COLUMNS = (FeatureColumn("followers", "numeric", 0.0, None), FeatureColumn("platform", "categorical"))
+
+
+def build_artifact(root: Path, seed: int = 0, features: bool = False) -> Path:
+    """A complete model artifact around a random tiny CLIP: ``root/run/model``, with a
+    conformal calibration (80%: +-0.7 on the model scale) and a contributions reference;
+    ``features=True`` adds a numeric ``followers`` and a categorical ``platform`` column."""
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
+    from data_preprocessing.prepare import ResizePolicy
     from models.clip_regressor import CLIPRegressor, TargetTransform, save_artifact
+    from models.explain import Calibration, Reference
     from models.tiny_clip import build_tiny_clip
 
     clip_dir = build_tiny_clip(root / "tiny_clip", preset="tiny", seed=seed)
-    torch.manual_seed(seed)  # the head's init
-    model = CLIPRegressor(CLIPModel.from_pretrained(clip_dir))
     processor = CLIPProcessor.from_pretrained(clip_dir)
+    schema = FeatureSchema()
+    if features:
+        schema = FeatureSchema.fit(FEATURE_COLUMNS, {"followers": [10.0, 1000.0, 50000.0, None],
+                                                     "platform": ["x", "tiktok", "x", None]})
+    torch.manual_seed(seed)  # the head's init
+    model = CLIPRegressor(CLIPModel.from_pretrained(clip_dir), n_features=schema.width)
+    torch.nn.init.normal_(model.head.mlp[-1].weight, std=0.5)  # not just the linear path
+    d = model.clip.config.projection_dim
+    g = torch.Generator().manual_seed(seed + 1)
+    ref = Reference(torch.randn(d, generator=g), torch.randn(d, generator=g), torch.tensor(0.1),
+                    torch.from_numpy(schema.encode([{"followers": 1000.0, "platform": "x"}])[0]))
+    prep = PrepareConfig(ResizePolicy.from_image_processor(processor.image_processor), features=schema)
     extra = {"metrics": {"test": {"rmse": 1.25, "r2": 0.1}}, "git_commit": "test", "training_args": {"epochs": 0}}
     return save_artifact(model, processor, TargetTransform("log1p", 3.0, 1.5), root / "run" / "model",
-                         extra_config=extra)
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    global _ARTIFACT
-    if _ARTIFACT is None or not (_ARTIFACT / "config.json").is_file():
-        _ARTIFACT = build_artifact(tmp_path_factory.mktemp("serving_artifact"))
-    return _ARTIFACT
+                         prepare=prep, extra_config=extra, calibration=Calibration({"0.8": 0.7}, 50), reference=ref)
 
 
 # --- real image files -------------------------------------------------------------------
@@ -94,21 +102,49 @@ def zero_size_png_bytes() -> bytes:
 # --- clients ------------------------------------------------------------------------------
 
 
+class ModelSpy:
+    """Stands in for the loaded model (``LoadedModel``) and passes everything through;
+    ``before(batch)``, when set, first sees each batch's model tensors (in the inference
+    thread). tests/test_parity.py records them; the load tests sleep or raise in it."""
+
+    def __init__(self) -> None:
+        self.loaded = None
+        self.before: Callable[[dict], None] | None = None
+
+    def load(self, model_dir: Path) -> "ModelSpy":
+        from models.clip_regressor import load_model
+
+        self.loaded = load_model(model_dir)
+        return self
+
+    def __getattr__(self, name: str):
+        return getattr(self.loaded, name)
+
+    def explain_batch(self, batch: dict):
+        if self.before is not None:
+            self.before(batch)
+        return self.loaded.explain_batch(batch)
+
+
 @contextmanager
-def serving_client(model_dir: Path, raise_server_exceptions: bool = True, **settings):
-    """A TestClient whose lifespan (model load, batcher) runs for the ``with`` block."""
+def serving_client(model_dir: Path, raise_server_exceptions: bool = True, spy: ModelSpy | None = None, **settings):
+    """A TestClient whose lifespan (model load, batcher) runs for the ``with`` block.
+    With ``spy``, the model is loaded through it (the ``get_model_loader`` seam)."""
     from fastapi.testclient import TestClient
 
     from serving.app import create_app
+    from serving.predictor import get_model_loader
     from serving.settings import ServingSettings
 
     app = create_app(ServingSettings(model_dir=model_dir, **settings))
+    if spy is not None:
+        app.dependency_overrides[get_model_loader] = lambda: spy.load
     with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
         yield client
 
 
 def service(client):
-    """The running ``serving.app.Service`` behind a TestClient (predictor, batcher, ...)."""
+    """The running ``serving.service.Service`` behind a TestClient (predictor, batcher, ...)."""
     return client.app.state.service
 
 

@@ -10,15 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.serving_fixtures import (  # noqa: F401 - model_dir is a fixture
-    encode,
-    jpeg_bytes,
-    model_dir,
-    photo_array,
-    png_bytes,
-    service,
-    serving_client,
-)
+from tests.serving_fixtures import ModelSpy, encode, jpeg_bytes, photo_array, png_bytes, serving_client
 
 MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "sentiment", "features")
 
@@ -77,14 +69,20 @@ def offline(model_dir):
 
 
 @pytest.fixture(scope="module")
-def client(model_dir):
-    with serving_client(model_dir) as c:
+def spy():
+    return ModelSpy()
+
+
+@pytest.fixture(scope="module")
+def client(model_dir, spy):
+    with serving_client(model_dir, spy=spy) as c:  # the model is loaded through the spy
         yield c
 
 
-def _capture(client) -> list[dict]:
+def _capture(spy: ModelSpy) -> list[dict]:
+    """Record the tensors of every batch the server gives the model from now on."""
     captured: list[dict] = []
-    service(client).predictor.on_batch = captured.append
+    spy.before = captured.append
     return captured
 
 
@@ -96,10 +94,10 @@ def _assert_same_tensors(served: dict, trained: dict) -> None:
 
 
 @pytest.mark.parametrize("row", range(len(POSTS)), ids=[p[0] for p in POSTS])
-def test_single_post_parity(client, records, offline, row):
+def test_single_post_parity(client, spy, records, offline, row):
     name, data, caption, _ = POSTS[row]
     loaded, collate = offline
-    captured = _capture(client)
+    captured = _capture(spy)
     r = client.post("/predict", files={"image": (name, data, "application/octet-stream")}, data={"text": caption})
     assert r.status_code == 200, r.text
     assert len(captured) == 1
@@ -116,11 +114,11 @@ def test_single_post_parity(client, records, offline, row):
     assert r.json()["engagement"] == pytest.approx(float(engagement[0]), rel=1e-6, abs=1e-6)
 
 
-def test_batch_parity_with_dynamic_padding(client, records, offline):
+def test_batch_parity_with_dynamic_padding(client, spy, records, offline):
     """All posts in one /predict/batch request form one micro-batch, padded like the
     Collator pads a training batch of the same records in the same order."""
     loaded, collate = offline
-    captured = _capture(client)
+    captured = _capture(spy)
     files = [("image", (name, data, "application/octet-stream")) for name, data, _, _ in POSTS]
     r = client.post("/predict/batch", files=files, data={"text": [p[2] for p in POSTS]})
     assert r.status_code == 200, r.text

@@ -12,41 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from data_preprocessing.features import FeatureColumn, FeatureSchema
-from data_preprocessing.posts import PrepareConfig
 from serving import predict
 from tests.test_preprocess import write_images
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = (FeatureColumn("followers", "numeric", 0.0, None), FeatureColumn("platform", "categorical"))
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny artifact with two feature columns, a conformal calibration and a reference."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    from data_preprocessing.prepare import ResizePolicy
-    from models.clip_regressor import CLIPRegressor, TargetTransform, save_artifact
-    from models.explain import Calibration, Reference
-    from models.tiny_clip import build_tiny_clip
-
-    root = tmp_path_factory.mktemp("predict_model")
-    clip_dir = build_tiny_clip(root / "clip", preset="tiny", seed=0)
-    processor = CLIPProcessor.from_pretrained(clip_dir)
-    schema = FeatureSchema.fit(COLUMNS, {"followers": [10.0, 1000.0, 50000.0, None], "platform": ["x", "tiktok", "x", None]})
-    torch.manual_seed(0)
-    model = CLIPRegressor(CLIPModel.from_pretrained(clip_dir), n_features=schema.width)
-    torch.nn.init.normal_(model.head.mlp[-1].weight, std=0.5)  # a head that is not just linear
-    d = model.clip.config.projection_dim
-    g = torch.Generator().manual_seed(1)
-    ref = Reference(torch.randn(d, generator=g), torch.randn(d, generator=g), torch.tensor(0.1),
-                    torch.from_numpy(schema.encode([{"followers": 1000.0, "platform": "x"}])[0]))
-    prep = PrepareConfig(ResizePolicy.from_image_processor(processor.image_processor), features=schema)
-    return save_artifact(model, processor, TargetTransform("log1p", 3.0, 1.5), root / "run" / "model", prepare=prep,
-                         calibration=Calibration({"0.8": 0.7}, 50), reference=ref)
+def model_dir(featured_model_dir) -> Path:
+    """serving_fixtures.build_artifact with features: followers, platform; 80% interval +-0.7."""
+    return featured_model_dir
 
 
 ROWS = [  # image, caption, followers, platform, engagement; None image -> missing_path

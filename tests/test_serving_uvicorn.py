@@ -1,5 +1,5 @@
 """The server as users run it: `python -m uvicorn serving.app:app` on a loopback port,
-called with a real HTTP client (httpx) and with the README's literal curl command."""
+called with a real HTTP client (httpx) and with the README's literal curl commands."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.serving_fixtures import free_port, jpeg_bytes, model_dir, png_bytes  # noqa: F401 - model_dir: fixture
+from tests.serving_fixtures import free_port, jpeg_bytes, png_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BODY_LIMIT = 1_000_000
@@ -49,11 +50,22 @@ def wait_ready(proc: subprocess.Popen, base: str, log_path: Path, timeout: float
     raise AssertionError(f"uvicorn not ready after {timeout}s:\n{log_path.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+def wait_for_log_line(log_path: Path, wanted, timeout: float = 10.0) -> bool:
+    """Whether a line of the server log satisfies ``wanted`` within ``timeout``: the access
+    line is written once the response is sent, so it can trail the client by a moment."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(wanted(line) for line in log_path.read_text().splitlines()):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@contextmanager
+def running_server(model_dir, tmp_path_factory, **env):
+    """A started server; yields (base URL, process, log path) and stops it afterwards."""
     log_path = tmp_path_factory.mktemp("uvicorn") / "server.log"
-    proc, base = start_server({"MODEL_DIR": str(model_dir), "MAX_BODY_BYTES": str(BODY_LIMIT),
-                               "MAX_WAIT_MS": "50", "MAX_BATCH_SIZE": "8"}, log_path)
+    proc, base = start_server({"MODEL_DIR": str(model_dir), **env}, log_path)
     try:
         wait_ready(proc, base, log_path)
         yield base, proc, log_path
@@ -66,14 +78,21 @@ def server(model_dir, tmp_path_factory):
                 proc.kill()
 
 
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    with running_server(model_dir, tmp_path_factory, MAX_BODY_BYTES=str(BODY_LIMIT), MAX_WAIT_MS="50",
+                        MAX_BATCH_SIZE="8") as running:
+        yield running
+
+
 def test_predict_over_http(server):
     base, _, _ = server
     image = jpeg_bytes(seed=11)
     with httpx.Client(base_url=base, timeout=30) as client:
         a = client.post("/predict", files={"image": ("photo.jpg", image, "image/jpeg")},
                         data={"text": "Sunset at the beach! #travel"})
-        b = client.post("/predict", json={"image_base64": base64.b64encode(image).decode(),
-                                          "text": "Sunset at the beach! #travel"})
+        b = client.post("/predict/json", json={"image_base64": base64.b64encode(image).decode(),
+                                               "text": "Sunset at the beach! #travel"})
         assert a.status_code == 200 and b.status_code == 200, (a.text, b.text)
         assert a.json()["cleaned_text"] == "Sunset at the beach! travel"
         assert a.json()["score"] == pytest.approx(b.json()["score"], abs=1e-9)
@@ -82,36 +101,78 @@ def test_predict_over_http(server):
         assert "/predict/batch" in client.get("/openapi.json").json()["paths"]
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+# The README's commands, character for character; only localhost:8000 becomes the test port.
+README_CURL = "curl -F image=@photo.jpg -F 'text=Sunset at the beach! #travel' localhost:8000/predict"
+README_JSON = ("""python -c 'import base64,json; print(json.dumps({"image_base64": base64.b64encode(open("photo.jpg","rb")"""
+               """.read()).decode(), "text": "Sunset!"}))' \\\n"""
+               "  | curl -H 'Content-Type: application/json' -d @- localhost:8000/predict/json")
+README_BATCH = "curl -F image=@a.jpg -F 'text=first' -F image=@b.png -F 'text=' localhost:8000/predict/batch"
+README_METRICS = "curl localhost:8000/metrics"
+
+
+def _sh(cmd: str, cwd: Path, base: str) -> subprocess.CompletedProcess:
+    """Run a README command in a shell, against ``base``; `python` is this interpreter."""
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    return subprocess.run(cmd.replace("http://localhost:8000", base).replace("localhost:8000", base), shell=True,
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_curl_contract(server, tmp_path):
-    base, _, _ = server
+    # The README's commands are curl commands: without curl they cannot be checked, and a
+    # skip would hide that. Fail instead.
+    assert shutil.which("curl"), "curl is not installed (apt-get install curl): the README's commands need it"
+    base, _, log_path = server
     (tmp_path / "photo.jpg").write_bytes(jpeg_bytes(seed=12))
-    (tmp_path / "other.png").write_bytes(png_bytes(seed=13))
-    # The README's command, character for character, run by a shell.
-    cmd = f"curl -sS -F image=@photo.jpg -F 'text=Sunset at the beach! #travel' {base}/predict"
-    out = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(seed=14))
+    (tmp_path / "b.png").write_bytes(png_bytes(seed=13))
+    out = _sh(README_CURL, tmp_path, base)
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
     assert body["cleaned_text"] == "Sunset at the beach! travel"
-    assert set(body) == {"engagement", "score", "sentiment", "cleaned_text", "model"}
-    # Batch: repeated fields, paired by order.
-    cmd = (f"curl -sS -F image=@photo.jpg -F 'text=first' -F image=@other.png -F 'text=' "
-           f"{base}/predict/batch")
-    out = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert set(body) == {"engagement", "score", "sentiment", "cleaned_text", "interval", "contributions",
+                         "reference_score", "model"}
+    out = _sh(README_JSON, tmp_path, base)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["cleaned_text"] == "Sunset!"
+    # Batch: repeated fields, paired by order; text= (empty) is an image-only post.
+    out = _sh(README_BATCH, tmp_path, base)
     results = json.loads(out.stdout)["results"]
     assert [(r["index"], r["status"], r["cleaned_text"]) for r in results] == [(0, 200, "first"), (1, 200, "")]
     # curl's own error path: a bad file gets a JSON 4xx, with the code curl reports.
     (tmp_path / "notes.txt").write_text("not an image")
-    cmd = f"curl -sS -o /dev/null -w '%{{http_code}}' -F image=@notes.txt -F text=hi {base}/predict"
-    out = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    out = _sh("curl -sS -o /dev/null -w '%{http_code}' -F image=@notes.txt -F text=hi localhost:8000/predict",
+              tmp_path, base)
     assert out.stdout == "415"
+    # A request ID sent by the client comes back, and the access log line carries it.
+    out = _sh("curl -i -H 'X-Request-ID: readme-trace-7' -F image=@photo.jpg -F text=hi localhost:8000/predict",
+              tmp_path, base)
+    assert "x-request-id: readme-trace-7" in out.stdout.lower()
+    assert wait_for_log_line(log_path, lambda line: '"POST /predict" 200' in line
+                             and line.endswith("request_id=readme-trace-7"))
+
+
+def test_metrics_over_http(server, tmp_path):
+    base, _, _ = server
+    assert shutil.which("curl"), "curl is not installed (apt-get install curl): the README's commands need it"
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for i in range(3):
+            assert client.post("/predict", files={"image": ("p.jpg", jpeg_bytes(seed=i), "image/jpeg")},
+                               data={"text": f"post {i}"}).status_code == 200
+    out = _sh(README_METRICS, tmp_path, base)
+    assert out.returncode == 0, out.stderr
+    series = {line.split(" ")[0] for line in out.stdout.splitlines() if line and not line.startswith("#")}
+    for name in ('http_requests_total{method="POST",path="/predict",status="200"}',
+                 'http_request_duration_seconds_count{path="/predict"}', "prediction_queue_depth",
+                 "prediction_batch_size_count", "prediction_batch_duration_seconds_count", "model_load_seconds"):
+        assert name in series, name
+    assert 'prediction_rejected_total' in out.stdout  # declared, even before any 503/504
 
 
 def test_body_limit_over_real_http(server):
     base, _, _ = server
     with httpx.Client(base_url=base, timeout=30) as client:
         # Declared Content-Length over the limit: refused before the body is read.
-        r = client.post("/predict", content=b"x" * (BODY_LIMIT + 1), headers={"content-type": "application/json"})
+        r = client.post("/predict/json", content=b"x" * (BODY_LIMIT + 1), headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.json()["reason"] == "body_too_large"
 
     def chunks():  # no Content-Length: Transfer-Encoding chunked, counted as it streams
@@ -119,7 +180,7 @@ def test_body_limit_over_real_http(server):
             yield b"x" * 50_000
 
     with httpx.Client(base_url=base, timeout=30) as client:
-        r = client.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+        r = client.post("/predict/json", content=chunks(), headers={"content-type": "application/json"})
         assert r.request.headers.get("transfer-encoding") == "chunked"
         assert r.status_code == 413 and r.json()["reason"] == "body_too_large"
     assert httpx.get(f"{base}/health", timeout=10).status_code == 200
@@ -143,12 +204,12 @@ def test_concurrent_http_requests_are_micro_batched(server):
     assert after["largest_batch"] > 1
 
 
-def test_zz_sigterm_shuts_down_cleanly(server):
-    # Runs last in this module: it stops the shared server.
-    _, proc, log_path = server
-    proc.send_signal(signal.SIGTERM)
-    # uvicorn re-raises the signal after a graceful shutdown, so -SIGTERM is a clean exit too.
-    assert proc.wait(30) in (0, -signal.SIGTERM)
+def test_sigterm_shuts_down_cleanly(model_dir, tmp_path_factory):
+    with running_server(model_dir, tmp_path_factory) as (base, proc, log_path):
+        assert httpx.get(f"{base}/ready", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal after a graceful shutdown, so -SIGTERM is a clean exit too.
+        assert proc.wait(30) in (0, -signal.SIGTERM)
     log = log_path.read_text()
     assert "loaded model run" in log and "model unloaded" in log
     assert "Traceback" not in log

@@ -1,0 +1,244 @@
+"""The request side of the HTTP contract, built from one list of feature names.
+
+``build_contract(feature_names, max_caption_chars, max_posts)`` makes the four request
+models with ``pydantic.create_model``:
+
+| model       | path                       | body                                          |
+|-------------|----------------------------|-----------------------------------------------|
+| `PostForm`  | `POST /predict`            | multipart: `image` file, `text`, features     |
+| `PostJSON`  | `POST /predict/json`       | JSON: `image_base64`, `text`, features        |
+| `BatchForm` | `POST /predict/batch`      | multipart: repeated fields, paired by order   |
+| `BatchJSON` | `POST /predict/batch/json` | JSON: `{"posts": [PostJSON, ...]}`            |
+
+FastAPI validates requests with them and derives the OpenAPI document from them, so the
+two cannot drift. Each feature column becomes a field of every model
+(a form field or a JSON key of that name), required, with an empty value (or JSON null)
+for "unknown". ``Contract.read_post`` is the one function
+that turns a validated post into a ``RawPost``, the typed input of ``Predictor.prepare``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Sequence
+
+from fastapi import Request, UploadFile
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, WithJsonSchema,
+                      create_model, model_validator)
+from pydantic_core import PydanticCustomError
+
+from serving.errors import APIError
+from serving.schemas import EXAMPLE_CAPTION, EXAMPLE_IMAGE_BASE64
+
+FIXED_FIELDS = ("image", "image_base64", "text")  # a feature column may not take these names
+ABSENT = object()  # a batch feature column that was not sent at all
+
+
+@dataclass(frozen=True)
+class RawPost:
+    """One post as the client sent it."""
+
+    image: bytes  # the image file's bytes, not decoded yet
+    caption: str  # the raw caption; cleaning and sentiment happen in prepare
+    features: dict[str, str | None] = field(default_factory=dict)  # feature column -> value as sent
+
+
+# --- field types ------------------------------------------------------------------------
+
+
+def _decode_base64(value: Any) -> bytes:
+    """image_base64 -> bytes. A data URL prefix (data:image/png;base64,) and line breaks
+    (``base64`` wraps at 76 columns) are accepted; anything else that is not base64 is not."""
+    if not isinstance(value, str):
+        raise PydanticCustomError("string_type", "Input should be a valid string")
+    data = value.strip()
+    if data.startswith("data:") and "," in data:
+        data = data.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise PydanticCustomError("invalid_base64", "image_base64 is not valid base64: {error}",
+                                  {"error": str(e)}) from None
+
+
+Base64Image = Annotated[bytes, BeforeValidator(_decode_base64), WithJsonSchema(
+    {"type": "string", "format": "byte",
+     "description": "the image file's bytes (JPEG, PNG, WEBP, BMP or GIF), base64; a 'data:image/...;base64,' "
+                    "prefix is accepted"})]
+ImageFile = Annotated[UploadFile, WithJsonSchema(
+    {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
+     "description": "an image file: JPEG, PNG, WEBP, BMP or GIF"})]
+
+
+def _caption(max_chars: int, **kw) -> Any:
+    return Field(max_length=max_chars, description=f"the raw caption as posted, at most {max_chars} characters "
+                                                   "(MAX_CAPTION_CHARS); may be empty (an image-only post)", **kw)
+
+
+def _form_fields_required(*names: str):
+    """json_schema_extra that marks form fields required although their models give them defaults.
+
+    FastAPI reads an empty form value as absent, so PostForm defaults text and the feature
+    fields to "" and check_post_form tells `text=` (an image-only post) or `platform=` (a
+    missing value) from a field not sent at all. The fields are required all the same, and
+    the document says so.
+    """
+    def extra(schema: dict) -> None:
+        schema["required"] = sorted({*schema.get("required", ()), *names})
+        for name in names:
+            schema["properties"][name].pop("default", None)
+
+    return extra
+
+
+_EXAMPLE = {"image_base64": EXAMPLE_IMAGE_BASE64, "text": EXAMPLE_CAPTION}
+
+
+class _PostFormBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _with_required(base: type[BaseModel], *names: str) -> type[BaseModel]:
+    """``base`` with these defaulted form fields marked required in the document."""
+    config = ConfigDict(**base.model_config, json_schema_extra=_form_fields_required(*names))
+    return type(base.__name__, (base,), {"model_config": config, "__module__": __name__})
+
+
+class _PostJSONBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE]})
+
+
+class _BatchJSONBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"posts": [
+        _EXAMPLE, {**_EXAMPLE, "text": ""}]}]})
+
+
+class _BatchFormBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _paired(self):
+        """Repeated fields pair by order, so every column needs one value per image."""
+        columns = {name: value for name, value in self if name != "image" and value is not None}
+        unpaired = {name: len(value) for name, value in columns.items() if len(value) != len(self.image)}
+        if unpaired:
+            raise PydanticCustomError(
+                "unpaired_fields", "{images} 'image' fields but {counts}; send one value per image, in the same "
+                "order (text= for an image-only post)", {"images": len(self.image), "counts": str(unpaired)})
+        return self
+
+
+# --- the contract -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The request models of one app, and how a validated post becomes a RawPost."""
+
+    feature_names: tuple[str, ...]
+    max_caption_chars: int
+    max_posts: int
+    PostForm: type[BaseModel]
+    PostJSON: type[BaseModel]
+    BatchForm: type[BaseModel]
+    BatchJSON: type[BaseModel]
+
+    async def read_post(self, post: BaseModel) -> RawPost:
+        """A validated PostForm or PostJSON -> RawPost (image bytes, raw caption, features)."""
+        image = post.image_base64 if isinstance(post, self.PostJSON) else await post.image.read()
+        # A feature absent from a batch (see posts_of) stays absent: prepare answers missing_feature.
+        sent = post.model_fields_set if isinstance(post, self.PostJSON) else self.feature_names
+        return RawPost(image, post.text, {n: getattr(post, n) for n in self.feature_names
+                                          if n in sent and getattr(post, n, None) is not ABSENT})
+
+    def posts_of(self, batch: BaseModel) -> list[BaseModel]:
+        """A validated BatchForm or BatchJSON -> its posts, in order, each a PostForm or PostJSON."""
+        if isinstance(batch, self.BatchJSON):
+            return list(batch.posts)
+        columns = {n: getattr(batch, n) or [ABSENT] * len(batch.image) for n in self.feature_names}
+        return [self.PostForm.model_construct(image=image, text=text, **{n: c[i] for n, c in columns.items()})
+                for i, (image, text) in enumerate(zip(batch.image, batch.text))]
+
+
+def build_contract(feature_names: Sequence[str], max_caption_chars: int, max_posts: int) -> Contract:
+    """The request models for these feature columns and limits (see the module docstring)."""
+    names = tuple(feature_names)
+    clash = set(names) & {*FIXED_FIELDS, "posts"}
+    if clash:
+        raise ValueError(f"feature columns {sorted(clash)} collide with the request's own fields")
+    what = "; required, an empty value means 'unknown' (imputed as in training)"
+    form_feature = {n: (str, Field("", description=f"the post's '{n}' feature column{what}")) for n in names}
+    # JSON: a number or a string, null or "" for unknown; strict, so true/false are not numbers.
+    json_feature = {n: (StrictInt | StrictFloat | StrictStr | None,
+                        Field(description=f"the post's '{n}' feature column{what}")) for n in names}
+    feature_column = {n: (list[str] | None, Field(None, description=f"'{n}' of each post, in image order{what}"))
+                      for n in names}
+    posts = dict(min_length=1, max_length=max_posts)
+    post_form = create_model(
+        "PostForm", __base__=_with_required(_PostFormBase, "text", *names),
+        __doc__="One post as multipart/form-data (curl -F image=@photo.jpg -F text=...).",
+        image=(ImageFile, Field(description="the image file")),
+        text=(str, _caption(max_caption_chars, default="")), **form_feature)
+    post_json = create_model(
+        "PostJSON", __base__=_PostJSONBase, __doc__="One post as JSON; the image travels inline, never as a URL.",
+        image_base64=(Base64Image, Field(examples=[EXAMPLE_IMAGE_BASE64])), text=(str, _caption(max_caption_chars)),
+        **json_feature)
+    batch_form = create_model(
+        "BatchForm", __base__=_with_required(_BatchFormBase, *names),
+        __doc__="Several posts as multipart/form-data: repeated fields, paired by order.",
+        image=(list[ImageFile], Field(description=f"the posts' image files, 1 to {max_posts} (MAX_POSTS_PER_REQUEST)",
+                                      **posts)),
+        text=(list[Annotated[str, _caption(max_caption_chars)]], Field(description="one caption per image", **posts)),
+        **feature_column)
+    batch_json = create_model(
+        "BatchJSON", __base__=_BatchJSONBase, __doc__="Several posts as JSON; results come back in the same order.",
+        posts=(list[post_json], Field(description=f"1 to {max_posts} posts (MAX_POSTS_PER_REQUEST)", **posts)))
+    return Contract(names, max_caption_chars, max_posts, post_form, post_json, batch_form, batch_json)
+
+
+# --- checks the models cannot make --------------------------------------------------------
+
+
+def require_media_type(kind: str, other_path: str):
+    """Dependency: 415 unless the body is ``kind`` ("multipart" or "json"); the detail
+    names the path that takes the other kind."""
+
+    async def check(request: Request) -> None:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        ok = media == "multipart/form-data" if kind == "multipart" else (
+            media == "application/json" or media.endswith("+json"))
+        if not ok:
+            want = "multipart/form-data" if kind == "multipart" else "application/json"
+            raise APIError(415, "unsupported_media_type",
+                           f"Content-Type {media or '(none)'} is not accepted here: send {want}, or use "
+                           f"{other_path} for {'JSON' if kind == 'multipart' else 'multipart/form-data'}")
+
+    return check
+
+
+async def check_post_form(request: Request) -> None:
+    """Dependency of POST /predict: each field present once. The form model cannot check
+    this itself: FastAPI drops empty values (``text=``) and keeps only the last of repeats."""
+    form = await request.form()  # already parsed by FastAPI; Starlette caches it
+    for name, what in (("image", "the image file"), ("text", "the caption; send text= for an image-only post")):
+        if name not in form:
+            raise APIError(422, "missing_field", f"the multipart field '{name}' ({what}) is missing")
+    await check_features_sent(request)
+    repeated = sorted(name for name in set(form.keys()) if len(form.getlist(name)) > 1)
+    if repeated:
+        raise APIError(422, "too_many_fields", f"fields {repeated} are repeated: /predict takes one post; "
+                                               "use /predict/batch for several")
+
+
+async def check_features_sent(request: Request) -> None:
+    """Dependency of the multipart paths: every feature column of the model was sent, if
+    only empty (``-F platform=``, an unknown value). A client that forgot one gets 422
+    missing_feature naming it, never a silent guess; FastAPI alone cannot tell the two
+    apart, since it reads an empty form value as absent."""
+    form = await request.form()  # cached by Starlette
+    for name in request.app.state.contract.feature_names:
+        if name not in form:
+            raise APIError(422, "missing_feature", f"{name}: the feature field '{name}' is missing; send "
+                                                   f"{name}= for an unknown value")

@@ -1,0 +1,100 @@
+"""The running service: predictor, micro-batcher and decoding threads, built by the
+lifespan and handed to endpoints by the ``get_service`` dependency.
+
+The path of one post, in one direction:
+
+1. parse: FastAPI validates the body with the contract's model; ``Contract.read_post``
+   turns it into a ``RawPost`` (in the endpoint);
+2. prepare: ``Predictor.prepare`` in a decoding thread (``prepare.load_image``,
+   ``pre_resize``, ``clean_text``, ``sentiment``);
+3. queue: ``MicroBatcher.submit_many``, with posts of concurrent requests;
+4. predict: ``Predictor.run_batch`` in the one inference thread -> a ``Prediction`` each;
+5. respond: the endpoint returns it (or, in a batch, wraps it with its index).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+from fastapi import Request
+
+from serving.batching import MicroBatcher, QueueFull
+from serving.contract import RawPost
+from serving.errors import APIError
+from serving.metrics import ServingMetrics
+from data_preprocessing.posts import Post
+from serving.predictor import Predictor
+from serving.schemas import Prediction
+from serving.settings import ServingSettings
+
+
+@dataclass
+class Service:
+    """Everything the lifespan builds; lives on ``app.state.service`` while serving."""
+
+    settings: ServingSettings
+    predictor: Predictor
+    batcher: MicroBatcher
+    prep_pool: ThreadPoolExecutor  # decoding threads, separate from the one inference thread
+    loaded_at: float
+
+    @classmethod
+    async def start(cls, settings: ServingSettings, predictor: Predictor, metrics: ServingMetrics) -> "Service":
+        batching = settings.micro_batching
+        batcher = MicroBatcher(predictor.run_batch,
+                               max_batch_size=settings.max_batch_size if batching else 1,
+                               max_wait_s=settings.max_wait_ms / 1000.0 if batching else 0.0,
+                               max_queue=settings.max_queue, observe=metrics.observe_batch)
+        await batcher.start()
+        metrics.track_queue(lambda: batcher.queued)
+        prep_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="prepare")
+        return cls(settings, predictor, batcher, prep_pool, time.time())
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self.prep_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _prepare(self, raw: RawPost) -> Post | APIError:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.prep_pool, self.predictor.prepare, raw)
+        except APIError as e:  # this post's image cannot be used; the others go on
+            return e
+
+    async def predict(self, posts: Sequence[RawPost]) -> list[Prediction | APIError]:
+        """Steps 2-4 for the posts of one request: a Prediction per post, or that post's
+        APIError (a bad image). Overload (503) and the deadline (504) fail the whole
+        request, since a client retries all of it."""
+        s = self.settings
+        try:
+            async with asyncio.timeout(s.request_timeout_s):
+                # Announced to the batcher, so a batch forming now waits for these posts.
+                with self.batcher.incoming(len(posts)):
+                    prepared = await asyncio.gather(*(self._prepare(p) for p in posts))
+                results = iter(await self.batcher.submit_many([p for p in prepared if isinstance(p, Post)]))
+        except TimeoutError:
+            raise APIError(504, "deadline_exceeded",
+                           f"no prediction within {s.request_timeout_s:g}s (REQUEST_TIMEOUT_S)") from None
+        except QueueFull as e:
+            raise APIError(503, "overloaded",
+                           f"the server is at capacity ({e.queued} posts queued, MAX_QUEUE={e.max_queue}); "
+                           "retry later", {"Retry-After": str(e.retry_after_s)}) from None
+        return [p if isinstance(p, APIError) else next(results) for p in prepared]
+
+    async def predict_one(self, post: RawPost) -> Prediction:
+        (out,) = await self.predict([post])
+        if isinstance(out, APIError):
+            raise out
+        return out
+
+
+def get_service(request: Request) -> Service:
+    """Dependency: the loaded service, or 503 while the model is not loaded."""
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        raise APIError(503, "not_ready", "the model is not loaded (yet); retry shortly", {"Retry-After": "5"})
+    return service
