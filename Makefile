@@ -47,23 +47,27 @@ demo: install
 	@echo "== 5/9 train: linear probe, 5 frozen + 5 fine-tuning epochs, WiSE-FT"
 	rm -rf $(DEMO)/run  # a demo is a fresh run; train_torch.py refuses to overwrite one (see --resume)
 	$(PY) training/train_torch.py --data $(DEMO)/data --out $(DEMO)/run --clip-model $(DEMO)/tiny_clip --clip-lr $(DEMO_CLIP_LR)
-	@echo "== 6-8/9 start uvicorn, curl a prediction, stop it"
-	PY=$(PY) bash serving/demo.sh $(DEMO)/run/model $(DEMO)/posts/images/000000.jpg "Sunset at the beach! #travel" $(PORT)
-	@echo "== 9/9 done. Metrics: $(DEMO)/run/metrics.json  Plots: $(DEMO)/run/*.png  Model: $(DEMO)/run/model"
+	@echo "== 6-8/9 start uvicorn, curl a prediction (with the feature fields), stop it"
+	PY=$(PY) bash serving/demo.sh $(DEMO)/run/model $(DEMO)/posts/images/000000.jpg "Sunset at the beach! #travel" $(PORT) \
+	  followers=12000 platform=instagram posted_hour=19
+	@echo "== 9/9 score the test posts with serving/predict.py: metrics, interval coverage, top and bottom 3"
+	$(PY) serving/predict.py --model $(DEMO)/run/model --input $(DEMO)/posts/posts.csv --rows-of $(DEMO)/data:test \
+	  --out $(DEMO)/run/predictions_scored.csv
+	@echo "== done. Metrics: $(DEMO)/run/metrics.json  Plots: $(DEMO)/run/*.png  Model: $(DEMO)/run/model  Scores: $(DEMO)/run/predictions_scored.csv"
 
 clean:
 	rm -rf runs data bench/out
 
 # Benchmarks (bench/README.md): every CPU table of BENCHMARKS.md, then the report.
 # hey is the serving benchmark's load generator (a Debian package): installed here if
-# missing and possible (root); otherwise serve_bench.py falls back to a Python generator.
+# missing and possible (root); bench/run_all.py stops at once without it.
 # `make bench RUN=runs/x` reports that finished training run's quality instead of training one.
 bench: install
 	@command -v hey >/dev/null 2>&1 || { echo "installing hey (load generator for bench/serve_bench.py)"; \
 	  (apt-get install -y -qq hey || (apt-get update -qq && apt-get install -y -qq hey)) >/dev/null 2>&1 \
-	  || echo "could not install hey: the serving benchmark uses its Python load generator"; }
+	  || echo "could not install hey: apt-get install hey, then make bench again"; }
 	$(PY) bench/run_all.py $(if $(RUN),--quality-run-dir $(RUN))
 
-# Every benchmark script at toy sizes (~30 s on a quiet machine); results in bench/out/smoke, BENCHMARKS.md untouched.
+# Every benchmark script at toy sizes (a few minutes); results in bench/out/smoke, BENCHMARKS.md untouched.
 bench-smoke: install
 	$(PY) bench/run_all.py --smoke
