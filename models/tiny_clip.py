@@ -180,6 +180,48 @@ def _clip_pre_tokenizer():
     return normalizer, pre_tokenizer
 
 
+def _word_freqs(texts: Iterable[str]) -> tuple[list[list[str]], list[int]]:
+    """Distinct pre-tokenized words of ``texts`` (sorted) and their counts; a word is its
+    byte-level chars with ``</w>`` fused onto the last one."""
+    normalizer, pre_tokenizer = _clip_pre_tokenizer()
+    counts: Counter = Counter()
+    for text in texts:
+        if text and text.strip():
+            counts.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    words = [list(w[:-1]) + [w[-1] + END_OF_WORD] for w in sorted(counts)]
+    return words, [counts[w] for w in sorted(counts)]
+
+
+def _merge_pair(pair: tuple[str, str], words: list[list[str]], freqs: list[int], where: dict,
+                pair_counts: Counter) -> set:
+    """Merge ``pair`` in every word that holds it, updating ``pair_counts`` and ``where``
+    in place; return the pairs whose counts changed."""
+    a, b = pair
+    merged = a + b
+    touched = set()
+    for wi in sorted(where.pop(pair)):
+        w, f = words[wi], freqs[wi]
+        new_w, i = [], 0
+        while i < len(w):
+            if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
+                new_w.append(merged)
+                i += 2
+            else:
+                new_w.append(w[i])
+                i += 1
+        if len(new_w) == len(w):
+            continue  # the index is a superset; this word no longer holds the pair
+        for q in zip(w, w[1:]):
+            pair_counts[q] -= f
+            touched.add(q)
+        for q in zip(new_w, new_w[1:]):
+            pair_counts[q] += f
+            where[q].add(wi)
+            touched.add(q)
+        words[wi] = new_w
+    return touched
+
+
 def learn_clip_bpe(texts: Iterable[str] | None = None, vocab_size: int = 4096,
                    min_frequency: int = 2) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Learn CLIP-style BPE ``(vocab, merges)`` from ``texts`` (built-in corpus if None).
@@ -202,15 +244,7 @@ def learn_clip_bpe(texts: Iterable[str] | None = None, vocab_size: int = 4096,
     vocab: dict[str, int] = {}
     for tok in base + [b + END_OF_WORD for b in base]:
         vocab[tok] = len(vocab)
-
-    # Word frequencies; a word is its byte-level chars with </w> fused onto the last one.
-    normalizer, pre_tokenizer = _clip_pre_tokenizer()
-    counts: Counter = Counter()
-    for text in texts:
-        if text and text.strip():
-            counts.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
-    words = [list(w[:-1]) + [w[-1] + END_OF_WORD] for w in sorted(counts)]
-    freqs = [counts[w] for w in sorted(counts)]
+    words, freqs = _word_freqs(texts)
 
     # Pair counts plus an index pair -> words holding it, so each merge touches only
     # those words; a heap of (-count, pair) with lazy deletion picks the next merge.
@@ -230,32 +264,10 @@ def learn_clip_bpe(texts: Iterable[str] | None = None, vocab_size: int = 4096,
             continue  # stale entry; the current count was pushed when it changed
         if -neg < min_frequency:
             break
-        a, b = pair
-        merged = a + b
         merges.append(pair)
         # A token can be reached by two merge paths ("ab"+"c", "a"+"bc"); it gets one id.
-        vocab.setdefault(merged, len(vocab))
-        touched = set()
-        for wi in sorted(where.pop(pair)):
-            w, f = words[wi], freqs[wi]
-            new_w, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and w[i] == a and w[i + 1] == b:
-                    new_w.append(merged)
-                    i += 2
-                else:
-                    new_w.append(w[i])
-                    i += 1
-            if len(new_w) == len(w):
-                continue  # the index is a superset; this word no longer holds the pair
-            for q in zip(w, w[1:]):
-                pair_counts[q] -= f
-                touched.add(q)
-            for q in zip(new_w, new_w[1:]):
-                pair_counts[q] += f
-                where[q].add(wi)
-                touched.add(q)
-            words[wi] = new_w
+        vocab.setdefault(pair[0] + pair[1], len(vocab))
+        touched = _merge_pair(pair, words, freqs, where, pair_counts)
         pair_counts.pop(pair, None)
         for q in touched:
             if q != pair and pair_counts.get(q, 0) > 0:
