@@ -8,8 +8,11 @@ optional file in turn, each with its own backoff: ``CLIPProcessor`` makes nine s
 lookups (processor_config.json three times, the preprocessor, model, chat-template and
 audio-tokenizer configs, a tree listing). Here, where DNS fails at once,
 ``CLIPModel.from_pretrained("openai/clip-vit-base-patch32")`` fails after 35 s and
-``CLIPProcessor.from_pretrained`` after 223 s, both with a traceback; where packets are
-dropped instead, every attempt also waits for its timeout.
+``CLIPProcessor.from_pretrained`` after 223 s, both with a traceback. Where the hub
+accepts connections but never answers (a dropping firewall or a stuck proxy; tested
+with a silent loopback port), it is worse: transformers' first request,
+``resolve_revision`` -> ``HfApi.model_info``, has no timeout, and ``CLIPModel`` was
+still waiting, silently, when ``timeout 300`` killed it.
 
 ``resolve_pretrained`` decides before any of that starts, with one request of a few
 seconds, and returns what to pass to ``from_pretrained``:
