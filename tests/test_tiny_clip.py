@@ -219,26 +219,30 @@ def test_retrieval_ranks_all_posts_and_counts_shared_captions(tiny_dir):
                                    text_embeds=self.text_rows[rows])
 
     eye = torch.eye(4)
-    assert evaluate(Scripted(eye, eye), processor, posts, batch_size=2) == {"loss": 1.0, "retrieval_top1": 1.0, "n": 4}
+    assert evaluate(Scripted(eye, eye), processor, posts, batch_size=2) == {
+        "loss": 1.0, "retrieval_top1": 1.0, "rank_score": 1.0, "n": 4}
     # Image i is nearest caption i+2 (another batch of 2), then its own. Ranking all 4 captions:
-    # images 0 and 2 retrieve each other's caption, which is the same text (hits), 1 and 3 miss.
-    # Ranking within batches would give 1.0; counting only the exact post would give 0.0.
-    crossed = Scripted(eye[[2, 3, 0, 1]] + 0.5 * eye, eye)
-    assert evaluate(crossed, processor, posts, batch_size=2)["retrieval_top1"] == 0.5
+    # images 0 and 2 retrieve each other's caption, which is the same text (hits), 1 and 3 miss
+    # and rank their own caption above 2 of the 3 others. Ranking within batches would give
+    # top-1 1.0; counting only the exact post would give 0.0.
+    crossed = evaluate(Scripted(eye[[2, 3, 0, 1]] + 0.5 * eye, eye), processor, posts, batch_size=2)
+    assert (crossed["retrieval_top1"], crossed["rank_score"]) == (0.5, round((1 + 2 / 3 + 1 + 2 / 3) / 4, 4))
+    # A model that embeds everything alike ranks at chance: every other caption ties, counted half.
+    assert evaluate(Scripted(torch.ones(4, 4), torch.ones(4, 4)), processor, posts, 2)["rank_score"] == 0.5
 
 
 def test_pretrain_keeps_the_best_heldout_epoch(tmp_path, tiny_dir, posts_csv, monkeypatch):
     model, processor = CLIPModel.from_pretrained(tiny_dir), CLIPProcessor.from_pretrained(tiny_dir)
     posts, _ = load_posts(posts_csv, processor.image_processor)
     cfg = TinyClipConfig(out=str(tmp_path / "unused"), pretrain_epochs=3, batch_size=8, lr=1e-3)
-    # Scripted held-out scores: epochs 2 and 3 tie on top-1, epoch 2 has the lower loss.
-    scores = iter([(0.2, 1.0), (0.6, 1.5), (0.6, 1.7)])
+    # Scripted held-out scores: epochs 2 and 3 tie on rank score, epoch 2 has the lower loss.
+    scores = iter([(0.6, 1.0), (0.8, 1.5), (0.8, 1.7)])
     weights = []
 
     def scripted_evaluate(model, processor, posts, batch_size):
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
-        top1, loss = next(scores)
-        return {"loss": loss, "retrieval_top1": top1, "n": len(posts)}
+        rank_score, loss = next(scores)
+        return {"loss": loss, "retrieval_top1": 0.0, "rank_score": rank_score, "n": len(posts)}
 
     monkeypatch.setattr(tiny_clip, "evaluate", scripted_evaluate)
     run = tiny_clip.pretrain(model, processor, encode_posts(processor, posts[:8]),
@@ -262,15 +266,17 @@ def test_pretrain_retrieves_above_chance_and_records_its_choice(pretrained, post
     sel, held = record["selection"], record["heldout"]
     curve = sel["curve"]
     assert [row["epoch"] for row in curve] == list(range(1, 11))
-    top = max(row["heldout_top1"] for row in curve)
-    best = min((row for row in curve if row["heldout_top1"] == top), key=lambda row: row["heldout_loss"])
+    top = max(row["heldout_rank_score"] for row in curve)
+    best = min((row for row in curve if row["heldout_rank_score"] == top), key=lambda row: row["heldout_loss"])
     assert sel["best_epoch"] == best["epoch"] and sel["best"] == held["after"] == best
     assert held["last"] == curve[-1]
 
-    # Retrieval works: at 3x chance (1 in 10) and above the untrained model, which is at chance.
+    # Retrieval works: the untrained model is at chance (top-1 1 in 10, rank score 0.5 give or
+    # take), the kept epoch is clearly above it on both.
     n = record["data"]["heldout"]
-    assert held["before"]["retrieval_top1"] <= 1 / n
+    assert held["before"]["retrieval_top1"] <= 1 / n and abs(held["before"]["rank_score"] - 0.5) < 0.15
     assert held["after"]["heldout_top1"] >= 3 / n > held["before"]["retrieval_top1"]
+    assert held["after"]["heldout_rank_score"] >= 0.65  # 0.71 when written; the untrained model 0.47
 
     # The saved weights are the kept epoch's: re-scoring them on the same held-out split matches.
     model, processor = CLIPModel.from_pretrained(pretrained), CLIPProcessor.from_pretrained(pretrained)
@@ -278,7 +284,8 @@ def test_pretrain_retrieves_above_chance_and_records_its_choice(pretrained, post
     cfg = TinyClipConfig(**record["config"])
     _, held_posts = split_posts(posts, cfg)
     rescored = evaluate(model, processor, encode_posts(processor, held_posts), cfg.batch_size)
-    assert (rescored["retrieval_top1"], rescored["loss"]) == (best["heldout_top1"], best["heldout_loss"])
+    assert (rescored["rank_score"], rescored["retrieval_top1"], rescored["loss"]) == (
+        best["heldout_rank_score"], best["heldout_top1"], best["heldout_loss"])
 
 
 def test_pretrain_lowers_contrastive_loss(pretrained, posts_csv, tmp_path):
