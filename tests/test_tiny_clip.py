@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -15,13 +16,19 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoProcessor, CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from models import tiny_clip
 from models.tiny_clip import (
+    PostTensors,
+    TinyClipConfig,
     build_tiny_clip,
     caption_texts,
+    encode_posts,
+    evaluate,
     learn_clip_bpe,
     load_posts,
     main,
     make_batch,
+    split_posts,
     tiny_clip_config,
 )
 
@@ -162,33 +169,151 @@ def test_build_is_reproducible_and_replaces_atomically(tmp_path, tiny_dir):
         build_tiny_clip(tmp_path / "x", preset="nope")
 
 
-def test_pretrain_lowers_contrastive_loss(tmp_path):
-    csv = make_posts(tmp_path / "data")
-    out = tmp_path / "pretrained"
-    main(["--out", str(out), "--pretrain-on", str(csv), "--pretrain-epochs", "3", "--batch-size", "8",
-          "--lr", "1e-3", "--pretrain-minutes", "2"])
+# Pretraining as the tests run it: 40 posts, 10 held out (chance top-1 = 1/10), 10 short epochs.
+PRETRAIN_ARGS = ["--pretrain-epochs", "10", "--batch-size", "8", "--lr", "1e-3", "--heldout-fraction", "0.25",
+                 "--pretrain-minutes", "5"]
 
-    record = json.loads((out / "pretrain.json").read_text())
+
+@pytest.fixture(scope="module")
+def posts_csv(tmp_path_factory) -> Path:
+    return make_posts(tmp_path_factory.mktemp("posts"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(posts_csv, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrained") / "clip"
+    main(["--out", str(out), "--pretrain-on", str(posts_csv), *PRETRAIN_ARGS])
+    return out
+
+
+def test_cached_batches_equal_the_processor_on_the_posts(tiny_dir, posts_csv):
+    # Processing every post once must not change what the model sees in a step.
+    processor = CLIPProcessor.from_pretrained(tiny_dir)
+    posts, _ = load_posts(posts_csv, processor.image_processor)
+    cached = make_batch(processor, encode_posts(processor, posts), rows=[3, 0, 7, 5])
+    direct = processor(text=[posts[i].caption for i in (3, 0, 7, 5)], images=[posts[i].image for i in (3, 0, 7, 5)],
+                       return_tensors="pt", padding=True, truncation=True)
+    assert set(cached) == set(direct)
+    for key in direct:
+        assert torch.equal(cached[key], direct[key]), key
+
+
+def test_retrieval_ranks_all_posts_and_counts_shared_captions(tiny_dir):
+    processor = CLIPProcessor.from_pretrained(tiny_dir)
+    side = CLIPConfig.from_pretrained(tiny_dir).vision_config.image_size
+    captions = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 5, 2], [1, 7, 2]])  # posts 0 and 2 share a caption
+    posts = PostTensors(torch.zeros(4, 3, side, side, dtype=torch.uint8), captions, torch.ones_like(captions))
+
+    class Scripted(torch.nn.Module):
+        """Embeds image i as ``image_rows[i]`` and caption j as ``text_rows[j]``."""
+
+        def __init__(self, image_rows, text_rows):
+            super().__init__()
+            self.image_rows, self.text_rows, self.seen = image_rows, text_rows, 0
+
+        def forward(self, pixel_values, input_ids, attention_mask, return_loss):
+            b = len(pixel_values)
+            rows = slice(self.seen, self.seen + b)
+            self.seen += b
+            return SimpleNamespace(loss=torch.tensor(1.0), image_embeds=self.image_rows[rows],
+                                   text_embeds=self.text_rows[rows])
+
+    eye = torch.eye(4)
+    assert evaluate(Scripted(eye, eye), processor, posts, batch_size=2) == {
+        "loss": 1.0, "retrieval_top1": 1.0, "rank_score": 1.0, "n": 4}
+    # Image i is nearest caption i+2 (another batch of 2), then its own. Ranking all 4 captions:
+    # images 0 and 2 retrieve each other's caption, which is the same text (hits), 1 and 3 miss
+    # and rank their own caption above 2 of the 3 others. Ranking within batches would give
+    # top-1 1.0; counting only the exact post would give 0.0.
+    crossed = evaluate(Scripted(eye[[2, 3, 0, 1]] + 0.5 * eye, eye), processor, posts, batch_size=2)
+    assert (crossed["retrieval_top1"], crossed["rank_score"]) == (0.5, round((1 + 2 / 3 + 1 + 2 / 3) / 4, 4))
+    # A model that embeds everything alike ranks at chance: every other caption ties, counted half.
+    assert evaluate(Scripted(torch.ones(4, 4), torch.ones(4, 4)), processor, posts, 2)["rank_score"] == 0.5
+
+
+def test_pretrain_keeps_the_best_heldout_epoch(tmp_path, tiny_dir, posts_csv, monkeypatch):
+    model, processor = CLIPModel.from_pretrained(tiny_dir), CLIPProcessor.from_pretrained(tiny_dir)
+    posts, _ = load_posts(posts_csv, processor.image_processor)
+    cfg = TinyClipConfig(out=str(tmp_path / "unused"), pretrain_epochs=3, batch_size=8, lr=1e-3)
+    # Scripted held-out scores: epochs 2 and 3 tie on rank score, epoch 2 has the lower loss.
+    scores = iter([(0.6, 1.0), (0.8, 1.5), (0.8, 1.7)])
+    weights = []
+
+    def scripted_evaluate(model, processor, posts, batch_size):
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        rank_score, loss = next(scores)
+        return {"loss": loss, "retrieval_top1": 0.0, "rank_score": rank_score, "n": len(posts)}
+
+    monkeypatch.setattr(tiny_clip, "evaluate", scripted_evaluate)
+    run = tiny_clip.pretrain(model, processor, encode_posts(processor, posts[:8]),
+                             encode_posts(processor, posts[8:12]), cfg)
+    assert [row["epoch"] for row in run["curve"]] == [1, 2, 3] and run["best"]["epoch"] == 2
+    assert run["steps"] == 3 == len(run["losses"])  # 8 posts, one batch of 8 per epoch
+    final = model.state_dict()
+    assert all(torch.equal(final[k], weights[1][k]) for k in final)  # epoch 2's weights, restored
+    assert not all(torch.equal(final[k], weights[2][k]) for k in final)  # not the last epoch's
+
+
+def test_pretrain_retrieves_above_chance_and_records_its_choice(pretrained, posts_csv):
+    record = json.loads((pretrained / "pretrain.json").read_text())
     assert record["data"]["rows"] == 42 and record["data"]["usable"] == 40
     assert record["data"]["rejected"] == {"not_found": 1, "unsupported_format": 1}
-    assert record["data"]["heldout"] == 4 and record["data"]["train"] == 36
-    assert record["training"]["steps"] == len(record["losses"]) > 0
+    assert record["data"]["heldout"] == 10 and record["data"]["train"] == 30
+    assert record["training"]["steps"] == 10 * (30 // 8) == len(record["losses"])
     assert all(math.isfinite(x) for x in record["losses"])
-    for when in ("before", "after"):
-        assert 0.0 <= record["heldout"][when]["retrieval_top1"] <= 1.0
-    assert record["config"]["preset"] == "tiny" and record["seconds"]["total"] > 0
 
+    # The kept epoch is the curve's best by the rule, and is what "after" reports.
+    sel, held = record["selection"], record["heldout"]
+    curve = sel["curve"]
+    assert [row["epoch"] for row in curve] == list(range(1, 11))
+    top = max(row["heldout_rank_score"] for row in curve)
+    best = min((row for row in curve if row["heldout_rank_score"] == top), key=lambda row: row["heldout_loss"])
+    assert sel["best_epoch"] == best["epoch"] and sel["best"] == held["after"] == best
+    assert held["last"] == curve[-1]
+
+    # Retrieval works: the untrained model is at chance (top-1 1 in 10, rank score 0.5 give or
+    # take), the kept epoch is clearly above it on both.
+    n = record["data"]["heldout"]
+    assert held["before"]["retrieval_top1"] <= 1 / n and abs(held["before"]["rank_score"] - 0.5) < 0.15
+    assert held["after"]["heldout_top1"] >= 3 / n > held["before"]["retrieval_top1"]
+    assert held["after"]["heldout_rank_score"] >= 0.65  # 0.71 when written; the untrained model 0.47
+
+    # The saved weights are the kept epoch's: re-scoring them on the same held-out split matches.
+    model, processor = CLIPModel.from_pretrained(pretrained), CLIPProcessor.from_pretrained(pretrained)
+    posts, _ = load_posts(posts_csv, processor.image_processor)
+    cfg = TinyClipConfig(**record["config"])
+    _, held_posts = split_posts(posts, cfg)
+    rescored = evaluate(model, processor, encode_posts(processor, held_posts), cfg.batch_size)
+    assert (rescored["rank_score"], rescored["retrieval_top1"], rescored["loss"]) == (
+        best["heldout_rank_score"], best["heldout_top1"], best["heldout_loss"])
+
+
+def test_pretrain_lowers_contrastive_loss(pretrained, posts_csv, tmp_path):
     # The untrained start is reproducible: same tokenizer texts, same seed.
-    before_dir = build_tiny_clip(tmp_path / "before", seed=0, texts=caption_texts(csv))
-    processor = CLIPProcessor.from_pretrained(out)
-    posts, _ = load_posts(csv, processor.image_processor)
-    batch = make_batch(processor, posts[:16])
+    before_dir = build_tiny_clip(tmp_path / "before", seed=0, texts=caption_texts(posts_csv))
+    processor = CLIPProcessor.from_pretrained(pretrained)
+    posts, _ = load_posts(posts_csv, processor.image_processor)
+    batch = make_batch(processor, encode_posts(processor, posts[:16]))
     losses = {}
-    for name, path in (("before", before_dir), ("after", out)):
+    for name, path in (("before", before_dir), ("after", pretrained)):
         model = CLIPModel.from_pretrained(path).eval()
         with torch.no_grad():
             losses[name] = float(model(**batch, return_loss=True).loss)
     assert losses["after"] < losses["before"] - 0.05, losses
+
+
+def test_pretrain_is_reproducible_for_a_seed(tmp_path, posts_csv):
+    # Two epochs of two steps (20 posts train, batches of 10): the second epoch's shuffle counts too.
+    args = ["--pretrain-on", str(posts_csv), "--pretrain-epochs", "2", "--batch-size", "10", "--lr", "1e-3",
+            "--heldout-fraction", "0.5"]
+    weights = []
+    for run in ("a", "b"):
+        main(["--out", str(tmp_path / run), *args])
+        weights.append((tmp_path / run / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+    # ...and the weights did change from the random init, so the equality is not vacuous.
+    init = build_tiny_clip(tmp_path / "init", seed=0, texts=caption_texts(posts_csv))
+    assert (init / "model.safetensors").read_bytes() != weights[0]
 
 
 def test_cli_runs_as_script_and_module(tmp_path):
