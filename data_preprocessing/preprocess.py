@@ -437,8 +437,10 @@ def resolve_policy(cfg: PreprocessConfig) -> tuple[ResizePolicy, str]:
     if cfg.clip_processor:
         from transformers import CLIPImageProcessor
 
+        from common.hub import resolve_pretrained
+
         try:
-            processor = CLIPImageProcessor.from_pretrained(cfg.clip_processor)
+            processor = CLIPImageProcessor.from_pretrained(resolve_pretrained(cfg.clip_processor))
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: could not load CLIP processor {cfg.clip_processor!r}: {e}") from None
         return ResizePolicy.from_image_processor(processor), f"clip_processor:{cfg.clip_processor}"

@@ -189,8 +189,11 @@ class CLIPRegressor(nn.Module):
 
         # The model comes with its transforms (open_clip's create_model_and_transforms): the
         # image processor beside the weights says how to normalise pixels.
-        return cls(CLIPModel.from_pretrained(name_or_path), head, n_features,
-                   CLIPImageProcessor.from_pretrained(name_or_path))
+        from common.hub import resolve_pretrained
+
+        # Raises PretrainedUnavailable in seconds when a hub name can't be had (no hub, not cached).
+        source = resolve_pretrained(name_or_path)
+        return cls(CLIPModel.from_pretrained(source), head, n_features, CLIPImageProcessor.from_pretrained(source))
 
     def set_pixel_normalization(self, image_processor) -> None:
         """Normalise uint8 pixels on the device with the processor's rescale factor, mean and std."""

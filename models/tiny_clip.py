@@ -42,7 +42,7 @@ from typing import Iterable, Iterator, Sequence
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import atomic_dir, config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
+from common.config import atomic_dir, bar_disabled, config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -443,7 +443,7 @@ def load_posts(csv_path: Path, image_processor) -> tuple[list[Post], dict]:
     policy = ResizePolicy.from_image_processor(image_processor)
     posts, rejects = [], Counter()
     for rel, desc in tqdm(zip(df["image_path"], df["description"]), total=len(df), desc="decode images",
-                          unit="img"):
+                          unit="img", disable=bar_disabled()):
         caption = clean_text(desc)
         if not caption:
             rejects["empty_caption"] += 1
@@ -664,7 +664,7 @@ def pretrain(model, processor, train: PostTensors, heldout: PostTensors, cfg: Ti
     run = _Run(_optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed), bs, steps_per_epoch,
                steps_per_epoch * cfg.pretrain_epochs, deadline=t0 + cfg.pretrain_minutes * 60.0)
     curve, best, best_state = [], None, None
-    bar = tqdm(total=run.total_steps, desc="pretrain", unit="step")
+    bar = tqdm(total=run.total_steps, desc="pretrain", unit="step", disable=bar_disabled())
     for epoch in range(1, cfg.pretrain_epochs + 1):
         train_loss = train_one_epoch(model, processor, train, run, cfg, bar)
         if run.step == 0:

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.config import bar_disabled, config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
+from common.hub import PretrainedUnavailable, resolve_pretrained
 from data_preprocessing.posts import PrepareConfig, Record
 from data_preprocessing.records import RecordReader, check_cleaning_version, check_record_format, load_meta
 from models.clip_regressor import (DEFAULT_CLIP, CLIPRegressor, HeadConfig, PostBatcher, TargetTransform,
@@ -757,7 +758,9 @@ def setup(cfg: TrainConfig) -> Run:
     log.info("device %s, %d process(es), mixed precision %s, %d torch threads", accelerator.device,
              accelerator.num_processes, precision, torch.get_num_threads())
     # 1. Check the data against the processor before spending time on the model.
-    processor = CLIPProcessor.from_pretrained(cfg.clip_model)
+    # A local dir, a hub name the hub answers for, or its cached snapshot; never minutes of hub retries.
+    clip_source = resolve_pretrained(cfg.clip_model)
+    processor = CLIPProcessor.from_pretrained(clip_source)
     meta = check_data(cfg.data, processor.image_processor)
     datasets = {s: EngagementDataset(cfg.data, s) for s in SPLITS}
     log.info("data %s: %s (cleaning version %s)", cfg.data, ", ".join(f"{s} {len(d)}" for s, d in datasets.items()),
@@ -777,7 +780,7 @@ def setup(cfg: TrainConfig) -> Run:
     log.info("feature columns: %s (%d head inputs)", ", ".join(
         f"{f.name} ({f.column.kind}, {f.transform})" for f in prep.features.features) or "none", prep.features.width)
     set_seed(cfg.seed)
-    model = CLIPRegressor.from_pretrained(cfg.clip_model, HeadConfig(cfg.head_hidden, cfg.head_dropout),
+    model = CLIPRegressor.from_pretrained(clip_source, HeadConfig(cfg.head_hidden, cfg.head_dropout),
                                           n_features=prep.features.width)
     weights = {"best": None, "phase1": None}
     if resumed is not None:
@@ -1008,6 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
         return train(cfg)
     except (DataRefused, NonFiniteLoss) as e:
         raise SystemExit(f"train_torch: {type(e).__name__}: {e}") from None
+    except PretrainedUnavailable as e:  # no hub and no cached copy: one line, not a traceback
+        raise SystemExit(f"error: --clip-model: {e}") from None
 
 
 if __name__ == "__main__":
