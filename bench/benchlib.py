@@ -211,8 +211,10 @@ class Phase2:
         from training.train_torch import Collator, EngagementDataset, NonFiniteGuard, TrainConfig, start_phase
 
         torch.manual_seed(seed)
-        self.model = CLIPRegressor(CLIPModel.from_pretrained(clip_dir, **clip_kw)).to(accelerator.device)
-        self.batcher = PostBatcher.from_clip(CLIPProcessor.from_pretrained(clip_dir), self.model.clip.config)
+        processor = CLIPProcessor.from_pretrained(clip_dir)
+        self.model = CLIPRegressor(CLIPModel.from_pretrained(clip_dir, **clip_kw),
+                                   image_processor=processor.image_processor).to(accelerator.device)
+        self.batcher = PostBatcher.from_clip(processor, self.model.clip.config)
         self.train = EngagementDataset(records_dir, "train")
         self.collate = Collator(self.batcher, TargetTransform.fit(self.train.labels()))
         self.cfg = TrainConfig(data=str(records_dir), out="", frozen_epochs=0, finetune_epochs=1, batch_size=batch_size)

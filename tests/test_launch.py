@@ -10,7 +10,6 @@ import urllib.request
 import pytest
 
 from serving.launch import free_port, main, run_server
-from tests.serving_fixtures import model_dir  # noqa: F401 - fixture
 
 # Run by main() while the server is up: prints /metadata's max_batch_size, exits 7 if /ready said 200.
 PROBE = """
