@@ -724,13 +724,20 @@ def make_posts(out_dir: str | os.PathLike, n: int = 2000, seed: int = 0, workers
     df[truth_cols].to_csv(out / TRUTH_CSV, index=False, lineterminator="\n")  # floats at full repr
 
     # 3. ceilings on the log1p scale and label statistics
+    meta = ceilings_meta(df, n, seed)
+    write_json_atomic(out / META_JSON, meta)
+    return meta
+
+
+def ceilings_meta(df, n: int, seed: int) -> dict:
+    """meta.json: the generator's settings, the R² ceilings on the log1p scale, label stats."""
     f = df["f"].to_numpy()
     likes = df["engagement"].to_numpy()
     var_f = float(np.var(f))
     # A model that ignores the account columns can at best predict f_content plus the
     # mean of the account terms (they are drawn independently of the content).
     f_blind = df["f_content"].to_numpy() + float(np.mean(f - df["f_content"].to_numpy()))
-    meta = {
+    return {
         "n": n,
         "seed": seed,
         "generator_version": GENERATOR_VERSION,
@@ -761,8 +768,6 @@ def make_posts(out_dir: str | os.PathLike, n: int = 2000, seed: int = 0, workers
         },
         "label_function_doc": label_function_doc(),
     }
-    write_json_atomic(out / META_JSON, meta)
-    return meta
 
 
 # ---------------------------------------------------------------------------------------
