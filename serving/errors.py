@@ -67,7 +67,7 @@ def _reason_of(error: dict, multipart: bool) -> tuple[int, str] | None:
         return 422, "no_posts"
     if name == "text" and kind == "string_too_long":
         return 422, "caption_too_long"
-    if kind == "missing" and not multipart and name not in ("image_base64", "text", "posts"):
+    if kind == "missing" and not multipart and name and name not in ("image_base64", "text", "posts"):
         return 422, "missing_feature"  # every other required JSON key is a feature column
     if kind == "missing" and multipart:
         return 422, "missing_field"
