@@ -570,7 +570,7 @@ class EmbeddingCache:
 
     def __init__(self, model: CLIPRegressor, datasets: dict, collate: Collator, cfg: TrainConfig, accelerator):
         self.cfg, self.accelerator = cfg, accelerator
-        self.splits, seconds = {}, {}
+        self.splits, seconds, self._loaders = {}, {}, {}
         for split, ds in datasets.items():
             t0 = time.perf_counter()
             loader = accelerator.prepare(make_loader(ds, cfg.eval_batch_size, collate, shuffle_seed=None,
@@ -583,10 +583,13 @@ class EmbeddingCache:
                  ", ".join(f"{s} {t:.1f} s" for s, t in seconds.items()))
 
     def loader(self, split: str):
-        c = self.splits[split]
-        bs = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
-        return self.accelerator.prepare(make_loader(_Indices(len(c["label"])), bs, CachedBatch(c),
-                                                    shuffle_seed=self.cfg.seed if split == "train" else None))
+        """The prepared loader over ``split``'s cached rows, built once and reused every epoch."""
+        if split not in self._loaders:
+            c = self.splits[split]
+            bs = self.cfg.batch_size if split == "train" else self.cfg.eval_batch_size
+            self._loaders[split] = self.accelerator.prepare(make_loader(
+                _Indices(len(c["label"])), bs, CachedBatch(c), shuffle_seed=self.cfg.seed if split == "train" else None))
+        return self._loaders[split]
 
     def head_inputs(self, split: str) -> torch.Tensor:
         """(N, 3D+1+F) what the head sees for every post of ``split``."""
