@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import types
 import typing
 from pathlib import Path
 
@@ -33,8 +34,8 @@ def field(default=dataclasses.MISSING, *, help: str, **kw):
 
 
 def _arg_type(tp):
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    # ``X | None`` (types.UnionType) and ``Optional[X]`` (typing.Union): parse as X.
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _arg_type(args[0])
     return tp

@@ -18,6 +18,7 @@ import torch
 from models.clip_regressor import CLIPRegressor, HeadConfig, TargetTransform, load_model, regression_metrics
 from tiny_posts import write_tiny_posts
 from data_preprocessing.posts import Record
+from common.config import parse_config
 from training import train_torch
 from training.train_torch import (Collator, EngagementDataset, NonFiniteGuard, TrainConfig, make_loader,
                                   start_phase, train_one_epoch)
@@ -437,3 +438,11 @@ def test_uint8_pixels_match_the_processors_float_path(posts, tiny_clip):
         b = model(**batch)  # uint8, normalised by the model
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
     assert not torch.equal(batch["pixel_values"].float(), floats)  # the two paths really differ in input
+
+
+def test_optional_number_flags_parse_as_numbers():
+    """``float | None`` fields (e.g. --finetune-head-lr) take a number from the command line,
+    not the string that __post_init__ then fails to compare."""
+    cfg = parse_config(TrainConfig, ["--data", "d", "--out", "o", "--finetune-head-lr", "1e-5"])
+    assert cfg.finetune_head_lr == 1e-5
+    assert parse_config(TrainConfig, ["--data", "d", "--out", "o"]).finetune_head_lr == cfg.head_lr / 10
