@@ -48,7 +48,7 @@ from serving.metrics import ServingMetrics
 from serving.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from serving.predictor import Predictor, get_model_loader
 from serving.routes import prediction_router, router
-from serving.service import Service
+from serving.service import Service, torch_thread
 from serving.settings import DEFAULT_SETTINGS, ServingSettings, get_settings
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,21 @@ def _check_model_dir(settings: ServingSettings) -> Path:
     return model_dir
 
 
-async def _load_predictor(app: FastAPI, settings: ServingSettings) -> Predictor:
-    """Load MODEL_DIR and run one warm-up prediction, in threads (it takes seconds and the
-    loop should stay responsive); any failure means "this is not a usable model"."""
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+async def _load_predictor(app: FastAPI, settings: ServingSettings, torch_pool) -> Predictor:
+    """Load MODEL_DIR and run one warm-up prediction on the torch thread (it takes seconds
+    and the loop should stay responsive); any failure means "this is not a usable model"."""
     model_dir = _check_model_dir(settings)
     load = resolve(app, get_model_loader)
+    loop = asyncio.get_running_loop()
     try:
-        predictor = Predictor(await asyncio.to_thread(load, model_dir), settings.max_pixels)
-        await asyncio.to_thread(predictor.warm_up)
+        predictor = Predictor(await loop.run_in_executor(torch_pool, load, model_dir), settings.max_pixels)
+        await loop.run_in_executor(torch_pool, predictor.warm_up)
     except Exception as e:  # noqa: BLE001
         raise RuntimeError(f"could not load the model from MODEL_DIR={model_dir}: {type(e).__name__}: {e}") from e
     return predictor
@@ -110,20 +117,22 @@ async def lifespan(app: FastAPI):
         # Follow uvicorn's --log-level where it set one.
         setup_logging(logging.getLogger("uvicorn.error").level or logging.INFO)
     settings = app.state.settings = _settings(app)
-    import torch
-
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     t0 = time.perf_counter()
-    predictor = await _load_predictor(app, settings)
-    _check_contract(app.state.contract, settings, predictor)
+    torch_pool = torch_thread(settings.torch_threads)
+    try:
+        predictor = await _load_predictor(app, settings, torch_pool)
+        _check_contract(app.state.contract, settings, predictor)
+    except BaseException:
+        torch_pool.shutdown(wait=False, cancel_futures=True)
+        raise
     metrics: ServingMetrics = app.state.metrics
     metrics.model_load_seconds.set(time.perf_counter() - t0)
     metrics.model.info(predictor.info.model_dump())
-    service = app.state.service = await Service.start(settings, predictor, metrics)
+    service = app.state.service = await Service.start(settings, predictor, metrics, torch_pool)
+    threads = await asyncio.get_running_loop().run_in_executor(torch_pool, _torch_threads)
     log.info("loaded model %s (version %s) from %s in %.1fs; torch threads %d; micro-batching %s "
              "(max batch %d, max wait %.1f ms, max queue %d)", predictor.info.name, predictor.info.version,
-             settings.model_dir, time.perf_counter() - t0, torch.get_num_threads(),
+             settings.model_dir, time.perf_counter() - t0, threads,
              "on" if settings.micro_batching else "off", service.batcher.max_batch_size,
              service.batcher.max_wait_s * 1000, service.batcher.max_queue)
     try:

@@ -55,13 +55,15 @@ class MicroBatcher(Generic[T, R]):
     """Group posts from concurrent callers into batches for ``run_batch``.
 
     ``run_batch(items) -> results`` is a blocking function (one result per item, in
-    order); it runs in this batcher's own thread. ``max_batch_size=1, max_wait_s=0``
+    order); it runs in ``executor``, a one-thread executor (the server passes its torch
+    thread, ``serving.service.torch_thread``), else in a thread of this batcher's own. ``max_batch_size=1, max_wait_s=0``
     runs every post alone (MICRO_BATCHING=0). ``observe(size, seconds)``, if given, is
     told about every batch that ran (the server's /metrics).
     """
 
     def __init__(self, run_batch: Callable[[list[T]], Sequence[R]], *, max_batch_size: int, max_wait_s: float,
-                 max_queue: int, observe: Callable[[int, float], None] | None = None):
+                 max_queue: int, observe: Callable[[int, float], None] | None = None,
+                 executor: ThreadPoolExecutor | None = None):
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_s >= 0")
         self.run_batch = run_batch
@@ -72,7 +74,8 @@ class MicroBatcher(Generic[T, R]):
         self._queue: deque[_Pending[T]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: ThreadPoolExecutor | None = executor
+        self._owns_executor = executor is None  # shut down only the thread we started
         self._incoming = 0  # posts being prepared by callers that will submit them soon
         # Running statistics, for /metadata and Retry-After.
         self.batches = 0
@@ -83,7 +86,8 @@ class MicroBatcher(Generic[T, R]):
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task = asyncio.create_task(self._worker(), name="micro-batcher")
 
     async def stop(self) -> None:
@@ -99,7 +103,7 @@ class MicroBatcher(Generic[T, R]):
             p = self._queue.popleft()
             if not p.future.done():
                 p.future.set_exception(RuntimeError("server is shutting down"))
-        if self._executor is not None:
+        if self._executor is not None and self._owns_executor:
             # Let a batch already in the thread finish; it cannot be interrupted anyway.
             await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
             self._executor = None

@@ -8,7 +8,7 @@ The path of one post, in one direction:
 2. prepare: ``Predictor.prepare`` in a decoding thread (``prepare.load_image``,
    ``pre_resize``, ``clean_text``, ``sentiment``);
 3. queue: ``MicroBatcher.submit_many``, with posts of concurrent requests;
-4. predict: ``Predictor.run_batch`` in the one inference thread -> a ``Prediction`` each;
+4. predict: ``Predictor.run_batch`` in the one torch thread -> a ``Prediction`` each;
 5. respond: the endpoint returns it (or, in a batch, wraps it with its index).
 """
 
@@ -33,6 +33,25 @@ from serving.schemas import Prediction
 from serving.settings import ServingSettings
 
 
+def torch_thread(torch_threads: int | None) -> ThreadPoolExecutor:
+    """The one thread that runs torch in the server: loading, warm-up and every batch.
+
+    Why one: libgomp gives each OS thread that enters a parallel region its own OpenMP
+    team. A second team (the model loaded or warmed up on another thread) leaves more
+    libgomp threads than cores; libgomp then stops spin-waiting between parallel regions
+    and each of the forward's many regions pays a futex wake-up. On a 2-core Intel machine
+    the ViT-B/32 forward took 83 ms on the main thread and 112 ms on the inference thread
+    for that reason (bench/serve_bench.py measures it). The prepare threads never run torch.
+    """
+    def init() -> None:
+        import torch
+
+        if torch_threads:  # per thread in OpenMP (omp_set_num_threads), so set it here
+            torch.set_num_threads(torch_threads)
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference", initializer=init)
+
+
 @dataclass
 class Service:
     """Everything the lifespan builds; lives on ``app.state.service`` while serving."""
@@ -40,24 +59,29 @@ class Service:
     settings: ServingSettings
     predictor: Predictor
     batcher: MicroBatcher
-    prep_pool: ThreadPoolExecutor  # decoding threads, separate from the one inference thread
+    prep_pool: ThreadPoolExecutor  # decoding threads; they never run torch
+    torch_thread: ThreadPoolExecutor  # the model's one thread (``torch_thread``)
     loaded_at: float
 
     @classmethod
-    async def start(cls, settings: ServingSettings, predictor: Predictor, metrics: ServingMetrics) -> "Service":
+    async def start(cls, settings: ServingSettings, predictor: Predictor, metrics: ServingMetrics,
+                    torch_pool: ThreadPoolExecutor) -> "Service":
+        """``torch_pool`` is the thread that loaded ``predictor``; batches run there too."""
         batching = settings.micro_batching
         batcher = MicroBatcher(predictor.run_batch,
                                max_batch_size=settings.max_batch_size if batching else 1,
                                max_wait_s=settings.max_wait_ms / 1000.0 if batching else 0.0,
-                               max_queue=settings.max_queue, observe=metrics.observe_batch)
+                               max_queue=settings.max_queue, observe=metrics.observe_batch, executor=torch_pool)
         await batcher.start()
         metrics.track_queue(lambda: batcher.queued)
         prep_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="prepare")
-        return cls(settings, predictor, batcher, prep_pool, time.time())
+        return cls(settings, predictor, batcher, prep_pool, torch_pool, time.time())
 
     async def stop(self) -> None:
         await self.batcher.stop()
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
+        # Let a batch already in the thread finish; it cannot be interrupted anyway.
+        await asyncio.get_running_loop().run_in_executor(None, self.torch_thread.shutdown)
 
     async def _prepare(self, raw: RawPost) -> Post | APIError:
         try:

@@ -116,6 +116,26 @@ def test_metadata_counts_the_posts_predicted(model_dir):
     assert (batching["posts"], batching["batches"], batching["largest_batch"]) == (3, 2, 2)
 
 
+def test_all_torch_work_runs_on_the_one_torch_thread(model_dir):
+    """Load, warm-up and every batch run on one thread (serving.service.torch_thread): another
+    thread entering torch would start a second OpenMP team, and each forward would slow down."""
+    calls = []
+
+    class Spy(ModelSpy):
+        def load(self, model_dir):
+            calls.append(("load", threading.current_thread().name))
+            return super().load(model_dir)
+
+    spy = Spy()
+    spy.before = lambda batch: calls.append(("batch", threading.current_thread().name))
+    with serving_client(model_dir, spy=spy) as c:
+        assert c.post("/predict", **multipart(jpeg_bytes(), "one")).status_code == 200
+        assert c.post("/predict", **multipart(jpeg_bytes(seed=2), "two")).status_code == 200
+    assert [what for what, _ in calls] == ["load", "batch", "batch", "batch"]  # the warm-up, then two posts
+    names = {name for _, name in calls}
+    assert len(names) == 1 and names.pop().startswith("inference"), calls
+
+
 # --- the contract: the OpenAPI document -------------------------------------------------------
 
 
@@ -585,7 +605,7 @@ def test_overload_answers_503_with_retry_after_never_500(model_dir):
 
 def test_deadline_answers_504(model_dir):
     release, spy = threading.Event(), ModelSpy()
-    with serving_client(model_dir, spy=spy, request_timeout_s=0.3) as c:
+    with serving_client(model_dir, spy=spy, request_timeout_s=1.0) as c:
         spy.before = lambda batch: release.wait(5)
         t0 = time.perf_counter()
         r = c.post("/predict", **multipart(jpeg_bytes(), "slow"))
