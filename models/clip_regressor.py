@@ -73,7 +73,8 @@ class TargetTransform:
         return torch.log1p(y) if self.kind == "log1p" else y
 
     def to_label_units(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.expm1(z) if self.kind == "log1p" else z
+        # log1p is for counts: a score below 0 (fewer than 0 likes) means 0, never negative likes
+        return torch.expm1(z).clamp(min=0) if self.kind == "log1p" else z
 
     def standardise(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.mean) / self.std
@@ -322,7 +323,7 @@ class LoadedModel:
         intervals = {}
         for level in (self.calibration.half_widths if self.calibration else {}):
             low, high = self.calibration.interval(score, level)
-            intervals[level] = (self.target.to_label_units(low).clamp(min=0), self.target.to_label_units(high))
+            intervals[level] = (self.target.to_label_units(low), self.target.to_label_units(high))
         return Predictions(score, self.target.to_label_units(score), intervals, groups, phi, ref)
 
     @property

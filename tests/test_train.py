@@ -7,6 +7,7 @@ shared by the tests that only read its outputs.
 from __future__ import annotations
 
 import csv
+import math
 import json
 import logging
 import shutil
@@ -446,3 +447,13 @@ def test_optional_number_flags_parse_as_numbers():
     cfg = parse_config(TrainConfig, ["--data", "d", "--out", "o", "--finetune-head-lr", "1e-5"])
     assert cfg.finetune_head_lr == 1e-5
     assert parse_config(TrainConfig, ["--data", "d", "--out", "o"]).finetune_head_lr == cfg.head_lr / 10
+
+
+def test_label_units_are_never_negative_counts():
+    """A log1p score below 0 means no engagement, not negative likes; the round trip holds."""
+    t = TargetTransform("log1p", 2.0, 1.0)
+    z = torch.tensor([-0.5, 0.0, 3.0], dtype=torch.float64)
+    assert t.to_label_units(z).tolist() == [0.0, 0.0, pytest.approx(math.expm1(3.0))]
+    y = torch.tensor([0.0, 5.0, 120.0], dtype=torch.float64)
+    assert torch.allclose(t.to_label_units(t.to_model_scale(y)), y)
+    assert TargetTransform("none").to_label_units(z).tolist() == z.tolist()  # not a count: untouched
