@@ -85,7 +85,7 @@ async def _load_predictor(app: FastAPI, settings: ServingSettings) -> Predictor:
     model_dir = _check_model_dir(settings)
     load = resolve(app, get_model_loader)
     try:
-        predictor = Predictor(await asyncio.to_thread(load, model_dir), settings.max_pixels)
+        predictor = Predictor(await asyncio.to_thread(load, model_dir, runtime=settings.runtime), settings.max_pixels)
         await asyncio.to_thread(predictor.warm_up)
     except Exception as e:  # noqa: BLE001
         raise RuntimeError(f"could not load the model from MODEL_DIR={model_dir}: {type(e).__name__}: {e}") from e
