@@ -24,10 +24,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def field(default=dataclasses.MISSING, *, help: str, **kw):
-    """A dataclass field with help text (and ``choices=`` if given)."""
+    """A dataclass field with help text (and ``choices=`` if given; ``positional=True`` makes
+    it a positional argument, ``script DIR`` rather than ``script --dir DIR``)."""
     metadata = {"help": help}
-    if "choices" in kw:
-        metadata["choices"] = kw.pop("choices")
+    for key in ("choices", "positional"):
+        if key in kw:
+            metadata[key] = kw.pop(key)
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=metadata, **kw)
     return dataclasses.field(default=default, metadata=metadata, **kw)
@@ -50,6 +52,9 @@ def parse_config(cls, argv=None, description: str | None = None):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _arg_type(hints[f.name])
+        if f.metadata.get("positional"):  # argparse names a positional by its dest
+            parser.add_argument(f.name, type=tp if tp in (int, float, str) else str, help=f.metadata.get("help", ""))
+            continue
         name = "--" + f.name.replace("_", "-")
         kw = {"help": f.metadata.get("help", ""), "dest": f.name}
         if "choices" in f.metadata:

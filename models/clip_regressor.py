@@ -33,6 +33,7 @@ from common.config import atomic_dir
 from data_preprocessing.features import FeatureSchema
 from data_preprocessing.posts import Post, PrepareConfig
 from models.explain import Calibration, Reference
+from models.runtime import Embedder, RuntimeInfo, choose_embedder
 
 log = logging.getLogger(__name__)
 
@@ -291,13 +292,24 @@ class LoadedModel:
     path: Path
     calibration: Calibration | None = None  # conformal half-widths (absent in artifacts without one)
     reference: Reference | None = None  # train means, the "absent" value for contributions
+    embedder: Embedder | None = None  # who computes the CLIP embeddings (models.runtime); None: model.embed
+    runtime: RuntimeInfo | None = None  # which runtime that is, and why
+
+    def _embed(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) img and txt embeddings, L2-normalised, on the head's device."""
+        embed = self.embedder or self.model.embed
+        img, txt = embed(b["pixel_values"], b["input_ids"], b["attention_mask"])
+        device = b["sentiment"].device
+        return img.to(device), txt.to(device)  # an ONNX session answers on the CPU
 
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Model tensors -> (model-scale scores, label-unit engagement), both (B,) float64."""
         device = next(self.model.parameters()).device
         self.model.eval()
-        s = self.model(**{k: v.to(device) for k, v in batch.items()}).double().cpu()
+        b = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+        img, txt = self._embed(b)
+        s = self.model.head_forward(img, txt, b["sentiment"], b["features"]).double().cpu()
         score = self.target.unstandardise(s)
         return score, self.target.to_label_units(score)
 
@@ -309,7 +321,7 @@ class LoadedModel:
         device = next(self.model.parameters()).device
         self.model.eval()
         b = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
-        img, txt = self.model.embed(b["pixel_values"], b["input_ids"], b["attention_mask"])
+        img, txt = self._embed(b)
         if self.reference is None:
             s = self.model.head_forward(img, txt, b["sentiment"], b["features"]).double().cpu()
             groups, phi, ref = [], None, None
@@ -393,8 +405,27 @@ def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_
     return out_dir
 
 
-def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild a saved artifact from its directory alone (no defaults from code)."""
+def artifact_version(model_dir: str | os.PathLike) -> str:
+    """12 hex of the sha256 of the artifact's config.json and head: names one trained artifact."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for part in (CONFIG_FILE, HEAD_FILE):
+        f = Path(model_dir) / part
+        if f.is_file():
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
+               runtime: str = "torch") -> LoadedModel:
+    """Rebuild a saved artifact from its directory alone (no defaults from code).
+
+    ``runtime`` says who computes the CLIP embeddings (``models.runtime``): ``"torch"``,
+    ``"onnx"`` (the export ``python -m models.export_onnx MODEL_DIR`` wrote; CPU), or
+    ``"auto"`` (the faster of the two on a warm-up batch). The head and the contributions
+    run in torch either way.
+    """
     from safetensors.torch import load_file
     from transformers import CLIPModel, CLIPProcessor
 
@@ -424,15 +455,19 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
     reference = Reference.from_tensors(load_file(str(ref_path))) if ref_path.is_file() else None
     calibration = Calibration(**config["calibration"]) if config.get("calibration") else None
     model.to(device).eval()
+    batcher = PostBatcher(processor, arch["max_text_length"], prepare.features)
+    embedder, runtime_info = choose_embedder(model, model_dir, artifact_version(model_dir), runtime, device, batcher)
     return LoadedModel(
         model=model,
-        batcher=PostBatcher(processor, arch["max_text_length"], prepare.features),
+        batcher=batcher,
         target=TargetTransform(**config["target_transform"]),
         prepare=prepare,
         config=config,
         path=model_dir,
         calibration=calibration,
         reference=reference,
+        embedder=embedder,
+        runtime=runtime_info,
     )
 
 

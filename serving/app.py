@@ -27,6 +27,7 @@ routes, from both; the lifespan checks that the model it loads agrees.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import time
@@ -92,7 +93,8 @@ async def _load_predictor(app: FastAPI, settings: ServingSettings, torch_pool) -
     load = resolve(app, get_model_loader)
     loop = asyncio.get_running_loop()
     try:
-        predictor = Predictor(await loop.run_in_executor(torch_pool, load, model_dir), settings.max_pixels)
+        loaded = await loop.run_in_executor(torch_pool, functools.partial(load, model_dir, runtime=settings.runtime))
+        predictor = Predictor(loaded, settings.max_pixels)
         await loop.run_in_executor(torch_pool, predictor.warm_up)
     except Exception as e:  # noqa: BLE001
         raise RuntimeError(f"could not load the model from MODEL_DIR={model_dir}: {type(e).__name__}: {e}") from e

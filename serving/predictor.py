@@ -7,7 +7,6 @@ them from threads, never on the event loop.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 from pathlib import Path
@@ -37,8 +36,9 @@ IMAGE_ERROR_STATUS = {
 }
 
 
-def get_model_loader() -> Callable[[Path], Any]:
-    """Dependency: how the lifespan loads MODEL_DIR (``models.clip_regressor.load_model``).
+def get_model_loader() -> Callable[..., Any]:
+    """Dependency: how the lifespan loads MODEL_DIR (``models.clip_regressor.load_model``),
+    called as ``load(model_dir, runtime=RUNTIME)``.
 
     The seam tests override (``app.dependency_overrides[get_model_loader]``) to wrap the
     loaded model: tests/test_parity.py records the tensors the model is given, and the
@@ -51,14 +51,11 @@ def get_model_loader() -> Callable[[Path], Any]:
 
 def model_info(loaded) -> ModelInfo:
     """name: the run directory's name; version: a hash of the artifact's config and head."""
+    from models.clip_regressor import artifact_version
+
     path = Path(loaded.path).resolve()
     name = loaded.config.get("run_name") or (path.parent.name if path.name == "model" else path.name)
-    digest = hashlib.sha256()
-    for part in ("config.json", "head.safetensors"):
-        f = path / part
-        if f.is_file():
-            digest.update(f.read_bytes())
-    return ModelInfo(name=str(name), version=str(loaded.config.get("version") or digest.hexdigest()[:12]))
+    return ModelInfo(name=str(name), version=str(loaded.config.get("version") or artifact_version(path)))
 
 
 class Predictor:
@@ -127,6 +124,8 @@ class Predictor:
             "target_transform": cfg.get("target_transform"),
             "cleaning_version": cfg.get("cleaning_version"),
             "features": self.loaded.prepare.features.to_dict()["features"],
+            # which runtime computes the embeddings (RUNTIME), and why: models.runtime.RuntimeInfo
+            "runtime": dataclasses.asdict(self.loaded.runtime) if self.loaded.runtime else None,
             "processor": {"image_size": dict(getattr(ip, "crop_size", None) or ip.size),
                           "resize_policy": self.policy.as_dict(),
                           "max_text_length": self.loaded.batcher.max_length},

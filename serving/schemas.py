@@ -96,7 +96,8 @@ class Ready(BaseModel):
 
 class Metadata(BaseModel):
     model: dict = Field(description="name, version, path, architecture, target transform, cleaning version, "
-                                    "processor (image size, resize policy, max text length), feature columns")
+                                    "processor (image size, resize policy, max text length), feature columns, "
+                                    "runtime (which computes the embeddings, torch or onnx, and why)")
     training: dict = Field(description="summary of the artifact config: metrics, git commit and the rest of "
                                        "what training recorded")
     settings: dict = Field(description="the limits and settings this server runs with, and micro-batching "

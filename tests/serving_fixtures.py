@@ -111,10 +111,10 @@ class ModelSpy:
         self.loaded = None
         self.before: Callable[[dict], None] | None = None
 
-    def load(self, model_dir: Path) -> "ModelSpy":
+    def load(self, model_dir: Path, runtime: str = "torch") -> "ModelSpy":
         from models.clip_regressor import load_model
 
-        self.loaded = load_model(model_dir)
+        self.loaded = load_model(model_dir, runtime=runtime)
         return self
 
     def __getattr__(self, name: str):

@@ -122,9 +122,9 @@ def test_all_torch_work_runs_on_the_one_torch_thread(model_dir):
     calls = []
 
     class Spy(ModelSpy):
-        def load(self, model_dir):
+        def load(self, model_dir, **kw):
             calls.append(("load", threading.current_thread().name))
-            return super().load(model_dir)
+            return super().load(model_dir, **kw)
 
     spy = Spy()
     spy.before = lambda batch: calls.append(("batch", threading.current_thread().name))

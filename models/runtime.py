@@ -1,0 +1,189 @@
+"""Who computes the CLIP embeddings at inference: eager torch, or ONNX Runtime on the export.
+
+The two CLIP towers are nearly all of a prediction's cost; the head and the exact Shapley
+contributions run on the (B, D) embeddings and stay in torch either way (tiny, and exact).
+``LoadedModel`` calls an ``Embedder``; ``choose_embedder`` picks one for ``load_model``:
+
+- ``torch``: ``CLIPRegressor.embed``, eager.
+- ``onnx``: an ``onnxruntime.InferenceSession`` on ``MODEL_DIR/onnx/embed.onnx``, written by
+  ``python -m models.export_onnx MODEL_DIR``; CPU only.
+- ``auto``: both, timed on a warm-up batch at batch 1 and 16, keeping the faster (torch when
+  there is no usable export).
+
+The choice, and why, is recorded in a ``RuntimeInfo`` (``LoadedModel.runtime``, /metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("torch", "onnx", "auto")
+ONNX_SUBDIR = "onnx"  # inside the model artifact
+EMBED_FILE = "embed.onnx"  # uint8 pixels + input_ids + attention_mask -> img, txt
+HEAD_FILE = "head.onnx"  # img, txt, sentiment, features -> model-scale score (torch-free deploys)
+EXPORT_CONFIG = "export.json"
+EMBED_INPUTS = ("pixel_values", "input_ids", "attention_mask")
+EMBED_OUTPUTS = ("img", "txt")
+EXPORT_COMMAND = "python -m models.export_onnx {model_dir}"
+TIMED_BATCH_SIZES = (1, 16)  # auto: the server's lone request and a full micro-batch
+SAMPLE_CAPTIONS = ("Golden hour at the beach with friends, best weekend of the summer! travel sunset friends",
+                   "new shoes", "Morning coffee and a good book before work. What are you reading this week?")
+
+
+class Embedder(Protocol):
+    name: str
+
+    def __call__(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) uint8, (B, T), (B, T) -> (B, D) image and (B, D) text embeddings, L2-normalised."""
+
+
+class TorchEmbedder:
+    """Eager ``CLIPRegressor.embed``."""
+
+    name = "torch"
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, pixel_values, input_ids, attention_mask):
+        return self.model.embed(pixel_values, input_ids, attention_mask)
+
+
+class OnnxEmbedder:
+    """An ONNX Runtime CPU session on the exported embedding graph."""
+
+    name = "onnx"
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        # The server runs one inference at a time (one inference thread), so all the threads
+        # go to each op, as torch does: intra-op = torch's count, no inter-op parallelism.
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, pixel_values, input_ids, attention_mask):
+        feeds = {"pixel_values": pixel_values.cpu().to(torch.uint8).numpy(),
+                 "input_ids": input_ids.cpu().long().numpy(),
+                 "attention_mask": attention_mask.cpu().long().numpy()}
+        img, txt = self.session.run(list(EMBED_OUTPUTS), feeds)
+        return torch.from_numpy(img), torch.from_numpy(txt)  # (B, D) float32 each
+
+
+@dataclass
+class RuntimeInfo:
+    """Which runtime computes the embeddings, and why (``LoadedModel.runtime``, /metadata)."""
+
+    name: str  # "torch" or "onnx": the one in use
+    requested: str  # "torch", "onnx" or "auto"
+    reason: str
+    export: dict | None = None  # the export's export.json, when the ONNX session is in use
+    # auto only: runtime -> {batch size: ms per post}, from the warm-up timing
+    ms_per_post: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def export_dir(model_dir: str | Path) -> Path:
+    return Path(model_dir) / ONNX_SUBDIR
+
+
+def read_export(model_dir: str | Path, version: str) -> tuple[dict | None, str]:
+    """(export.json, "") when ``model_dir`` has an export made from this artifact ``version``,
+    else (None, why not): missing, or stale (the artifact changed after the export)."""
+    cfg_path = export_dir(model_dir) / EXPORT_CONFIG
+    command = EXPORT_COMMAND.format(model_dir=model_dir)
+    if not cfg_path.is_file() or not (export_dir(model_dir) / EMBED_FILE).is_file():
+        return None, f"{model_dir} has no ONNX export ({ONNX_SUBDIR}/{EMBED_FILE}); run: {command}"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("source_version") != version:
+        return None, (f"the ONNX export in {export_dir(model_dir)} was made from artifact version "
+                      f"{cfg.get('source_version')!r}, not this one ({version!r}); re-run: {command}")
+    return cfg, ""
+
+
+def choose_embedder(model, model_dir: str | Path, version: str, runtime: str, device: str | torch.device,
+                    batcher) -> tuple[Embedder, RuntimeInfo]:
+    """The embedder ``load_model(..., runtime=)`` asked for, and the record of the choice.
+
+    ``runtime="onnx"`` without a usable export raises FileNotFoundError naming the command
+    to run; ``"auto"`` falls back to torch then, and says so in the reason.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+    eager = TorchEmbedder(model)
+    if runtime == "torch":
+        return eager, RuntimeInfo("torch", runtime, "requested (runtime=torch)")
+    on_cpu = torch.device(device).type == "cpu"
+    export, why_not = read_export(model_dir, version)
+    if runtime == "onnx":
+        if not on_cpu:
+            raise ValueError(f"runtime='onnx' runs on the CPU (ONNX Runtime's CPU provider), not on {device}; "
+                             "use runtime='torch' there")
+        if export is None:
+            raise FileNotFoundError(why_not)
+        return OnnxEmbedder(export_dir(model_dir) / EMBED_FILE), RuntimeInfo("onnx", runtime,
+                                                                             "requested (runtime=onnx)", export)
+    if not on_cpu:
+        return eager, RuntimeInfo("torch", runtime, f"auto: on {device} torch runs the model (ONNX here is CPU only)")
+    if export is None:
+        return eager, RuntimeInfo("torch", runtime, f"auto: {why_not}")
+    return faster(eager, OnnxEmbedder(export_dir(model_dir) / EMBED_FILE), batcher, export)
+
+
+def faster(eager: Embedder, onnx: Embedder, batcher, export: dict) -> tuple[Embedder, RuntimeInfo]:
+    """Time both on the same warm-up batches and keep the one with the lower mean ms/post."""
+    batches = {n: sample_batch(batcher, n) for n in TIMED_BATCH_SIZES}
+    ms = {e.name: ms_per_post(e, batches) for e in (eager, onnx)}
+    mean = {name: sum(per.values()) / len(per) for name, per in ms.items()}
+    pick = min(mean, key=mean.get)
+    sizes = ", ".join(f"batch {n}" for n in TIMED_BATCH_SIZES)
+    timed = "; ".join(f"{name} " + " / ".join(f"{v:.1f}" for v in per.values()) for name, per in ms.items())
+    reason = f"auto: ms per post at {sizes}: {timed}; {pick} is faster"
+    log.info("runtime %s", reason)
+    chosen = eager if pick == eager.name else onnx
+    return chosen, RuntimeInfo(pick, "auto", reason, export if pick == "onnx" else None, ms)
+
+
+def sample_batch(batcher, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``n`` synthetic posts (noise images, typical captions) as model tensors: timing, export, checks."""
+    import numpy as np
+    from PIL import Image
+
+    from data_preprocessing.posts import Post
+
+    rng = np.random.default_rng(seed)
+    # Captions of different lengths, so a batch is padded (attention_mask has zeros) as in serving.
+    posts = [Post(Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)),
+                  SAMPLE_CAPTIONS[i % len(SAMPLE_CAPTIONS)], 0.5, dict.fromkeys(batcher.features.names))
+             for i in range(n)]
+    return batcher(posts)
+
+
+@torch.no_grad()
+def ms_per_post(embed: Embedder, batches: dict[int, dict[str, torch.Tensor]], repeats: int = 3) -> dict[str, float]:
+    """Batch size (as a string, JSON's key type) -> the best of ``repeats`` forwards, ms per post."""
+    out = {}
+    for n, b in batches.items():
+        args = (b["pixel_values"], b["input_ids"], b["attention_mask"])
+        embed(*args)  # the first pass at a new shape pays allocation and shape inference
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            embed(*args)
+            best = min(best, time.perf_counter() - t0)  # the least disturbed run: the CPU may be shared
+        out[str(n)] = 1000.0 * best / n
+    return out

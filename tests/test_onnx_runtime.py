@@ -1,0 +1,157 @@
+"""The ONNX Runtime path: ``python -m models.export_onnx`` and ``load_model(runtime=...)``.
+
+One export of the tiny featured artifact (a copy, so the shared fixture stays torch-only)
+serves every test here. fp32 ONNX agrees with eager torch to ~3e-7 on these models; the
+bounds below leave a margin of ~30x and stay far under the 1e-3 a user would notice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_preprocessing.posts import Post
+from models import export_onnx, runtime
+from models.clip_regressor import artifact_version, load_model
+from tests.serving_fixtures import jpeg_bytes, serving_client
+from tests.test_serving_uvicorn import running_server
+
+TIGHT = 1e-5  # fp32 ONNX vs eager torch, model scale (measured ~3e-7)
+
+
+@pytest.fixture(scope="module")
+def exported(featured_model_dir, tmp_path_factory):
+    """A copy of the featured artifact with its ONNX export, made by the command users run."""
+    model_dir = tmp_path_factory.mktemp("onnx") / "model"
+    shutil.copytree(featured_model_dir, model_dir)
+    export_onnx.main([str(model_dir)])
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def models(exported):
+    return load_model(exported), load_model(exported, runtime="onnx")
+
+
+@pytest.fixture(scope="module")
+def batch(models):
+    """Five posts with different images, captions (padded text) and feature values."""
+    rng = np.random.default_rng(7)
+    captions = ["sunset at the beach", "", "new shoes!!! #style #fashion #love", "coffee", "a dog in the park"]
+    posts = [Post(Image.fromarray(rng.integers(0, 256, (200 + 10 * i, 260, 3), dtype=np.uint8)), c, 0.2 * i - 0.4,
+                  {"followers": [10.0, None, 5e4, 1e3, 0.0][i], "platform": ["x", "tiktok", None, "x", "other"][i]})
+             for i, c in enumerate(captions)]
+    return models[0].batcher(posts)
+
+
+def test_export_writes_its_config(exported):
+    cfg = json.loads((exported / "onnx" / "export.json").read_text())
+    assert cfg["source_version"] == artifact_version(exported)
+    assert cfg["opset"] == 18 and cfg["quantize"] is None
+    assert cfg["embed"]["dynamic_axes"]["input_ids"] == {"0": "batch", "1": "seq"}
+    assert cfg["versions"]["torch"] == torch.__version__
+    assert max(v for k, v in cfg["check_max_abs_diff"].items() if k != "posts") < TIGHT
+
+
+def test_onnx_predictions_match_torch(models, batch):
+    eager, onnx = models
+    assert (onnx.runtime.name, onnx.runtime.requested) == ("onnx", "onnx")
+    assert isinstance(onnx.embedder, runtime.OnnxEmbedder)
+    a, b = eager.explain_batch(batch), onnx.explain_batch(batch)
+    assert a.score.std() > 0.01  # the posts differ: equal scores below are not constants
+    assert torch.allclose(a.score, b.score, atol=TIGHT, rtol=0)
+    assert torch.allclose(a.contributions, b.contributions, atol=TIGHT, rtol=0)
+    assert a.groups == b.groups == ["image", "caption", "sentiment", "followers", "platform"]
+    for level, (low, high) in a.intervals.items():
+        assert torch.allclose(low, b.intervals[level][0], rtol=1e-5)
+    assert torch.allclose(eager.predict_batch(batch)[0], onnx.predict_batch(batch)[0], atol=TIGHT, rtol=0)
+
+
+def test_onnx_runtime_does_not_call_the_torch_towers(models, batch, monkeypatch):
+    eager, onnx = models
+    expected = onnx.explain_batch(batch).score
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a torch CLIP tower ran")
+
+    for loaded in models:  # both share nothing: each has its own CLIPModel
+        monkeypatch.setattr(loaded.model.clip, "get_image_features", refuse)
+        monkeypatch.setattr(loaded.model.clip, "get_text_features", refuse)
+    with pytest.raises(AssertionError, match="tower ran"):  # the patch bites where torch embeds
+        eager.explain_batch(batch)
+    assert torch.equal(onnx.explain_batch(batch).score, expected)
+    assert torch.equal(onnx.predict_batch(batch)[0], expected)
+
+
+def test_head_onnx_needs_no_torch(exported, models, batch):
+    """embed.onnx then head.onnx, as a torch-free deployment would run them: the same score."""
+    import onnxruntime as ort
+
+    sessions = {n: ort.InferenceSession(str(exported / "onnx" / f), providers=["CPUExecutionProvider"])
+                for n, f in (("embed", runtime.EMBED_FILE), ("head", runtime.HEAD_FILE))}
+    img, txt = sessions["embed"].run(None, {k: batch[k].numpy() for k in runtime.EMBED_INPUTS})
+    (score,) = sessions["head"].run(None, {"img": img, "txt": txt, "sentiment": batch["sentiment"].numpy(),
+                                           "features": batch["features"].numpy()})
+    np.testing.assert_allclose(score, models[0].explain_batch(batch).score.numpy(), atol=TIGHT, rtol=0)
+
+
+def test_onnx_without_export_says_what_to_run(model_dir):
+    with pytest.raises(FileNotFoundError, match=r"no ONNX export .*; run: python -m models.export_onnx ") as e:
+        load_model(model_dir, runtime="onnx")
+    assert "\n" not in str(e.value)
+    auto = load_model(model_dir, runtime="auto")
+    assert (auto.runtime.name, auto.embedder.name) == ("torch", "torch") and "no ONNX export" in auto.runtime.reason
+
+
+def test_a_stale_export_is_refused(exported, tmp_path):
+    """Re-training rewrites config.json and the head; an export of the old weights must not serve."""
+    stale = tmp_path / "model"
+    shutil.copytree(exported, stale)
+    cfg = json.loads((stale / "config.json").read_text())
+    (stale / "config.json").write_text(json.dumps({**cfg, "git_commit": "retrained"}))
+    with pytest.raises(FileNotFoundError, match="re-run: python -m models.export_onnx"):
+        load_model(stale, runtime="onnx")
+    assert load_model(stale, runtime="auto").runtime.name == "torch"
+
+
+def test_auto_times_both_and_keeps_the_faster(exported, batch):
+    auto = load_model(exported, runtime="auto")
+    info = auto.runtime
+    assert info.requested == "auto" and set(info.ms_per_post) == {"torch", "onnx"}
+    assert all(set(ms) == {"1", "16"} and min(ms.values()) > 0 for ms in info.ms_per_post.values())
+    mean = {name: sum(ms.values()) / 2 for name, ms in info.ms_per_post.items()}
+    assert info.name == min(mean, key=mean.get) == auto.embedder.name
+    assert f"{info.name} is faster" in info.reason
+
+
+@pytest.mark.parametrize("onnx_ms, pick", [(1.0, "onnx"), (9.0, "torch")])
+def test_auto_picks_by_the_timing(models, monkeypatch, onnx_ms, pick):
+    eager, onnx = models
+    monkeypatch.setattr(runtime, "ms_per_post", lambda e, batches: {"1": onnx_ms if e.name == "onnx" else 5.0,
+                                                                    "16": onnx_ms if e.name == "onnx" else 5.0})
+    chosen, info = runtime.faster(runtime.TorchEmbedder(eager.model), onnx.embedder, eager.batcher, {"x": 1})
+    assert chosen.name == info.name == pick and info.export == ({"x": 1} if pick == "onnx" else None)
+    assert info.ms_per_post["onnx"]["16"] == onnx_ms and f"{pick} is faster" in info.reason
+
+
+def test_server_with_runtime_onnx_answers_as_torch_does(exported, tmp_path_factory):
+    data = {"text": "Sunset at the beach! #travel", "followers": "1200", "platform": "x"}
+    files = {"image": ("photo.jpg", jpeg_bytes(seed=5), "image/jpeg")}
+    with serving_client(exported) as client:
+        expected = client.post("/predict", files=files, data=data).json()
+        assert client.get("/metadata").json()["model"]["runtime"]["name"] == "torch"
+    with running_server(exported, tmp_path_factory, RUNTIME="onnx") as (base, _, _):
+        got = httpx.post(f"{base}/predict", files=files, data=data, timeout=30).json()
+        meta = httpx.get(f"{base}/metadata", timeout=10).json()
+    assert got["score"] == pytest.approx(expected["score"], abs=1e-3)
+    assert got["score"] == pytest.approx(expected["score"], abs=TIGHT)
+    for group, value in expected["contributions"].items():
+        assert got["contributions"][group] == pytest.approx(value, abs=TIGHT)
+    assert meta["model"]["runtime"]["name"] == "onnx" and meta["settings"]["runtime"] == "onnx"
+    assert meta["model"]["runtime"]["export"]["source_version"] == got["model"]["version"]
