@@ -457,3 +457,29 @@ def test_label_units_are_never_negative_counts():
     y = torch.tensor([0.0, 5.0, 120.0], dtype=torch.float64)
     assert torch.allclose(t.to_label_units(t.to_model_scale(y)), y)
     assert TargetTransform("none").to_label_units(z).tolist() == z.tolist()  # not a count: untouched
+
+
+def test_compile_flag_compiles_the_train_step_and_changes_no_result(tmp_path, posts, tiny_clip):
+    """--compile wraps each phase's prepared TrainStep in torch.compile,
+    and a compiled step computes what the eager one does."""
+    from accelerate.utils import is_compiled_module
+    from transformers import CLIPProcessor
+
+    from models.clip_regressor import PostBatcher
+    from training.train_torch import make_accelerator, start_phase
+
+    torch.manual_seed(0)
+    model = CLIPRegressor.from_pretrained(tiny_clip, HeadConfig(hidden=32, dropout=0.0))
+    batcher = PostBatcher.from_clip(CLIPProcessor.from_pretrained(tiny_clip), model.clip.config)
+    train = EngagementDataset(posts, "train")
+    batch = Collator(batcher, TargetTransform.fit(train.labels()))([train[i] for i in range(4)])
+    steps = {}
+    for compiled in (False, True):
+        cfg = TrainConfig(data=str(posts), out=str(tmp_path / str(compiled)), clip_model=str(tiny_clip),
+                          compile=compiled)
+        accelerator, _ = make_accelerator(cfg, tmp_path)
+        steps[compiled] = start_phase("finetune", model, accelerator, cfg, 4)[0]
+        assert is_compiled_module(steps[compiled]) == compiled
+    model.eval()  # no dropout: both see the same function
+    with torch.no_grad():
+        assert torch.allclose(steps[True](batch), steps[False](batch), atol=1e-5)

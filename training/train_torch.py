@@ -103,7 +103,7 @@ class TrainConfig:
                    "large head step on top of a moving backbone undoes phase 1")
     clip_lr: float = field(1e-5, help="phase 2 CLIP learning rate. 1e-5 suits a pretrained CLIP such as "
                                       "ViT-B/32 (higher overwrites its features); the offline tiny CLIP of "
-                                      "the demo is far less trained and needs 1e-4 (make demo passes it)")
+                                      "the demo is far less trained: make demo passes 3e-5")
     warmup_frac: float = field(0.1, help="phase 2 linear warmup, as a fraction of its optimizer steps; cosine after")
     weight_decay: float = field(0.01, help="AdamW weight decay on matrices (never on biases/LayerNorm)")
     max_grad_norm: float = field(1.0, help="clip the global gradient norm to this (0 = off)")
@@ -133,6 +133,9 @@ class TrainConfig:
     report_to: str = field("none", help="Accelerate tracker for per-epoch metrics, LRs and the phase boundary "
                                         "(tensorboard writes under OUT/train)", choices=("none", "tensorboard"))
     mixed_precision: str = field("auto", help="auto = bf16 on CUDA, none on CPU", choices=("auto", "no", "bf16"))
+    compile: bool = field(False, help="torch.compile each phase's train step (inductor): pays off on a GPU "
+                                      "over many steps; on CPU the compile time outweighs it for the demo "
+                                      "(README, Training)")
     seed: int = field(0, help="seed for the head init, shuffling and dropout (CPU runs are reproducible)")
     resume: bool = field(False, help="continue an interrupted run from OUT/checkpoint")
     stop_after_epochs: int = field(0, help="exit cleanly once this many epochs (in total) are done; for tests "
@@ -394,6 +397,9 @@ def start_phase(phase: str, model: CLIPRegressor, accelerator, cfg: TrainConfig,
         total = cfg.finetune_epochs * math.ceil(batches_per_epoch / cfg.grad_accum) * accelerator.num_processes
         scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_frac * total), total)
     step, optimizer, scheduler = accelerator.prepare(step, optimizer, scheduler)
+    if cfg.compile:  # last, around any DDP wrapper, as Accelerate's dynamo plugin does (that plugin
+        # lives in the process-wide AcceleratorState, so it cannot differ per run or phase)
+        step = torch.compile(step)
     return step, optimizer, scheduler
 
 
