@@ -80,7 +80,7 @@ def test_onnx_runtime_does_not_call_the_torch_towers(models, batch, monkeypatch)
     def refuse(*args, **kwargs):
         raise AssertionError("a torch CLIP tower ran")
 
-    for loaded in models:  # both share nothing: each has its own CLIPModel
+    for loaded in models:  # each LoadedModel has its own CLIPModel: patch both
         monkeypatch.setattr(loaded.model.clip, "get_image_features", refuse)
         monkeypatch.setattr(loaded.model.clip, "get_text_features", refuse)
     with pytest.raises(AssertionError, match="tower ran"):  # the patch bites where torch embeds
