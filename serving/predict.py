@@ -67,6 +67,9 @@ class PredictConfig:
                                            "e.g. runs/demo/data:test")
     batch_size: int = field(16, help="posts per forward pass")
     num_workers: int = field(1, help="DataLoader workers that decode and prepare posts")
+    runtime: str = field("torch", choices=("torch", "onnx", "auto"),
+                         help="who computes the CLIP embeddings, as the server's RUNTIME: onnx needs "
+                              "`python -m models.export_onnx MODEL` first (CPU only)")
     max_reject_frac: float = field(0.2, help="exit 1 when more than this fraction of rows is rejected")
     show: int = field(3, help="print the top and bottom N posts with their intervals and main contribution")
     progress: bool = field(True, help="show a progress bar (on a terminal)")
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     log.info("config: %s", json.dumps(config_dict(cfg)))
     # 2. the model and its preparation config, then the table's rows
-    loaded = load_model(cfg.model, device=accelerator.device)
+    loaded = load_model(cfg.model, device=accelerator.device, runtime=cfg.runtime)
     rows, labels, images = read_rows(cfg, loaded.prepare)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

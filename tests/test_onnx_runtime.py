@@ -155,3 +155,23 @@ def test_server_with_runtime_onnx_answers_as_torch_does(exported, tmp_path_facto
         assert got["contributions"][group] == pytest.approx(value, abs=TIGHT)
     assert meta["model"]["runtime"]["name"] == "onnx" and meta["settings"]["runtime"] == "onnx"
     assert meta["model"]["runtime"]["export"]["source_version"] == got["model"]["version"]
+
+
+def test_table_scorer_with_runtime_onnx_writes_torch_s_predictions(exported, tmp_path, monkeypatch):
+    """serving/predict.py --runtime onnx: the same rows and scores as the default torch runtime."""
+    from serving import predict
+    from tests.test_predict import ROWS, _read, write_table
+
+    calls, onnx_call = [], runtime.OnnxEmbedder.__call__
+    monkeypatch.setattr(runtime.OnnxEmbedder, "__call__", lambda self, *a: calls.append(1) or onnx_call(self, *a))
+    posts = write_table(tmp_path)
+    out = {}
+    for rt in ("torch", "onnx"):
+        out[rt] = tmp_path / f"{rt}.csv"
+        assert predict.main(["--model", str(exported), "--input", str(posts), "--out", str(out[rt]),
+                             "--runtime", rt, "--num-workers", "0", "--max-reject-frac", "0.5", "--no-progress"]) == 0
+    assert calls  # the onnx run really ran the ONNX session
+    a, b = _read(out["torch"]), _read(out["onnx"])
+    assert [r["row"] for r in a] == [r["row"] for r in b] and len(a) == len(ROWS) - 3
+    for ra, rb in zip(a, b):
+        assert float(rb["pred_score"]) == pytest.approx(float(ra["pred_score"]), abs=TIGHT)

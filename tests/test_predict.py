@@ -36,9 +36,8 @@ ROWS = [  # image, caption, followers, platform, engagement; None image -> missi
 ]
 
 
-@pytest.fixture(scope="module")
-def table(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("predict_table")
+def write_table(root: Path) -> Path:
+    """ROWS as ``root/posts.csv`` with their images."""
     names = write_images(root / "images", 5, size=(300, 240))
     with open(root / "posts.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -47,6 +46,11 @@ def table(tmp_path_factory) -> Path:
             path = "" if img is None else (f"images/{names[img]}" if isinstance(img, int) else f"images/{img}")
             w.writerow([path, cap, fol, plat, likes])
     return root / "posts.csv"
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> Path:
+    return write_table(tmp_path_factory.mktemp("predict_table"))
 
 
 def _read(path: Path) -> list[dict]:
