@@ -16,7 +16,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import REPO_ROOT, config_dict, field, parse_config, setup_logging
+from bench.benchlib import start
+from common.config import REPO_ROOT, field
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ STATUS = {True: "**MET**", False: "**NOT MET**", None: "not measured"}
 
 @dataclass
 class ReportConfig:
-    """Write BENCHMARKS.md (goals, machines, each benchmark's tables) from bench/out/*.json."""
+    """Write BENCHMARKS.md (goals, each benchmark's tables) from bench/out/*.json."""
 
     in_dir: str = field(str(BENCH / "out"), help="folder holding the scripts' JSON files")
     md: str = field(str(REPO_ROOT / "BENCHMARKS.md"), help="Markdown file to write")
@@ -72,19 +73,12 @@ def goal_rows(results: dict) -> list[list]:
     return rows
 
 
-def machine_rows(results: dict) -> list[list]:
-    """When, at which commit and on what each benchmark ran."""
-    rows = []
-    for stem, (title, script) in SECTIONS.items():
-        r = results.get(stem)
-        if r is None:
-            rows.append([title, f"`{script}`", "not run", *["–"] * 6])
-            continue
-        m, commit = r["machine"], r["machine"].get("git_commit") or "–"
-        rows.append([title, f"`{script}`", m["date_utc"], f"`{commit[:12]}`" + ("-dirty" if "dirty" in commit else ""),
-                     r["wall_s"], f"{m['cpu_model']}, {m['cpus_usable']} cores, {m['ram_gib']} GiB",
-                     m.get("gpu", "–"), f"{m['torch']} / {m['transformers']}", m.get("torch_threads")])
-    return rows
+def ran(r: dict) -> str:
+    """When, at which commit and on what a benchmark ran."""
+    m, commit = r["machine"], r["machine"].get("git_commit") or "–"
+    return (f"_Ran {m['date_utc']} at `{commit[:12]}`{'-dirty' if 'dirty' in commit else ''} in {fmt(r['wall_s'])} s on "
+            f"{m['cpu_model']}, {m['cpus_usable']} cores, {m['ram_gib']} GiB" + (f", {m['gpu']}" if m.get("gpu") else "")
+            + f"; torch {m['torch']} ({m.get('torch_threads', '–')} threads), transformers {m['transformers']}._")
 
 
 def section(stem: str, r: dict | None) -> list[str]:
@@ -94,7 +88,7 @@ def section(stem: str, r: dict | None) -> list[str]:
         from bench.gpu_train import describe
 
         r = {**r, **describe(r)}
-    return [r["about"], ""] + [line for t in r["tables"] for line in markdown(t["header"], t["rows"], t["note"])]
+    return [r["about"], "", ran(r), ""] + [line for t in r["tables"] for line in markdown(t["header"], t["rows"], t["note"])]
 
 
 def build(results: dict) -> str:
@@ -107,17 +101,13 @@ def build(results: dict) -> str:
         lines += [f"> **SMOKE RUN** ({', '.join(smoke)}): toy sizes that only check the scripts run. "
                   "The numbers below mean nothing.", ""]
     lines += ["## Goals", "", *markdown(["benchmark", "goal", "target", "measured", "status"], goal_rows(results))]
-    lines += ["## Machines", "", *markdown(["benchmark", "script", "run at (UTC)", "commit", "wall s", "CPU", "GPU",
-                                            "torch / transformers", "torch threads"], machine_rows(results))]
     for stem, (title, _) in SECTIONS.items():
         lines += [f"## {title}", "", *section(stem, results.get(stem))]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> Path:
-    cfg = parse_config(ReportConfig, argv)
-    setup_logging()
-    log.info("config: %s", config_dict(cfg))
+    cfg, _ = start(ReportConfig, argv)
     paths = {stem: Path(cfg.in_dir, f"{stem}.json") for stem in SECTIONS}
     results = {stem: json.loads(p.read_text()) for stem, p in paths.items() if p.is_file()}
     if "gpu_train" not in results and Path(cfg.gpu_json).is_file():

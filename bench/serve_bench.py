@@ -70,6 +70,7 @@ class ServeBenchConfig(BenchConfig):
             self.preset, self.concurrency, self.duration_s, self.repeats = "tiny", "1,4", 0.5, 1
             self.overload_concurrency, self.forward_repeats, self.warmup_s = 16, 1, 0.0
         self.levels = [int(c) for c in self.concurrency.split(",")]
+        self.lo, self.hi = str(min(self.levels)), str(16 if 16 in self.levels else max(self.levels))  # goal levels
         if min(self.levels) < 1 or self.repeats < 1 or self.duration_s <= 0 or self.forward_repeats < 1:
             raise ValueError("--concurrency levels, --repeats, --duration-s and --forward-repeats must be positive")
 
@@ -205,7 +206,7 @@ def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path, run
 
 def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, onnx_skip: str | None) -> list[dict]:
     """Overhead per runtime, onnx / torch throughput, the thread row, errors and overload."""
-    lo, hi = str(min(cfg.levels)), str(16 if 16 in cfg.levels else max(cfg.levels))
+    lo, hi = cfg.lo, cfg.hi
     lv = lambda r, c, k: servers[r]["levels"][c][k] if r in servers else None  # noqa: E731
     b1 = {k: f and f["b1_ms"] for k, f in fwd.items()}
     skip = f"skipped: {onnx_skip}" if onnx_skip else ""
@@ -226,7 +227,7 @@ def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, onnx_
 
 
 def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict) -> list[dict]:
-    lo, hi, main = str(min(cfg.levels)), str(16 if 16 in cfg.levels else max(cfg.levels)), fwd["main"]
+    lo, hi, main = cfg.lo, cfg.hi, fwd["main"]
     model = [[*PROBES[k], f["b1_ms"], f["b16_per_post_ms"], f["prepare_ms"], ratio(f["b1_ms"], main["b1_ms"]),
               f["os_threads"]] for k, f in fwd.items() if f]
     load = [[f"{r} ({d['reported_runtime'] or 'not reported'})", int(c),
