@@ -1,8 +1,6 @@
-"""What the benchmark scripts share: the machine, repeats, goals, result files, cached inputs
-(``OUT/work/``: demo posts and records, CLIP checkpoints, a photo pool) and phase 2 of training.
-
-Each script writes ``OUT/<name>.json`` with its figures, goals and machine; ``report.py``
-writes BENCHMARKS.md from those files alone.
+"""What the benchmark scripts share: the machine, repeats, goals, tables, result files, cached
+inputs (``OUT/work/``) and phase 2 of training. Each script writes ``OUT/<name>.json`` with
+its figures, goals, tables and machine; ``report.py`` renders those files and nothing else.
 """
 
 from __future__ import annotations
@@ -34,24 +32,17 @@ OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "==": operator.eq
 PHOTO_SIZE = (640, 480)  # (W, H) of the photo pool: a typical downscaled phone upload
 
 
-def _proc_field(path: str, key: str) -> str | None:
-    try:
-        return next((ln.split(":", 1)[1].strip() for ln in Path(path).read_text().splitlines() if ln.startswith(key)),
-                    None)
-    except OSError:
-        return None
-
-
 def machine_info() -> dict:
     """CPU, usable cores, RAM, library versions, date and commit of this run."""
-    mem_kb = _proc_field("/proc/meminfo", "MemTotal")
-    info = {"cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.machine(),
-            "cpus_usable": len(os.sched_getaffinity(0)),
-            "ram_gib": round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None,
-            "platform": platform.platform(), "python": platform.python_version(),
+    proc = {}
+    for line in [*Path("/proc/cpuinfo").read_text().splitlines(), *Path("/proc/meminfo").read_text().splitlines()]:
+        key, _, value = line.partition(":")
+        proc.setdefault(key.strip(), value.strip())
+    info = {"cpu_model": proc.get("model name") or platform.machine(), "cpus_usable": len(os.sched_getaffinity(0)),
+            "ram_gib": round(int(proc["MemTotal"].split()[0]) / 2**20, 1), "python": platform.python_version(),
             **{pkg: metadata.version(pkg) for pkg in ("torch", "transformers")},
             "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit()}
-    if "torch" in sys.modules:  # describe threads and GPU only where the script already imported torch
+    if "torch" in sys.modules:  # threads and GPU only where the script already imported torch
         import torch
 
         info["torch_threads"] = torch.get_num_threads()
@@ -92,6 +83,11 @@ def goal(name: str, measured: float | None, op: str, target: float, unit: str = 
     return {"goal": name, "measured": measured, "op": op, "target": target, "unit": unit, "met": met, "note": note}
 
 
+def table(header: list[str], rows: list[list], note: str = "") -> dict:
+    """One table of a script's BENCHMARKS.md section; report.py formats the numbers, ``note`` goes under it."""
+    return {"header": header, "rows": rows, "note": note}
+
+
 def repeat_interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
     """Run the variants round-robin (A B C A B C ...), so machine noise hits all alike."""
     out: dict[str, list[float]] = {k: [] for k in variants}
@@ -102,10 +98,17 @@ def repeat_interleaved(variants: dict[str, Callable[[], float]], repeats: int) -
     return out
 
 
-def write_result(name: str, payload: dict, cfg, t_start: float) -> Path:
-    """``cfg.out_dir/{name}.json``: the payload plus the machine, the config, the smoke flag and wall time."""
+def about(doc: str) -> str:
+    """A script's docstring past its title and usage lines, as one Markdown paragraph."""
+    paras = [p for p in doc.split("\n\n")[1:] if not p.startswith("    ")]
+    return " ".join(" ".join(p.split()) for p in paras).replace("``", "`")
+
+
+def write_result(name: str, payload: dict, cfg, t_start: float, doc: str) -> Path:
+    """``cfg.out_dir/{name}.json``: the payload plus the machine, the config, the smoke flag, wall
+    time and ``about``, the script's docstring (its BENCHMARKS.md section says what was measured)."""
     obj = {"benchmark": name, "smoke": cfg.smoke, "wall_s": round(time.perf_counter() - t_start, 1),
-           "machine": machine_info(), "config": config_dict(cfg), **payload}
+           "machine": machine_info(), "config": config_dict(cfg), "about": about(doc), **payload}
     path = Path(cfg.out_dir) / f"{name}.json"
     write_json_atomic(path, obj)
     log.info("wrote %s (%.1f s)", path, obj["wall_s"])
@@ -113,6 +116,7 @@ def write_result(name: str, payload: dict, cfg, t_start: float) -> Path:
 
 
 def work_dir(out_dir: str | os.PathLike, *parts: str) -> Path:
+    """``OUT/work/...``, made: the cached inputs."""
     path = Path(out_dir, "work", *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -152,21 +156,46 @@ def clip_checkpoint(out_dir: str | os.PathLike, preset: str, seed: int = 0) -> P
     return path
 
 
-def photo_pool(out_dir: str | os.PathLike, n: int, seed: int = 0) -> Path:
-    """``posts.csv`` of ``n`` demo posts whose images are cropped and scaled to exactly 640x480,
-    so every post costs the same to decode. Cached."""
+def artifact(out_dir: str | os.PathLike, preset: str) -> Path:
+    """A servable model artifact around a random-init CLIP of ``preset`` (cached)."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    from models.clip_regressor import CLIPRegressor, TargetTransform, save_artifact
+
+    path = work_dir(out_dir) / f"artifact-{preset}"
+    if not (path / "config.json").is_file():
+        clip_dir = clip_checkpoint(out_dir, preset)
+        torch.manual_seed(0)
+        save_artifact(CLIPRegressor(CLIPModel.from_pretrained(clip_dir)), CLIPProcessor.from_pretrained(clip_dir),
+                      TargetTransform(kind="log1p", mean=4.0, std=1.2), path,  # a plausible likes scale
+                      extra_config={"run_name": f"bench-{preset}", "note": "random weights, for benchmarks only"})
+    return path
+
+
+def photo_table(out_dir: str | os.PathLike, images: int, rows: int) -> Path:
+    """``posts-ROWS.csv`` in a pool of ``images`` demo photos cropped and scaled to exactly 640x480
+    (every post costs the same to decode), its rows cycling over them with distinct captions
+    (preprocess.py rejects a repeated image + caption pair). Cached."""
     from PIL import Image, ImageOps
 
-    src = demo_posts(out_dir, n, seed)
-    pool = work_dir(out_dir, f"photos-n{n}-s{seed}")
+    src, pool = demo_posts(out_dir, images), work_dir(out_dir, f"photos-n{images}")
     if not (pool / "posts.csv").is_file():
-        table = (src / "posts.csv").read_text()
-        for row in csv.DictReader(io.StringIO(table)):
+        for row in csv.DictReader(io.StringIO((src / "posts.csv").read_text())):
             (pool / row["image_path"]).parent.mkdir(parents=True, exist_ok=True)
             ImageOps.fit(Image.open(src / row["image_path"]).convert("RGB"), PHOTO_SIZE).save(
                 pool / row["image_path"], quality=90)
-        (pool / "posts.csv").write_text(table)  # last: marks the pool complete
-    return pool
+        (pool / "posts.csv").write_text((src / "posts.csv").read_text())  # last: marks the pool complete
+    path = pool / f"posts-{rows}.csv"
+    if not path.is_file():
+        with open(pool / "posts.csv", newline="") as fh:
+            posts = list(csv.DictReader(fh))
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(posts[0]))
+            w.writeheader()
+            w.writerows({**posts[i % len(posts)], "description": f"{posts[i % len(posts)]['description']} #{i}"}
+                        for i in range(rows))
+    return path
 
 
 def run_measured(cmd: Sequence[str], log_path: Path, interval_s: float = 0.02) -> dict:
@@ -199,9 +228,8 @@ def run_measured(cmd: Sequence[str], log_path: Path, interval_s: float = 0.02) -
 
 
 class Phase2:
-    """Phase 2 of training (CLIP and head trainable) as train_torch sets it up, ready to time: the
-    model, the train split, its Collator and ``start_phase("finetune")``, all from TrainConfig's
-    defaults (one epoch's LR schedule: the learning rate does not change the speed)."""
+    """Phase 2 of training (CLIP and head trainable) as train_torch sets it up, ready to time: model,
+    train split, Collator and ``start_phase("finetune")``, from TrainConfig's defaults."""
 
     def __init__(self, clip_dir: Path, records_dir: Path, accelerator, batch_size: int, seed: int = 0, **clip_kw):
         import torch
@@ -222,23 +250,32 @@ class Phase2:
         self.step, self.optimizer, self.scheduler = start_phase("finetune", self.model, accelerator, self.cfg,
                                                                 -(-len(self.train) // batch_size))
 
-    def samples_per_s(self, batches, steps: int, warmup: int = 0) -> float:
-        """samples/s of ``steps`` train steps after ``warmup`` untimed ones, drawn from one iterator (a
-        loader keeps prefetching across the two); the GPU's work finishes inside the clock."""
+    def loader(self, num_workers: int | None = None, pin_memory: bool = False):
+        """train_torch's ``make_loader`` over the train split (default: TrainConfig's ``--num-workers``)."""
+        from training.train_torch import make_loader
+
+        return make_loader(self.train, self.cfg.batch_size, self.collate, shuffle_seed=0, pin_memory=pin_memory,
+                           num_workers=self.cfg.num_workers if num_workers is None else num_workers)
+
+    def samples_per_s(self, batches, steps: int, warmup: int = 0, train: bool = True) -> float:
+        """samples/s of ``steps`` train steps (``train=False``: batches drawn, nothing else) after ``warmup``
+        untimed ones, from one iterator (a loader keeps prefetching across the two); the GPU's work
+        finishes inside the clock."""
         import torch
 
         it, samples = iter(batches), [0]
         sync = torch.cuda.synchronize if self.accelerator.device.type == "cuda" else lambda: None
+        run = self.run if train else lambda b, desc="": [x["target"].sum().item() for x in b]  # .item(): on device
 
         def timed():  # counts what was timed: the last batch of an epoch may be short
             for b in itertools.islice(it, steps):
                 samples[0] += len(b["target"])
                 yield b
 
-        self.run(itertools.islice(it, warmup))
+        run(itertools.islice(it, warmup))
         sync()
         t0 = time.perf_counter()
-        self.run(timed())
+        run(timed())
         sync()
         return samples[0] / (time.perf_counter() - t0)
 

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.benchlib import OUT_DIR, BenchConfig, Phase2, clip_checkpoint, demo_records, goal, ratio, start, summarize, \
-    write_result
+    table, write_result
 from common.config import field
 
 log = logging.getLogger(__name__)
@@ -90,21 +90,13 @@ def train_flops_per_sample(p2, batch: dict) -> float:
 def measure(cfg: GpuTrainConfig, p2, loader) -> dict:
     """samples/s over whole epochs, after a warm-up one: the project (loader + step), the loader
     alone, and the step over batches already on the device (ceiling)."""
-    def project(epoch: int) -> float:
-        loader.set_epoch(epoch)
-        return p2.samples_per_s(loader, len(loader))
-
-    def loader_alone(epoch: int) -> float:
-        loader.set_epoch(epoch)
-        t0, n = time.perf_counter(), 0
-        for b in loader:
-            n += len(b["target"])
-            b["target"].sum().item()  # waits until the batch is on the device
-        return n / (time.perf_counter() - t0)
+    def epoch(e: int, train: bool) -> float:
+        loader.set_epoch(e)
+        return p2.samples_per_s(loader, len(loader), train=train)
 
     p2.run(loader, "warm-up")  # workers start, kernels pick their algorithms
-    sps = {"project": [project(e) for e in range(1, cfg.timed_epochs + 1)],
-           "loader_only": [loader_alone(100 + e) for e in range(cfg.timed_epochs)]}
+    sps = {"project": [epoch(e, True) for e in range(1, cfg.timed_epochs + 1)],
+           "loader_only": [epoch(100 + e, False) for e in range(cfg.timed_epochs)]}
     loader.set_epoch(200)
     held = [{k: v.clone() for k, v in b.items()} for b, _ in zip(loader, range(8))]
     full = [b for b in held if len(b["target"]) == cfg.batch_size] or held
@@ -139,12 +131,30 @@ def figures(cfg: GpuTrainConfig, p2, sps: dict, batch: dict) -> dict:
                        ratio(med["project"], med["ceiling"]), ">=", 0.9, "x")]}
 
 
+def describe(g: dict) -> dict:
+    """The BENCHMARKS.md text and tables of a gpu_train.json (also of committed runs that lack them)."""
+    s, mod, pct = g["samples_per_s"], g["model"], lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    about = (f"{g['device']}, CUDA {g.get('cuda')}, {g['mixed_precision']} autocast via Accelerate, SDPA attention, "
+             f"batch {mod['batch_size']}, {mod['num_workers']} loader workers, {g['data']['train_posts']:,} train "
+             f"posts ({mod['batches_per_epoch']} batches/epoch); whole epochs through `train_torch.train_one_epoch`, "
+             "timed after a warm-up epoch.")
+    return {"about": about, "tables": [
+        table(["samples/s", "median", "repeats"], [
+            [name, s[k]["median"], s[k]["values"]] for name, k in (
+                ("project: DataLoader + step", "project"), ("ceiling: step on on-device batches", "ceiling"),
+                ("loader alone (no training)", "loader_only"))]),
+        table(["FLOPs and MFU", "value"], [
+            [f"training GFLOP/sample (fwd+bwd, {g['flops']['text_tokens']:.0f} text tokens)",
+             g["flops"]["gflop_per_sample"]],
+            ["measured bf16 matmul TFLOP/s", g["peak_tflops"]["measured_bf16_matmul"]],
+            *[[f"MFU of {k} vs {p.replace('_', ' ')} peak", pct(g["mfu"][f"{k}_vs_{p}"])]
+              for k in ("project", "ceiling") for p in ("datasheet", "measured_matmul")]])]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader forks; tokenizers must not
     import torch
     from accelerate import Accelerator
-
-    from training.train_torch import make_loader
 
     # 1. Parse args; data first (its worker pools fork before CUDA is touched).
     cfg, t_start = start(GpuTrainConfig, argv)
@@ -160,8 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")
         p2 = Phase2(clip_checkpoint(work, cfg.preset), records, accelerator, cfg.batch_size, attn_implementation="sdpa")
-        loader = accelerator.prepare(make_loader(p2.train, cfg.batch_size, p2.collate, shuffle_seed=0,
-                                                 num_workers=cfg.num_workers, pin_memory=cuda))
+        loader = accelerator.prepare(p2.loader(cfg.num_workers, pin_memory=cuda))
 
         # 3. Measure; figures; the JSON, and a table last on stdout.
         m = measure(cfg, p2, loader)
@@ -170,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
         payload["model"] = {"preset": cfg.preset, "params": sum(p.numel() for p in p2.model.parameters()),
                             "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
                             "batches_per_epoch": len(loader)}
-    write_result("gpu_train", payload, cfg, t_start)
+        payload.update(describe(payload))
+    write_result("gpu_train", payload, cfg, t_start, __doc__)
     print(json.dumps({"device": payload["device"], **{k: v["median"] for k, v in payload["samples_per_s"].items()},
                       **payload["ratios"], **payload["mfu"]}, indent=1))  # the headline figures, last on stdout
     return payload

@@ -3,10 +3,10 @@
     python bench/phase1_bench.py            # tiny CLIP on the demo set, about 3 minutes
     python bench/phase1_bench.py --smoke    # seconds; checks the script runs
 
-``train_torch.main`` with ``--frozen-epochs 5 --finetune-epochs 0``, with the cache and
-with ``--no-embedding-cache``, interleaved; phase-1 seconds from each run's metrics.json
-(see ``phase1_seconds``). What the cache saves is the difference of the two measured
-medians. Writes ``OUT/phase1.json``.
+``train_torch.main`` with ``--frozen-epochs 5 --finetune-epochs 0`` on the tiny CLIP, with
+the embedding cache (one embedding pass over every split, then the frozen epochs on it) and
+with ``--no-embedding-cache`` (CLIP re-run every epoch on train and val), interleaved;
+phase-1 seconds from each run's metrics.json. No target was set.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.benchlib import BenchConfig, clip_checkpoint, demo_records, ratio, repeat_interleaved, start, summarize, \
-    work_dir, write_result
+    table, work_dir, write_result
 from common.config import field
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,14 @@ def main(argv: list[str] | None = None) -> dict:
     saved = round(secs["no_cache"]["median"] - secs["cache"]["median"], 2)
     log.info("phase 1 (%d frozen epochs): cached %.1f s, recomputed %.1f s, saved %.1f s", cfg.frozen_epochs,
              secs["cache"]["median"], secs["no_cache"]["median"], saved)
-    payload = {"clip": "tiny (random init)", "posts": cfg.posts,
-               "splits": json.loads((records / "meta.json").read_text())["counts"]["splits"],
-               "frozen_epochs": cfg.frozen_epochs, "phase1_seconds": secs,
-               "speedup_cache": ratio(secs["no_cache"]["median"], secs["cache"]["median"], 2),
-               "saved_seconds": saved, "saved_seconds_per_frozen_epoch": round(saved / cfg.frozen_epochs, 2),
-               "goals": []}  # the issue sets no target here: the ratio is reported as measured
-    write_result("phase1", payload, cfg, t_start)
+    speedup = ratio(secs["no_cache"]["median"], secs["cache"]["median"], 2)
+    rows = [[name, secs[k]["median"], secs[k]["values"]]
+            for name, k in (("embedding cache", "cache"), ("recompute every epoch", "no_cache"))]
+    payload = {"posts": cfg.posts, "frozen_epochs": cfg.frozen_epochs, "phase1_seconds": secs, "saved_seconds": saved,
+               "goals": [], "tables": [table(["mode", "phase-1 seconds (median)", "repeats"], rows,
+                                             f"{cfg.posts:,} posts, {cfg.frozen_epochs} frozen epochs. Recompute / "
+                                             f"cached: **{speedup}x**; the cache saved {saved} s.")]}
+    write_result("phase1", payload, cfg, t_start, __doc__)
     return payload
 
 

@@ -4,14 +4,14 @@
     python bench/preprocess_bench.py --smoke    # seconds; no figure means anything
 
 preprocess.py as a user runs it, a subprocess per run, on 640x480 JPEGs (a pool of demo
-images that the rows reuse under distinct captions): posts/s at 1 and 2 workers (goal:
->= 1.6x), peak RSS at 2,000 vs 20,000 posts (goal: <= 1.3x), and record bytes per post
-pre-resized to 224 px and at full size. Writes ``OUT/preprocess.json``.
+images that the rows reuse under distinct captions): posts/s from its meta.json (pool start
+to last record written) at 1 and 2 workers, goal >= 1.6x; peak RSS at 2,000 vs 20,000
+posts, goal <= 1.3x (the process tree sampled every 20 ms; the largest process, the kernel's
+exact peak); record bytes per post pre-resized to 224 px and at full size.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import sys
@@ -21,8 +21,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import PHOTO_SIZE, BenchConfig, goal, photo_pool, ratio, repeat_interleaved, run_measured, start, \
-    summarize, write_result
+from bench.benchlib import BenchConfig, goal, photo_table, ratio, repeat_interleaved, run_measured, start, summarize, \
+    table, write_result
 from common.config import field
 
 log = logging.getLogger(__name__)
@@ -49,21 +49,6 @@ class PreprocessBenchConfig(BenchConfig):
             raise ValueError("--rss-large must be larger than --rss-small")
 
 
-def write_table(pool: Path, n_rows: int) -> Path:
-    """``pool/posts-N.csv``: N rows cycling over the pool's posts, each caption made distinct
-    (preprocess.py rejects a repeated image + caption pair)."""
-    path = pool / f"posts-{n_rows}.csv"
-    if not path.is_file():
-        with open(pool / "posts.csv", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows({**rows[i % len(rows)], "description": f"{rows[i % len(rows)]['description']} #{i}"}
-                        for i in range(n_rows))
-    return path
-
-
 def run_preprocess(table: Path, workers: int, resize: int, subprocess: bool = True) -> dict:
     """One preprocess.py run and what its meta.json says; as a subprocess, its wall time and peak memory
     too (``subprocess=False``, for smoke runs, calls ``preprocess.main`` here and saves the imports)."""
@@ -85,39 +70,39 @@ def run_preprocess(table: Path, workers: int, resize: int, subprocess: bool = Tr
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # 1. Parse args; the photo pool (cached).
+    # 1. Parse args; throughput at 1 and 2 workers, interleaved so drift hits both alike.
     cfg, t_start = start(PreprocessBenchConfig, argv)
-    pool = photo_pool(cfg.out_dir, cfg.pool_images)
-
-    # 2. Throughput at 1 and 2 workers, interleaved so drift hits both alike.
-    tp_table = write_table(pool, cfg.throughput_posts)
+    rows = lambda n: photo_table(cfg.out_dir, cfg.pool_images, n)  # noqa: E731
+    tp_table = rows(cfg.throughput_posts)
     pps = repeat_interleaved({f"workers_{w}": (lambda w=w: run_preprocess(tp_table, w, 224, not cfg.smoke)
                                                 ["posts_per_s"])
                               for w in (1, 2)}, cfg.repeats)
     throughput = {k: summarize(v, 2) for k, v in pps.items()}
     speedup = ratio(throughput["workers_2"]["median"], throughput["workers_1"]["median"])
 
-    # 3. Peak memory at two sizes, 2 workers.
-    mem = {label: run_preprocess(write_table(pool, n), 2, 224) for label, n in
+    # 2. Peak memory at two sizes, 2 workers.
+    mem = {label: run_preprocess(rows(n), 2, 224) for label, n in
            (("small", cfg.rss_small), ("large", cfg.rss_large))}
     rss_ratio = ratio(mem["large"]["peak_tree_rss_mib"], mem["small"]["peak_tree_rss_mib"])
 
-    # 4. Bytes per post, pre-resized and full size.
-    sizes = {label: run_preprocess(write_table(pool, cfg.bytes_posts), 2, edge, not cfg.smoke) for label, edge in
+    # 3. Bytes per post, pre-resized and full size.
+    sizes = {label: run_preprocess(rows(cfg.bytes_posts), 2, edge, not cfg.smoke) for label, edge in
              (("resized_224", 224), ("full_size", 0))}
     log.info("posts/s 1 vs 2 workers: %s; peak RSS ratio %s; bytes/post %s", speedup, rss_ratio,
              {k: v["bytes_per_post"] for k, v in sizes.items()})
-    payload = {
-        "image_size": list(PHOTO_SIZE),
-        "throughput": {"posts": cfg.throughput_posts, "posts_per_s": throughput, "speedup_2_vs_1": speedup},
-        "memory": {**mem, "ratio_large_vs_small": rss_ratio,
-                   "ratio_maxrss_large_vs_small": ratio(mem["large"]["maxrss_mib"], mem["small"]["maxrss_mib"])},
-        "record_bytes": {**sizes, "full_over_resized": ratio(sizes["full_size"]["bytes_per_post"],
-                                                             sizes["resized_224"]["bytes_per_post"], 2)},
-        "goals": [goal("preprocess speedup, 2 workers vs 1", speedup, ">=", 1.6, "x"),
-                  goal(f"peak RSS, {cfg.rss_large:,} vs {cfg.rss_small:,} posts", rss_ratio, "<=", 1.3, "x")],
-    }
-    write_result("preprocess", payload, cfg, t_start)
+    bytes_ratio = ratio(sizes["full_size"]["bytes_per_post"], sizes["resized_224"]["bytes_per_post"], 2)
+    tp = [[w, throughput[f"workers_{w}"]["median"], throughput[f"workers_{w}"]["values"]] for w in (1, 2)]
+    payload = {"throughput": throughput, "memory": mem, "record_bytes": {**sizes, "full_over_resized": bytes_ratio},
+               "goals": [goal("preprocess speedup, 2 workers vs 1", speedup, ">=", 1.6, "x"),
+                         goal(f"peak RSS, {cfg.rss_large:,} vs {cfg.rss_small:,} posts", rss_ratio, "<=", 1.3, "x")],
+               "tables": [
+                   table(["workers", "posts/s (median)", "repeats"], tp,
+                         f"Speedup 2 vs 1 worker: **{speedup}x** on {cfg.throughput_posts:,} posts."),
+                   table(["posts", "peak RSS, process tree (MiB)", "peak RSS, largest process (MiB)", "seconds"],
+                         [[m["posts"], m["peak_tree_rss_mib"], m["maxrss_mib"], m["wall_s"]] for m in mem.values()]),
+                   table(["records", "bytes/post"], [[k, v["bytes_per_post"]] for k, v in sizes.items()],
+                         f"Full size / pre-resized: **{bytes_ratio}x** bytes per post.")]}
+    write_result("preprocess", payload, cfg, t_start, __doc__)
     return payload
 
 

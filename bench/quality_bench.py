@@ -2,9 +2,9 @@
 
     python bench/quality_bench.py --run-dir runs/demo/run     # what `make bench RUN=runs/demo/run` does
 
-Trains nothing: reads the run's metrics.json (test R² of the best, the best frozen-phase
-and three baseline models) and the R² ceiling in make_demo_data's meta.json (found through
-the run's data dir). Writes ``OUT/quality.json``.
+Trains nothing: reads the run's metrics.json (test R² on the model scale of the best, the
+best frozen-phase and three baseline models) and the R² ceiling in make_demo_data's
+meta.json (found through the run's data dir), the generator's ``Var(f) / (Var(f) + sigma²)``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import BenchConfig, goal, ratio, start, write_result
+from bench.benchlib import BenchConfig, goal, ratio, start, table, write_result
 from common.config import REPO_ROOT, field
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,16 @@ def main(argv: list[str] | None = None) -> dict:
     margin = round(r2["fine_tuned"] - baselines[best], 4)
     gain = None if r2["frozen_only"] is None else round(r2["fine_tuned"] - r2["frozen_only"], 4)
     log.info("test R²: %s; ceiling %s", r2, ceiling["theoretical"])
-    payload = {
-        "run_dir": str(cfg.run_dir), "demo_meta": str(meta_path) if meta_path else None,
-        "scale": metrics.get("scale"), "test_posts": metrics["data"]["counts"]["splits"]["test"],
-        "ceiling_r2": ceiling, "r2": r2,
-        "share_of_ceiling": {k: ratio(v, ceiling["theoretical"]) for k, v in r2.items()},
-        "goals": [goal(f"fine-tuned test R² beats the best baseline ({best})", margin, ">", 0.0, "R² margin"),
-                  goal("fine-tuning beats the frozen-only model (test R²)", gain, ">", 0.0, "R² margin")],
-    }
-    write_result("quality", payload, cfg, t_start)
+    share = {k: ratio(v, ceiling["theoretical"]) for k, v in r2.items()}
+    rows = [["ceiling, theoretical", ceiling["theoretical"], 1.0 if ceiling["theoretical"] else None],
+            ["ceiling, empirical (f on the generated set)", ceiling["empirical"], None],
+            *[[k.replace("_", " "), v, share[k]] for k, v in r2.items()]]
+    payload = {"run_dir": str(cfg.run_dir), "demo_meta": str(meta_path) if meta_path else None, "ceiling_r2": ceiling,
+               "r2": r2, "share_of_ceiling": share,
+               "tables": [table(["model", "test R²", "share of ceiling"], rows, f"Run `{cfg.run_dir}`.")],
+               "goals": [goal(f"fine-tuned test R² beats the best baseline ({best})", margin, ">", 0.0, "R² margin"),
+                         goal("fine-tuning beats the frozen-only model (test R²)", gain, ">", 0.0, "R² margin")]}
+    write_result("quality", payload, cfg, t_start, __doc__)
     return payload
 
 

@@ -4,9 +4,9 @@
     python bench/run_all.py --quality-run-dir runs/x      # quality reports that finished run
     python bench/run_all.py --smoke                       # toy sizes; bench/out/smoke/{*.json,BENCHMARKS.md}
 
-Each benchmark runs in its own process (``--in-process``: here; the smoke test), later
-ones reusing earlier ones' cached inputs. Quality reads ``--quality-run-dir``, else `make
-demo`'s runs/demo/run if it exists; a smoke run trains a 1+1-epoch one on its toy data.
+Each benchmark runs in its own process (``--in-process``: here; the smoke test), later ones
+reusing earlier ones' cached inputs. Quality reads ``--quality-run-dir``, else `make demo`'s
+runs/demo/run if it exists; a smoke run trains a 1+1-epoch one on its toy data.
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import OUT_DIR, clip_checkpoint, demo_records
+from bench.benchlib import OUT_DIR, clip_checkpoint, demo_records, start
 from bench.quality_bench import DEFAULT_RUN
-from common.config import REPO_ROOT, config_dict, field, parse_config, setup_logging
+from common.config import REPO_ROOT, field
 
 log = logging.getLogger(__name__)
 
 # name -> module, in run order: preprocessing first (no model), serving last (longest).
 BENCHMARKS = {"preprocess": "bench.preprocess_bench", "train_datapath": "bench.train_bench",
-              "phase1": "bench.phase1_bench", "quality": "bench.quality_bench", "serving": "bench.serve_bench"}
+              "phase1": "bench.phase1_bench", "quality": "bench.quality_bench", "predict": "bench.predict_bench",
+              "serving": "bench.serve_bench"}
 
 
 @dataclass
@@ -48,9 +49,9 @@ class RunAllConfig:
     md: str | None = field(None, help="Markdown to write (default BENCHMARKS.md, or OUT/BENCHMARKS.md with --smoke)")
 
     def __post_init__(self):
-        unknown = set(filter(None, self.only.split(","))) - set(BENCHMARKS)
-        if unknown:
-            raise ValueError(f"--only: unknown benchmark(s) {sorted(unknown)}; choose from {list(BENCHMARKS)}")
+        self.chosen = [n for n in BENCHMARKS if n in self.only.split(",") or not self.only]
+        if set(filter(None, self.only.split(","))) - set(self.chosen):
+            raise ValueError(f"--only: unknown benchmark in {self.only!r}; choose from {list(BENCHMARKS)}")
         self.out_dir = self.out_dir or str(OUT_DIR / "smoke" if self.smoke else OUT_DIR)
         self.md = self.md or str(Path(self.out_dir, "BENCHMARKS.md") if self.smoke else REPO_ROOT / "BENCHMARKS.md")
 
@@ -71,35 +72,32 @@ def quality_run(cfg: RunAllConfig) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # 1. Parse args: which benchmarks, where.
-    cfg = parse_config(RunAllConfig, argv)
-    setup_logging()
-    log.info("config: %s", config_dict(cfg))
+    # 1. Parse args: which benchmarks, where; hey and the quality run before anything is measured.
+    cfg, _ = start(RunAllConfig, argv)
     out = Path(cfg.out_dir)
     if cfg.fresh:
         shutil.rmtree(out / "work", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    chosen = [n for n in BENCHMARKS if not cfg.only or n in cfg.only.split(",")]
-    if "serving" in chosen and not shutil.which("hey"):  # fail now, not after the other benchmarks
+    if "serving" in cfg.chosen and not shutil.which("hey"):  # fail now, not after the other benchmarks
         raise SystemExit("error: the serving benchmark needs hey: apt-get install hey (make bench does)")
-    args = {n: ["--out-dir", str(out), *(["--smoke"] if cfg.smoke else [])] for n in chosen}
-    if "quality" in chosen:
+    args = {n: ["--out-dir", str(out), *(["--smoke"] if cfg.smoke else [])] for n in cfg.chosen}
+    if "quality" in args:
         run = quality_run(cfg)
         if run is None:
             log.warning("quality: no finished run (make demo, then make bench RUN=runs/demo/run); skipped")
-            chosen.remove("quality")
+            del args["quality"]
         else:
             args["quality"] += ["--run-dir", run]
 
     # 2. Each benchmark in turn, timed; a failure stops the run (the JSON files so far stay).
     seconds = {}
-    for name in chosen:
+    for name, a in args.items():
         log.info("=== %s (%s) ===", name, BENCHMARKS[name])
         t0 = time.perf_counter()
         if cfg.in_process:
-            importlib.import_module(BENCHMARKS[name]).main(args[name])
+            importlib.import_module(BENCHMARKS[name]).main(a)
         else:
-            subprocess.run([sys.executable, "-m", BENCHMARKS[name], *args[name]], cwd=REPO_ROOT, check=True)
+            subprocess.run([sys.executable, "-m", BENCHMARKS[name], *a], cwd=REPO_ROOT, check=True)
         seconds[name] = round(time.perf_counter() - t0, 1)
 
     # 3. The report, from whatever JSON is in the out dir.

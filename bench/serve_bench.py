@@ -1,34 +1,43 @@
-"""Benchmark 4: POST /predict under load, with micro-batching on and off.
+"""Benchmark 4: the server under load per runtime, and the raw forward per thread.
 
-    python bench/serve_bench.py            # ViT-B/32-shaped model (random weights), about 4 minutes
+    python bench/serve_bench.py            # ViT-B/32-shaped model (random weights), about 5 minutes
     python bench/serve_bench.py --smoke    # tiny model, under a second per level
 
-The server as users run it (``serving.launch.run_server``), driven by ``hey``, one
-multipart POST /predict (a 640x480 JPEG and its caption) per request. First the model
-alone: raw forward at batch 1 (the latency ceiling) and per post at batch 16 (what
-batching can add at most). Then MICRO_BATCHING=1 and =0, both servers up, runs
-alternating, at each concurrency; then overload (MAX_QUEUE=2). Goals: p50 at concurrency
-1 / raw forward <= 1.3; req/s at 16 >= 2x at 1 (batching on); no errors at nominal load;
-only 503 under overload. Writes ``OUT/serving.json``.
+The raw forward (``LoadedModel.explain_batch``, what the server runs, on a prepared post) at
+batch 1 and 16, each variant in a fresh process: on the main thread; on a worker thread that
+does all torch work (load, warm-up, inference: the server's one inference thread); on a
+worker thread after the main thread ran the model. libgomp gives each thread that enters a
+parallel region its own OpenMP team; with more such threads than CPUs it stops spin-waiting,
+and each parallel region then pays a futex wake. OS threads: ``/proc/self/task`` after the
+timed passes. Then ``uvicorn serving.app:app`` as users run it (``serving.launch.run_server``),
+one server per RUNTIME (onnx after ``models.export_onnx``), driven by ``hey`` with one multipart
+POST /predict per request (a 640x480 JPEG and its caption), levels interleaved across servers;
+MAX_QUEUE is the highest level, so none may get a 503. Last, overload above MAX_QUEUE.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
+import json
 import logging
+import multiprocessing
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import BenchConfig, clip_checkpoint, goal, photo_pool, ratio, start, work_dir, write_result
+from bench.benchlib import BenchConfig, artifact, goal, photo_table, ratio, start, table, work_dir, write_result
 from common.config import field
 from serving.launch import run_server
 
@@ -36,48 +45,34 @@ log = logging.getLogger(__name__)
 
 BOUNDARY = "benchBoundary7MA4YWxkTrZu0gW"
 QUIET = ("--log-level", "warning", "--no-access-log")  # an access log line per request would cost CPU
-# Server settings at nominal load: a queue longer than the highest concurrency, so no 503 is expected.
-SERVER_ENV = {"MAX_BATCH_SIZE": 16, "MAX_WAIT_MS": 5.0, "MAX_QUEUE": 256}
+SERVER_ENV = {"MICRO_BATCHING": 1, "MAX_BATCH_SIZE": 16, "MAX_WAIT_MS": 5.0}
+PROBES = {"main": ("torch", "main thread"), "worker": ("torch", "worker thread doing all torch work"),
+          "worker_after_main": ("torch", "worker thread, after the main thread ran the model"),
+          "onnx": ("onnx", "main thread")}  # name -> (RUNTIME, thread)
 
 
 @dataclass
 class ServeBenchConfig(BenchConfig):
-    """Benchmark POST /predict under load (latency percentiles, req/s, overload behaviour)."""
+    """Benchmark POST /predict under load per runtime, and the raw forward per thread."""
 
     preset: str = field("b32", help="CLIP shape of the served model", choices=("tiny", "b32"))
-    concurrency: str = field("1,4,16,64", help="comma-separated concurrency levels")
+    concurrency: str = field("1,4,16", help="comma-separated concurrency levels (MAX_QUEUE = the highest)")
     duration_s: float = field(5.0, help="seconds per repeat of one level")
     repeats: int = field(3, help="repeats per level (median reported)")
-    overload_concurrency: int = field(64, help="concurrency of the overload step (MAX_QUEUE=2)")
+    overload_concurrency: int = field(64, help="concurrency of the overload step (above MAX_QUEUE: 503s)")
     forward_repeats: int = field(30, help="timed raw forward passes at batch 1 (median reported)")
+    warmup_s: float = field(1.5, help="seconds of untimed forward passes first, at each batch size")
+    onnx: bool = field(True, help="also export the artifact and serve RUNTIME=onnx (skipped, with the reason, "
+                                  "where models.export_onnx is not importable)")
 
     def __post_init__(self):
-        if self.smoke:  # and micro-batching on only (see measure_servers)
+        if self.smoke:
             self.preset, self.concurrency, self.duration_s, self.repeats = "tiny", "1,4", 0.5, 1
-            self.overload_concurrency, self.forward_repeats = 8, 3
+            self.overload_concurrency, self.forward_repeats, self.warmup_s = 16, 1, 0.0
+        self.levels = [int(c) for c in self.concurrency.split(",")]
+        self.lo, self.hi = str(min(self.levels)), str(16 if 16 in self.levels else max(self.levels))  # goal levels
         if min(self.levels) < 1 or self.repeats < 1 or self.duration_s <= 0 or self.forward_repeats < 1:
             raise ValueError("--concurrency levels, --repeats, --duration-s and --forward-repeats must be positive")
-
-    @property
-    def levels(self) -> list[int]:
-        return [int(c) for c in self.concurrency.split(",")]
-
-
-def build_artifact(out_dir: str, preset: str) -> Path:
-    """A servable artifact around a random-init CLIP of ``preset`` (cached)."""
-    import torch
-    from transformers import CLIPModel, CLIPProcessor
-
-    from models.clip_regressor import CLIPRegressor, TargetTransform, save_artifact
-
-    path = work_dir(out_dir) / f"artifact-{preset}"
-    if not (path / "config.json").is_file():
-        clip_dir = clip_checkpoint(out_dir, preset)
-        torch.manual_seed(0)
-        save_artifact(CLIPRegressor(CLIPModel.from_pretrained(clip_dir)), CLIPProcessor.from_pretrained(clip_dir),
-                      TargetTransform(kind="log1p", mean=4.0, std=1.2), path,  # a plausible likes scale
-                      extra_config={"run_name": f"bench-{preset}", "note": "random weights, for benchmarks only"})
-    return path
 
 
 def multipart_body(image: bytes, text: str) -> bytes:
@@ -87,37 +82,57 @@ def multipart_body(image: bytes, text: str) -> bytes:
                      f'\r\n{part}"text"\r\n\r\n{text}\r\n--{BOUNDARY}--\r\n'.encode()])
 
 
-def measure_model(artifact: Path, image: bytes, caption: str, repeats: int) -> dict:
-    """Raw forward at batch 1 and per post at batch 16, and the per-post preparation the server adds."""
+def time_ms(fn, n: int, warmup_s: float) -> list[float]:
+    """Milliseconds of ``n`` calls of ``fn`` after ``warmup_s`` of untimed ones (a new shape's first passes are slow)."""
+    t_end = time.perf_counter() + warmup_s
+    while time.perf_counter() < t_end:
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(round((time.perf_counter() - t0) * 1000, 2))
+    return out
+
+
+def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats: int, warmup_s: float) -> dict:
+    """Probe ``name`` (PROBES), in a fresh process: one post's preparation and the raw forward at
+    batch 1 and 16, on its thread; then the process's OS threads."""
     import torch
 
     from data_preprocessing.posts import prepare_post
     from models.clip_regressor import load_model
 
-    lm = load_model(artifact)
-    features = dict.fromkeys(lm.prepare.features.names, "")  # every feature missing: always valid
+    runtime = PROBES[name][0]
+    load = lambda: load_model(model_dir, **({} if runtime == "torch" else {"runtime": runtime}))  # noqa: E731
 
-    def prepare() -> dict:  # what the server does per post before the forward pass
-        return lm.batcher([prepare_post(image, caption, features, lm.prepare)])
+    def prepare(lm) -> dict:  # what the server does per post before the forward pass
+        return lm.batcher([prepare_post(image, caption, dict.fromkeys(lm.prepare.features.names, ""), lm.prepare)])
 
-    def ms(fn, n: int, warmup_s: float = 1.5) -> list[float]:
-        t_end = time.perf_counter() + warmup_s  # the first passes at a new shape are far slower
-        while time.perf_counter() < t_end:
-            fn()
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            out.append(round((time.perf_counter() - t0) * 1000, 2))
-        return out
+    def measure(lm) -> dict:
+        b1 = prepare(lm)
+        b16 = {k: torch.cat([v] * 16) for k, v in b1.items()}
+        b1_ms = time_ms(lambda: lm.explain_batch(b1), repeats, warmup_s)
+        b16_ms = time_ms(lambda: lm.explain_batch(b16), max(1, repeats // 8), warmup_s)
+        return {"b1_ms": statistics.median(b1_ms), "b1_ms_values": b1_ms,
+                "b16_per_post_ms": round(statistics.median(b16_ms) / 16, 2),
+                "prepare_ms": statistics.median(time_ms(lambda: prepare(lm), repeats, warmup_s / 4)),
+                "os_threads": len(os.listdir("/proc/self/task")), "torch_threads": torch.get_num_threads()}
 
-    b1 = prepare()
-    b16 = {k: torch.cat([v] * 16) for k, v in b1.items()}
-    with torch.inference_mode():
-        fwd1, fwd16 = ms(lambda: lm.model(**b1), repeats), ms(lambda: lm.model(**b16), max(3, repeats // 8))
-    return {"forward_b1_ms": statistics.median(fwd1), "forward_b1_ms_values": fwd1,
-            "forward_b16_per_post_ms": round(statistics.median(fwd16) / 16, 2),
-            "prepare_ms": statistics.median(ms(prepare, repeats)), "torch_threads": torch.get_num_threads()}
+    if name in ("main", "onnx"):
+        return measure(load())
+    lm = None
+    if name == "worker_after_main":  # the main thread's OpenMP team exists before the worker's
+        lm = load()
+        lm.explain_batch(prepare(lm))
+    with ThreadPoolExecutor(1) as pool:  # one worker thread, like the server's inference executor
+        return pool.submit(lambda: measure(lm or load())).result()
+
+
+def probe(*args) -> dict:
+    """``forward_probe(*args)`` in a fresh Python process (spawned): no other thread has run torch there."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(forward_probe, args)
 
 
 def run_hey(url: str, body_path: Path, concurrency: int, n: int) -> dict:
@@ -167,76 +182,98 @@ def measure_level(urls: dict[str, str], body_path: Path, c: int, duration_s: flo
     return {m: level_summary(r) for m, r in runs.items()}
 
 
-def measure_servers(cfg: ServeBenchConfig, artifact: Path, body_path: Path) -> tuple[dict, dict]:
-    """Every level on a server per micro-batching mode, then the overload step on a server with
-    MAX_QUEUE=2; all servers up at once (an idle one costs nothing)."""
-    envs = {"micro_batching_on": {"MICRO_BATCHING": 1, **SERVER_ENV},
-            "micro_batching_off": {"MICRO_BATCHING": 0, **SERVER_ENV},
-            "overload": {"MICRO_BATCHING": 1, **SERVER_ENV, "MAX_QUEUE": 2}}
-    if cfg.smoke:
-        del envs["micro_batching_off"]  # a server start costs seconds
-    modes = {m: {"env": env, "levels": {}} for m, env in envs.items() if m != "overload"}
+def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path, runtimes: list[str]) -> tuple:
+    """Every level on a server per runtime (all up at once: an idle one costs nothing), then the
+    overload step on the torch server; and which runtime each server says it runs (/metadata)."""
+    env = {r: {**SERVER_ENV, "RUNTIME": r, "MAX_QUEUE": max(cfg.levels)} for r in runtimes}
+    servers = {r: {"env": env[r], "levels": {}} for r in runtimes}
     with contextlib.ExitStack() as stack:
-        urls = {m: stack.enter_context(run_server(artifact, env=env, log_path=body_path.parent / f"{m}.log",
-                                                  uvicorn_args=QUIET)) for m, env in envs.items()}
-        overload_url = urls.pop("overload")
+        urls = {r: stack.enter_context(run_server(model_dir, env=env[r], log_path=body_path.parent / f"{r}.log",
+                                                  uvicorn_args=QUIET)) for r in runtimes}
+        for r, url in urls.items():
+            with urllib.request.urlopen(url + "/metadata", timeout=10) as fh:
+                said = json.load(fh)["model"].get("runtime")  # None: a server from before RUNTIME
+            servers[r]["reported_runtime"] = said.get("name") if isinstance(said, dict) else said
         for c in cfg.levels:
-            for m, s in measure_level(urls, body_path, c, cfg.duration_s, cfg.repeats).items():
-                modes[m]["levels"][str(c)] = s
-                log.info("%s c=%d: %s req/s, p50 %s ms, status %s", m, c, s["rps"], s["p50_ms"], s["status"])
-        s = measure_level({"o": overload_url}, body_path, cfg.overload_concurrency, cfg.duration_s, 1)["o"]
+            for r, s in measure_level(urls, body_path, c, cfg.duration_s, cfg.repeats).items():
+                servers[r]["levels"][str(c)] = s
+                log.info("%s c=%d: %s req/s, p50 %s ms, status %s", r, c, s["rps"], s["p50_ms"], s["status"])
+        s = measure_level({"torch": urls["torch"]}, body_path, cfg.overload_concurrency, cfg.duration_s, 1)["torch"]
     bad = s["transport_errors"] + sum(n for c, n in s["status"].items() if c not in ("200", "503"))
-    return modes, {"env": envs["overload"], "concurrency": cfg.overload_concurrency, "requests": s["requests"],
-                   "status": s["status"], "transport_errors": s["transport_errors"], "non_503_failures": bad}
+    return servers, {"concurrency": cfg.overload_concurrency, "max_queue": max(cfg.levels), "requests": s["requests"],
+                     "status": s["status"], "transport_errors": s["transport_errors"], "non_503_failures": bad}
 
 
-def off_note(x: float | None) -> str:
-    return "" if x is None else f"micro-batching off: {x}x"
-
-
-def goals(cfg: ServeBenchConfig, model: dict, modes: dict, overload: dict) -> tuple[dict, list[dict]]:
-    """The ratios (levels 1 and 16, or the lowest and highest) and the four goals."""
-    lo, hi = str(min(cfg.levels)), str(16 if 16 in cfg.levels else max(cfg.levels))
-    lv = {m: modes.get(f"micro_batching_{m}", {}).get("levels") or {lo: {}, hi: {}} for m in ("on", "off")}
-    over = {m: ratio(lv[m][lo].get("p50_ms"), model["forward_b1_ms"]) for m in lv}
-    scale = {m: ratio(lv[m][hi].get("rps"), lv[m][lo].get("rps")) for m in lv}
-    ratios = {"levels": [int(lo), int(hi)],
-              "overhead_p50_lo_over_forward_b1": {f"micro_batching_{m}": v for m, v in over.items()},
-              "rps_hi_over_lo": {f"micro_batching_{m}": v for m, v in scale.items()},
-              "model_forward_b1_over_b16_per_post": ratio(model["forward_b1_ms"], model["forward_b16_per_post_ms"])}
-    errors = sum(s["errors"] for d in modes.values() for s in d["levels"].values())
-    return ratios, [
-        goal(f"serving overhead: p50 at concurrency {lo} / raw forward at batch 1", over["on"], "<=", 1.3, "x",
-             off_note(over["off"])),
-        goal(f"throughput at concurrency {hi} / at {lo} (micro-batching on)", scale["on"], ">=", 2.0, "x",
-             off_note(scale["off"])),
-        goal("errors at nominal load (all levels, both modes)", errors, "==", 0, "requests"),
+def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, onnx_skip: str | None) -> list[dict]:
+    """Overhead per runtime, onnx / torch throughput, the thread row, errors and overload."""
+    lo, hi = cfg.lo, cfg.hi
+    lv = lambda r, c, k: servers[r]["levels"][c][k] if r in servers else None  # noqa: E731
+    b1 = {k: f and f["b1_ms"] for k, f in fwd.items()}
+    skip = f"skipped: {onnx_skip}" if onnx_skip else ""
+    errors = sum(s["errors"] for d in servers.values() for s in d["levels"].values())
+    return [
+        goal(f"serving overhead, RUNTIME=torch: p50 at concurrency {lo} / raw forward at batch 1",
+             ratio(lv("torch", lo, "p50_ms"), b1["main"]), "<=", 1.3, "x"),
+        goal(f"serving overhead, RUNTIME=onnx: p50 at concurrency {lo} / onnx raw forward at batch 1",
+             ratio(lv("onnx", lo, "p50_ms"), b1["onnx"]), "<=", 1.3, "x", skip),
+        goal(f"throughput at concurrency {hi}, RUNTIME=onnx / torch", ratio(lv("onnx", hi, "rps"), lv("torch", hi, "rps")),
+             ">=", 1.5, "x", skip),
+        goal("raw forward at batch 1, worker thread doing all torch work / main thread",
+             ratio(b1["worker"], b1["main"]), "<=", 1.1, "x",
+             f"worker after the main thread ran the model: {ratio(b1['worker_after_main'], b1['main'])}x"),
+        goal("errors at nominal load (all levels, every runtime)", errors, "==", 0, "requests"),
         goal("non-503 failures under overload", overload["non_503_failures"], "==", 0, "requests",
              f"{overload['status'].get('503', 0)} of {overload['requests']} answered 503")]
 
 
+def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict) -> list[dict]:
+    lo, hi, main = cfg.lo, cfg.hi, fwd["main"]
+    model = [[*PROBES[k], f["b1_ms"], f["b16_per_post_ms"], f["prepare_ms"], ratio(f["b1_ms"], main["b1_ms"]),
+              f["os_threads"]] for k, f in fwd.items() if f]
+    load = [[f"{r} ({d['reported_runtime'] or 'not reported'})", int(c),
+             *(s[k] for k in ("rps", "p50_ms", "p95_ms", "p99_ms", "requests", "errors"))]
+            for r, d in servers.items() for c, s in d["levels"].items()]
+    gain = {r: ratio(d["levels"][hi]["rps"], d["levels"][lo]["rps"]) for r, d in servers.items()}
+    return [table(["runtime", "thread", "forward at batch 1, ms", "per post at batch 16, ms", "prepare, ms",
+                   "batch 1 / main thread", "OS threads"], model, f"torch threads {main['torch_threads']}."),
+            table(["runtime (per /metadata)", "concurrency", "req/s", "p50 ms", "p95 ms", "p99 ms", "requests",
+                   "errors"], load,
+                  f"req/s at {hi} / at {lo}: {gain}; the model alone runs {ratio(main['b1_ms'], main['b16_per_post_ms'])}"
+                  f"x faster per post at batch 16, the most micro-batching can add. Server env {servers['torch']['env']}."
+                  f" Overload (concurrency {overload['concurrency']}, MAX_QUEUE={overload['max_queue']}): status codes "
+                  f"{overload['status']}, transport errors {overload['transport_errors']}.")]
+
+
 def main(argv: list[str] | None = None) -> dict:
-    # 1. Parse args; the artifact and one post's multipart body on disk, for hey.
+    # 1. Parse args; the artifact, exported for RUNTIME=onnx where the exporter exists.
     cfg, t_start = start(ServeBenchConfig, argv)
     if not shutil.which("hey"):
         raise SystemExit("error: hey is not on PATH: apt-get install hey (make bench does)")
-    artifact = build_artifact(cfg.out_dir, cfg.preset)
-    pool = photo_pool(cfg.out_dir, 8)
-    with open(pool / "posts.csv", newline="") as fh:
-        post = next(p for p in csv.DictReader(fh) if p["description"].strip())  # a post with a caption
-    image = (pool / post["image_path"]).read_bytes()
-    body_path = work_dir(cfg.out_dir, "serving") / "body.bin"
-    body_path.write_bytes(multipart_body(image, post["description"]))
+    model_dir, onnx_skip = artifact(cfg.out_dir, cfg.preset), None if cfg.onnx else "--no-onnx"
+    try:
+        if cfg.onnx:
+            importlib.import_module("models.export_onnx").main([str(model_dir)])
+    except ImportError as e:  # the runtime's branch is not merged, or onnxruntime is missing
+        onnx_skip = f"models.export_onnx is not importable: {e.msg}"
+        log.warning("RUNTIME=onnx not measured: %s", onnx_skip)
+    runtimes = ["torch"] + ([] if onnx_skip else ["onnx"])
 
-    # 2. The model alone first, while nothing else competes for the cores; then the servers.
-    model = measure_model(artifact, image, post["description"], cfg.forward_repeats)
-    log.info("model alone: %s", {k: v for k, v in model.items() if k != "forward_b1_ms_values"})
-    modes, overload = measure_servers(cfg, artifact, body_path)
-    ratios, goal_rows = goals(cfg, model, modes, overload)
-    payload = {"load_tool": "hey", "model": {"preset": cfg.preset, **model},
-               "request": {"image": "640x480 JPEG", "image_bytes": len(image), "body_bytes": body_path.stat().st_size},
-               "modes": modes, "overload": overload, "ratios": ratios, "goals": goal_rows}
-    write_result("serving", payload, cfg, t_start)
+    # 2. One post (with a caption) as the body hey sends; the model alone first, one probe at a time.
+    posts = photo_table(cfg.out_dir, 8, 8)
+    with open(posts, newline="") as fh:
+        post = next(p for p in csv.DictReader(fh) if p["description"].strip())
+    image, body_path = (posts.parent / post["image_path"]).read_bytes(), work_dir(cfg.out_dir, "serving") / "body.bin"
+    body_path.write_bytes(multipart_body(image, post["description"]))
+    fwd = {k: probe(k, str(model_dir), image, post["description"], cfg.forward_repeats, cfg.warmup_s)
+           if r in runtimes else None for k, (r, _) in PROBES.items()}
+    log.info("raw forward at batch 1 (ms): %s", {k: f and f["b1_ms"] for k, f in fwd.items()})
+
+    # 3. The servers; goals and tables.
+    servers, overload = measure_servers(cfg, model_dir, body_path, runtimes)
+    payload = {"preset": cfg.preset, "forward": fwd, "onnx_skipped": onnx_skip, "servers": servers,
+               "overload": overload, "goals": goals(cfg, fwd, servers, overload, onnx_skip),
+               "tables": tables(cfg, fwd, servers, overload)}
+    write_result("serving", payload, cfg, t_start, __doc__)
     return payload
 
 

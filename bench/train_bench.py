@@ -1,12 +1,14 @@
 """Benchmark 1: the training data path against the compute ceiling.
 
-    python bench/train_bench.py            # tiny and ViT-B/32-shaped CLIP, about 2 minutes
+    python bench/train_bench.py            # tiny and ViT-B/32-shaped CLIP, about 3 minutes
     python bench/train_bench.py --smoke    # tiny CLIP, 2 steps: checks the script runs
 
-samples/s of phase-2 steps (``benchlib.Phase2``: train_torch's ``start_phase`` and
-``train_one_epoch``) fed by train_torch's ``make_loader(EngagementDataset, Collator)``
-with its default ``--num-workers`` (project), and by the same batches already in memory
-(ceiling). Goal: project >= 0.9 x ceiling. Writes ``OUT/train_datapath.json``.
+samples/s of phase-2 train steps (CLIP + head trainable, AdamW, ``train_torch.start_phase``
+and ``train_one_epoch``) fed by train_torch's ``make_loader(EngagementDataset, Collator)``
+at its default ``--num-workers`` (project), and by the same batches already in memory
+(ceiling); goal: project >= 0.9 x ceiling. The loader alone draws batches and does nothing
+else. Pixel bytes: a batch as the Collator returns it (uint8; the model normalises on the
+device) against the float32 normalised tensor of the same batch, what the loader carried before.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.benchlib import BenchConfig, Phase2, clip_checkpoint, demo_records, goal, ratio, repeat_interleaved, start, \
-    summarize, write_result
+    summarize, table, write_result
 from common.config import field
 
 log = logging.getLogger(__name__)
@@ -51,12 +53,19 @@ class TrainBenchConfig(BenchConfig):
         return int(bs), int(steps)
 
 
+def pixel_bytes(p2: Phase2, batch: dict) -> dict:
+    """Bytes of one batch's pixels: the Collator's uint8 tensor, and the float32 normalised one the
+    model computes from it (what the loader carried before the uint8 change)."""
+    m, pv = p2.model, batch["pixel_values"]
+    normalised = (pv.float() * m.pixel_rescale - m.pixel_mean.cpu()) / m.pixel_std.cpu()
+    return {"shape": list(pv.shape), "dtype": str(pv.dtype), "bytes": pv.nbytes, "float32_bytes": normalised.nbytes,
+            "float32_over_batch": ratio(normalised.nbytes, pv.nbytes, 2)}
+
+
 def bench_preset(cfg: TrainBenchConfig, records_dir: Path, preset: str) -> dict:
     from accelerate import Accelerator
 
-    from training.train_torch import make_loader
-
-    # 1. Phase 2 as train_torch builds it: one model, step and optimizer for both variants.
+    # 1. Phase 2 as train_torch builds it: one model, step and optimizer for every variant.
     bs, steps = cfg.shape(preset)
     p2 = Phase2(clip_checkpoint(cfg.out_dir, preset), records_dir, Accelerator(cpu=True), bs)
     need = (cfg.warmup_steps + steps) * bs
@@ -64,15 +73,17 @@ def bench_preset(cfg: TrainBenchConfig, records_dir: Path, preset: str) -> dict:
         raise SystemExit(f"error: {len(p2.train)} train posts < {need} needed; raise --posts")
 
     # 2. The ceiling: the project loader's first batches (epoch 0), collated in memory. Then interleaved
-    #    repeats; a fresh project loader each time (its workers stop when it goes).
-    loader = lambda workers: make_loader(p2.train, bs, p2.collate, shuffle_seed=0, num_workers=workers)  # noqa: E731
-    in_memory = list(itertools.islice(loader(0), cfg.warmup_steps + steps))
+    #    repeats, a fresh loader each time (its workers stop when it goes).
+    in_memory = list(itertools.islice(p2.loader(0), cfg.warmup_steps + steps))
     values = repeat_interleaved(
-        {"project": lambda: p2.samples_per_s(loader(p2.cfg.num_workers), steps, cfg.warmup_steps),
-         "ceiling": lambda: p2.samples_per_s(in_memory, steps, cfg.warmup_steps)}, cfg.repeats)
+        {"project": lambda: p2.samples_per_s(p2.loader(), steps, cfg.warmup_steps),
+         "ceiling": lambda: p2.samples_per_s(in_memory, steps, cfg.warmup_steps),
+         **{f"loader_w{w}": lambda w=w: p2.samples_per_s(p2.loader(w), steps, cfg.warmup_steps, train=False)
+            for w in (1, 2)}}, cfg.repeats)
     sps = {k: summarize(v, 2) for k, v in values.items()}
     return {"preset": preset, "params": sum(p.numel() for p in p2.model.parameters()), "batch_size": bs,
             "steps": steps, "num_workers": p2.cfg.num_workers, "samples_per_s": sps,
+            "pixels": pixel_bytes(p2, in_memory[0]),
             "goal": goal(f"train data path, {preset} CLIP: project loader / in-memory ceiling",
                          ratio(sps["project"]["median"], sps["ceiling"]["median"]), ">=", 0.9, "x")}
 
@@ -83,11 +94,20 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, t_start = start(TrainBenchConfig, argv)
     records_dir = demo_records(cfg.out_dir, cfg.posts, workers=1 if cfg.smoke else 2)
     presets = {p: bench_preset(cfg, records_dir, p) for p in cfg.presets.split(",")}
-    for p, r in presets.items():
-        log.info("%s: samples/s %s", p, {k: v["median"] for k, v in r["samples_per_s"].items()})
-    payload = {"torch_threads": torch.get_num_threads(), "posts": cfg.posts, "presets": presets,
-               "goals": [r["goal"] for r in presets.values()]}
-    write_result("train_datapath", payload, cfg, t_start)
+    med = {p: {k: v["median"] for k, v in r["samples_per_s"].items()} for p, r in presets.items()}
+    log.info("samples/s: %s", med)
+    speed = [[f"{p} ({r['params'] / 1e6:.1f}M)", r["batch_size"], f"{r['steps']} × {cfg.repeats}", r["num_workers"],
+              med[p]["project"], med[p]["ceiling"], r["goal"]["measured"], med[p]["loader_w1"], med[p]["loader_w2"]]
+             for p, r in presets.items()]
+    pixels = [[p, "x".join(map(str, x["shape"])), x["bytes"], x["float32_bytes"], x["float32_over_batch"]]
+              for p, x in ((p, r["pixels"]) for p, r in presets.items())]
+    payload = {"presets": presets, "goals": [r["goal"] for r in presets.values()], "tables": [
+        table(["CLIP", "batch", "steps × repeats", "workers", "project", "ceiling", "project/ceiling",
+               "loader alone, 1 worker", "loader alone, 2 workers"], speed, f"samples/s; torch threads "
+              f"{torch.get_num_threads()}."),
+        table(["CLIP", "pixels per batch", "bytes, uint8 (as loaded)", "bytes, float32 normalised", "float32 / uint8"],
+              pixels)]}
+    write_result("train_datapath", payload, cfg, t_start, __doc__)
     return payload
 
 
