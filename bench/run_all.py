@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 
 # name -> module, in run order: preprocessing first (no model), serving last (longest).
 BENCHMARKS = {"preprocess": "bench.preprocess_bench", "train_datapath": "bench.train_bench",
-              "phase1": "bench.phase1_bench", "quality": "bench.quality_bench", "predict": "bench.predict_bench",
-              "serving": "bench.serve_bench"}
+              "phase1": "bench.phase1_bench", "quality": "bench.quality_bench", "serving": "bench.serve_bench"}
 
 
 @dataclass

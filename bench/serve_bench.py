@@ -1,4 +1,4 @@
-"""Benchmark 4: the server under load per runtime, and the raw forward per thread.
+"""Benchmark 4: the server under load per runtime, the raw forward per thread, and the table scorer.
 
     python bench/serve_bench.py            # ViT-B/32-shaped model (random weights), about 5 minutes
     python bench/serve_bench.py --smoke    # tiny model, under a second per level
@@ -13,6 +13,12 @@ timed passes. Then ``uvicorn serving.app:app`` as users run it (``serving.launch
 one server per RUNTIME (onnx after ``models.export_onnx``), driven by ``hey`` with one multipart
 POST /predict per request (a 640x480 JPEG and its caption), levels interleaved across servers;
 MAX_QUEUE is the highest level, so none may get a 503. Last, overload above MAX_QUEUE.
+
+First of all, serving/predict.py (``predict.main`` at its default batch size and workers) on
+tables of N and 2N rows: its posts/s is N / (seconds at 2N - seconds at N), so what a run
+pays once (loading the model, starting workers, the first batch) cancels; against it, the
+raw forward on those N posts batched beforehand by predict's own ``TableRows`` and
+``Batches``, in the same process. Goal: >= 0.9.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import BenchConfig, artifact, goal, photo_table, ratio, start, table, work_dir, write_result
+from bench.benchlib import BenchConfig, artifact, goal, photo_table, ratio, repeat_interleaved, start, summarize, \
+    table, work_dir, write_result
 from common.config import field
 from serving.launch import run_server
 
@@ -62,6 +69,7 @@ class ServeBenchConfig(BenchConfig):
     overload_concurrency: int = field(64, help="concurrency of the overload step (above MAX_QUEUE: 503s)")
     forward_repeats: int = field(30, help="timed raw forward passes at batch 1 (median reported)")
     warmup_s: float = field(1.5, help="seconds of untimed forward passes first, at each batch size")
+    table_rows: str = field("tiny:256,b32:64", help="CLIP shape:N for predict.py, on tables of N and 2N rows")
     onnx: bool = field(True, help="also export the artifact and serve RUNTIME=onnx (skipped, with the reason, "
                                   "where models.export_onnx is not importable)")
 
@@ -69,10 +77,13 @@ class ServeBenchConfig(BenchConfig):
         if self.smoke:
             self.preset, self.concurrency, self.duration_s, self.repeats = "tiny", "1,4", 0.5, 1
             self.overload_concurrency, self.forward_repeats, self.warmup_s = 16, 1, 0.0
+            self.table_rows = "tiny:16"
         self.levels = [int(c) for c in self.concurrency.split(",")]
         self.lo, self.hi = str(min(self.levels)), str(16 if 16 in self.levels else max(self.levels))  # goal levels
-        if min(self.levels) < 1 or self.repeats < 1 or self.duration_s <= 0 or self.forward_repeats < 1:
-            raise ValueError("--concurrency levels, --repeats, --duration-s and --forward-repeats must be positive")
+        self.tables = {p: int(n) for p, n in (x.split(":") for x in self.table_rows.split(","))}
+        if min(*self.levels, *self.tables.values(), self.repeats, self.forward_repeats) < 1 or \
+                not set(self.tables) <= {"tiny", "b32"}:
+            raise ValueError("--concurrency, --table-rows (tiny/b32:N), --repeats and --forward-repeats must be positive")
 
 
 def multipart_body(image: bytes, text: str) -> bytes:
@@ -82,17 +93,46 @@ def multipart_body(image: bytes, text: str) -> bytes:
                      f'\r\n{part}"text"\r\n\r\n{text}\r\n--{BOUNDARY}--\r\n'.encode()])
 
 
-def time_ms(fn, n: int, warmup_s: float) -> list[float]:
-    """Milliseconds of ``n`` calls of ``fn`` after ``warmup_s`` of untimed ones (a new shape's first passes are slow)."""
-    t_end = time.perf_counter() + warmup_s
-    while time.perf_counter() < t_end:
-        fn()
-    out = []
-    for _ in range(n):
+def table_scorer(cfg: ServeBenchConfig, preset: str) -> dict:
+    """serving/predict.py's posts/s on N more rows, against the raw forward on those posts."""
+    import torch
+
+    from models.clip_regressor import load_model
+    from serving import predict
+
+    # 1. The artifact, the two tables, and predict's defaults (what a user gets).
+    model_dir, n = artifact(cfg.out_dir, preset), cfg.tables[preset]
+    tables = {k: photo_table(cfg.out_dir, 8 if cfg.smoke else 200, k) for k in (n, 2 * n)}  # the preprocess pool
+    defaults = predict.PredictConfig(model=str(model_dir), input=str(tables[2 * n]), out="")
+    out = work_dir(cfg.out_dir, "predict")
+
+    def seconds(rows: int) -> float:
         t0 = time.perf_counter()
-        fn()
-        out.append(round((time.perf_counter() - t0) * 1000, 2))
-    return out
+        predict.main(["--model", str(model_dir), "--input", str(tables[rows]), "--out", str(out / f"{preset}.csv"),
+                      "--show", "0", "--no-progress"])
+        return time.perf_counter() - t0
+
+    # 2. The ceiling's batches: rows N..2N-1 of the big table, through predict's own Dataset and collate.
+    lm = load_model(model_dir)
+    rows = predict.read_rows(defaults, lm.prepare)[0][n:]
+    ds, collate, bs = predict.TableRows(rows, lm.prepare), predict.Batches(lm.batcher), defaults.batch_size
+    batches = [collate([ds[i] for i in range(j, min(j + bs, n))])[1] for j in range(0, n, bs)]
+
+    def forward_pps() -> float:
+        lm.explain_batch(batches[0])  # a first pass at a new shape is far slower
+        t0 = time.perf_counter()
+        for b in batches:
+            lm.explain_batch(b)
+        return n / (time.perf_counter() - t0)
+
+    # 3. Interleaved repeats: predict.py (two runs) and the forward alone.
+    values = repeat_interleaved({"predict": lambda: n / max(seconds(2 * n) - seconds(n), 1e-9),
+                                 "forward": forward_pps}, cfg.repeats)
+    pps = {k: summarize(v, 2) for k, v in values.items()}
+    return {"rows": n, "batch_size": bs, "num_workers": defaults.num_workers,
+            "torch_threads": torch.get_num_threads(), "posts_per_s": pps,
+            "goal": goal(f"table scorer, {preset} CLIP: predict.py posts/s / raw forward",
+                         ratio(pps["predict"]["median"], pps["forward"]["median"]), ">=", 0.9, "x")}
 
 
 def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats: int, warmup_s: float) -> dict:
@@ -109,14 +149,24 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
     def prepare(lm) -> dict:  # what the server does per post before the forward pass
         return lm.batcher([prepare_post(image, caption, dict.fromkeys(lm.prepare.features.names, ""), lm.prepare)])
 
+    def ms(fn, n: int) -> list[float]:  # n timed calls after warmup_s of untimed ones (first passes are slow)
+        t_end = time.perf_counter() + warmup_s
+        while time.perf_counter() < t_end:
+            fn()
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            out.append(round((time.perf_counter() - t0) * 1000, 2))
+        return out
+
     def measure(lm) -> dict:
         b1 = prepare(lm)
         b16 = {k: torch.cat([v] * 16) for k, v in b1.items()}
-        b1_ms = time_ms(lambda: lm.explain_batch(b1), repeats, warmup_s)
-        b16_ms = time_ms(lambda: lm.explain_batch(b16), max(1, repeats // 8), warmup_s)
+        b1_ms, b16_ms = ms(lambda: lm.explain_batch(b1), repeats), ms(lambda: lm.explain_batch(b16), max(1, repeats // 8))
         return {"b1_ms": statistics.median(b1_ms), "b1_ms_values": b1_ms,
                 "b16_per_post_ms": round(statistics.median(b16_ms) / 16, 2),
-                "prepare_ms": statistics.median(time_ms(lambda: prepare(lm), repeats, warmup_s / 4)),
+                "prepare_ms": statistics.median(ms(lambda: prepare(lm), repeats)),
                 "os_threads": len(os.listdir("/proc/self/task")), "torch_threads": torch.get_num_threads()}
 
     if name in ("main", "onnx"):
@@ -258,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
         log.warning("RUNTIME=onnx not measured: %s", onnx_skip)
     runtimes = ["torch"] + ([] if onnx_skip else ["onnx"])
 
-    # 2. One post (with a caption) as the body hey sends; the model alone first, one probe at a time.
+    # 2. The table scorer and the model alone (one probe at a time) while no server competes for the cores.
+    scorer = {p: table_scorer(cfg, p) for p in cfg.tables}
     posts = photo_table(cfg.out_dir, 8, 8)
     with open(posts, newline="") as fh:
         post = next(p for p in csv.DictReader(fh) if p["description"].strip())
@@ -270,9 +321,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. The servers; goals and tables.
     servers, overload = measure_servers(cfg, model_dir, body_path, runtimes)
+    scored = [[p, t["batch_size"], t["num_workers"], t["torch_threads"], f"{t['rows']} → {2 * t['rows']}",
+               t["posts_per_s"]["predict"]["median"], t["posts_per_s"]["forward"]["median"], t["goal"]["measured"]]
+              for p, t in scorer.items()]
     payload = {"preset": cfg.preset, "forward": fwd, "onnx_skipped": onnx_skip, "servers": servers,
-               "overload": overload, "goals": goals(cfg, fwd, servers, overload, onnx_skip),
-               "tables": tables(cfg, fwd, servers, overload)}
+               "overload": overload, "table_scorer": scorer,
+               "goals": goals(cfg, fwd, servers, overload, onnx_skip) + [t["goal"] for t in scorer.values()],
+               "tables": tables(cfg, fwd, servers, overload) + [table(
+                   ["CLIP", "batch", "workers", "torch threads", "rows", "predict.py posts/s", "raw forward posts/s",
+                    "predict / forward"], scored, "serving/predict.py scoring a table: posts/s = N / (seconds at 2N "
+                                                  "- seconds at N)")]}
     write_result("serving", payload, cfg, t_start, __doc__)
     return payload
 

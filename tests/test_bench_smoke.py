@@ -13,7 +13,7 @@ import pytest
 
 from bench.benchlib import goal
 
-BENCHMARKS = {"preprocess", "train_datapath", "phase1", "quality", "predict", "serving"}
+BENCHMARKS = {"preprocess", "train_datapath", "phase1", "quality", "serving"}
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 MACHINE = ("cpu_model", "cpus_usable", "ram_gib", "torch", "transformers", "date_utc", "git_commit")
 
@@ -99,7 +99,7 @@ def test_report_shows_each_goal_with_the_status_its_figure_implies(smoke):
     _, results, md = smoke
     rows = goal_table(md)
     goals = list(goals_of(results).values())
-    assert len(goals) == 12  # train 1, preprocess 2, serving 6, predict 1, quality 2 (phase 1 has no target)
+    assert len(goals) == 12  # train 1, preprocess 2, serving 6 + table scorer 1, quality 2 (phase 1: no target)
     for g in goals:
         ops = {">=": g["measured"] >= g["target"], "<=": g["measured"] <= g["target"], ">": g["measured"] > g["target"],
                "==": g["measured"] == g["target"]} if g["measured"] is not None else {}
@@ -140,7 +140,7 @@ def test_goal_figures_are_the_ratios_of_the_measurements(smoke):
         s["servers"]["torch"]["levels"]["1"]["p50_ms"] / fwd["main"]["b1_ms"], 3)
     assert measured["raw forward at batch 1, worker thread doing all torch work / main thread"] == round(
         fwd["worker"]["b1_ms"] / fwd["main"]["b1_ms"], 3)
-    p = r["predict"]["presets"]["tiny"]["posts_per_s"]
+    p = r["serving"]["table_scorer"]["tiny"]["posts_per_s"]
     assert measured["table scorer, tiny CLIP: predict.py posts/s / raw forward"] == round(
         med(p["predict"]) / med(p["forward"]), 3)
     p1 = r["phase1"]
@@ -168,7 +168,7 @@ def test_table_scorer_ran_at_predicts_defaults(smoke):
     from serving.predict import PredictConfig
 
     _, r, _ = smoke
-    d, t = PredictConfig(model="", input="", out=""), r["predict"]["presets"]["tiny"]
+    d, t = PredictConfig(model="", input="", out=""), r["serving"]["table_scorer"]["tiny"]
     assert (t["batch_size"], t["num_workers"], t["rows"]) == (d.batch_size, d.num_workers, 16)
 
 
