@@ -56,8 +56,8 @@ class MicroBatcher(Generic[T, R]):
 
     ``run_batch(items) -> results`` is a blocking function (one result per item, in
     order); it runs in ``executor``, a one-thread executor (the server passes its torch
-    thread, ``serving.service.torch_thread``), else in a thread of this batcher's own. ``max_batch_size=1, max_wait_s=0``
-    runs every post alone (MICRO_BATCHING=0). ``observe(size, seconds)``, if given, is
+    thread, ``serving.service.torch_thread``), else in a thread of this batcher's own.
+    ``max_batch_size=1, max_wait_s=0`` runs every post alone (MICRO_BATCHING=0). ``observe(size, seconds)``, if given, is
     told about every batch that ran (the server's /metrics).
     """
 
