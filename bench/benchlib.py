@@ -13,6 +13,7 @@ import logging
 import operator
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -154,6 +155,17 @@ def clip_checkpoint(out_dir: str | os.PathLike, preset: str, seed: int = 0) -> P
     if not (path / "model.safetensors").is_file():
         build_tiny_clip(path, preset=preset, seed=seed)
     return path
+
+
+def train_run(out_dir: str | os.PathLike, records: Path, run_dir: Path, *args: str, smoke: bool) -> dict:
+    """``train_torch.main(args)`` on the tiny CLIP into a fresh ``run_dir``; its metrics.json. Smoke runs
+    take batch 16 and no loader workers (starting workers would dominate)."""
+    from training import train_torch
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # train_torch refuses to overwrite a run
+    train_torch.main(["--data", str(records), "--out", str(run_dir), "--clip-model", str(clip_checkpoint(out_dir, "tiny")),
+                      *(["--batch-size", "16", "--num-workers", "0"] if smoke else []), *args])
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def artifact(out_dir: str | os.PathLike, preset: str) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import OUT_DIR, clip_checkpoint, demo_records, start
+from bench.benchlib import OUT_DIR, demo_records, start, train_run
 from bench.quality_bench import DEFAULT_RUN
 from common.config import REPO_ROOT, field
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # name -> module, in run order: preprocessing first (no model), serving last (longest).
 BENCHMARKS = {"preprocess": "bench.preprocess_bench", "train_datapath": "bench.train_bench",
-              "phase1": "bench.phase1_bench", "quality": "bench.quality_bench", "serving": "bench.serve_bench"}
+              "quality": "bench.quality_bench", "serving": "bench.serve_bench"}
 
 
 @dataclass
@@ -60,13 +60,9 @@ def quality_run(cfg: RunAllConfig) -> str | None:
     if cfg.quality_run_dir or not cfg.smoke:
         run = Path(cfg.quality_run_dir or DEFAULT_RUN)
         return str(run) if (run / "metrics.json").is_file() else None
-    from training import train_torch
-
     run = Path(cfg.out_dir, "work", "quality-smoke-run")
-    shutil.rmtree(run, ignore_errors=True)  # train_torch refuses to overwrite a run
-    train_torch.main(["--data", str(demo_records(cfg.out_dir, 48, workers=1)), "--out", str(run),
-                      "--clip-model", str(clip_checkpoint(cfg.out_dir, "tiny")), "--frozen-epochs", "1",
-                      "--finetune-epochs", "1", "--batch-size", "16", "--num-workers", "0"])
+    train_run(cfg.out_dir, demo_records(cfg.out_dir, 48, workers=1), run, "--frozen-epochs", "1", "--finetune-epochs", "1",
+              smoke=True)
     return str(run)
 
 

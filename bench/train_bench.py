@@ -1,6 +1,6 @@
-"""Benchmark 1: the training data path against the compute ceiling.
+"""Benchmark 1: the training data path against the compute ceiling, and phase 1's embedding cache.
 
-    python bench/train_bench.py            # tiny and ViT-B/32-shaped CLIP, about 3 minutes
+    python bench/train_bench.py            # tiny and ViT-B/32-shaped CLIP, about 11 minutes
     python bench/train_bench.py --smoke    # tiny CLIP, 2 steps: checks the script runs
 
 samples/s of phase-2 train steps (CLIP + head trainable, AdamW, ``train_torch.start_phase``
@@ -9,12 +9,17 @@ at its default ``--num-workers`` (project), and by the same batches already in m
 (ceiling); goal: project >= 0.9 x ceiling. The loader alone draws batches and does nothing
 else. Pixel bytes: a batch as the Collator returns it (uint8; the model normalises on the
 device) against the float32 normalised tensor of the same batch, what the loader carried before.
+Phase 1: ``train_torch.main`` with ``--frozen-epochs 5 --finetune-epochs 0`` on the tiny CLIP,
+with the embedding cache (one embedding pass over every split, then the frozen epochs on it)
+and with ``--no-embedding-cache`` (CLIP re-run every epoch), interleaved; phase-1 seconds from
+each run's metrics.json. No target was set.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +28,7 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.benchlib import BenchConfig, Phase2, clip_checkpoint, demo_records, goal, ratio, repeat_interleaved, start, \
-    summarize, table, write_result
+    summarize, table, train_run, work_dir, write_result
 from common.config import field
 
 log = logging.getLogger(__name__)
@@ -39,14 +44,16 @@ class TrainBenchConfig(BenchConfig):
     tiny: str = field("32x15", help="batch size x timed steps with the tiny CLIP (32: train_torch's default)")
     b32: str = field("8x3", help="batch size x timed steps with the ViT-B/32-shaped CLIP (small: CPU)")
     warmup_steps: int = field(2, help="untimed steps first (worker start-up, first allocations)")
+    frozen_epochs: int = field(5, help="phase-1 epochs of each embedding-cache run (tiny CLIP)")
 
     def __post_init__(self):
         if self.smoke:
             self.presets, self.posts, self.repeats, self.tiny, self.warmup_steps = "tiny", 48, 1, "4x2", 1
+            self.frozen_epochs = 1
         if not set(self.presets.split(",")) <= {"tiny", "b32"}:
             raise ValueError(f"--presets must name tiny and/or b32, got {self.presets!r}")
-        if self.repeats < 1 or self.warmup_steps < 0 or min(min(self.shape(p)) for p in ("tiny", "b32")) < 1:
-            raise ValueError("--repeats, batch sizes and steps must be >= 1, --warmup-steps >= 0")
+        if min(self.repeats, self.frozen_epochs, *self.shape("tiny"), *self.shape("b32")) < 1 or self.warmup_steps < 0:
+            raise ValueError("--repeats, --frozen-epochs, batch sizes and steps must be >= 1, --warmup-steps >= 0")
 
     def shape(self, preset: str) -> tuple[int, int]:
         bs, steps = getattr(self, preset).split("x")
@@ -88,12 +95,33 @@ def bench_preset(cfg: TrainBenchConfig, records_dir: Path, preset: str) -> dict:
                          ratio(sps["project"]["median"], sps["ceiling"]["median"]), ">=", 0.9, "x")}
 
 
+def phase1(cfg: TrainBenchConfig, records_dir: Path) -> dict:
+    """Phase-1 seconds with the embedding cache and without: the frozen epochs (each re-embeds train and
+    val without the cache) plus, with the cache, the one embedding pass that built it."""
+    run_dir = work_dir(cfg.out_dir) / "phase1-run"
+
+    def run(cached: bool) -> float:
+        metrics = train_run(cfg.out_dir, records_dir, run_dir, "--frozen-epochs", str(cfg.frozen_epochs),
+                            "--finetune-epochs", "0", *([] if cached else ["--no-embedding-cache"]), smoke=cfg.smoke)
+        epochs = sum(h["seconds"] for h in metrics["history"] if h["phase"] == "frozen")
+        return round(epochs + (metrics["timings"]["embedding_cache_build_seconds"] if cached else 0.0), 3)
+
+    values = repeat_interleaved({"cache": lambda: run(True), "no_cache": lambda: run(False)}, cfg.repeats)
+    shutil.rmtree(run_dir, ignore_errors=True)  # keep the figures, not a model
+    secs = {k: summarize(v, 3) for k, v in values.items()}
+    saved = round(secs["no_cache"]["median"] - secs["cache"]["median"], 2)
+    log.info("phase 1: cached %.1f s, recomputed %.1f s", secs["cache"]["median"], secs["no_cache"]["median"])
+    return {"posts": cfg.posts, "frozen_epochs": cfg.frozen_epochs, "seconds": secs, "saved_seconds": saved,
+            "speedup": ratio(secs["no_cache"]["median"], secs["cache"]["median"], 2)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
     cfg, t_start = start(TrainBenchConfig, argv)
     records_dir = demo_records(cfg.out_dir, cfg.posts, workers=1 if cfg.smoke else 2)
     presets = {p: bench_preset(cfg, records_dir, p) for p in cfg.presets.split(",")}
+    p1 = phase1(cfg, records_dir)
     med = {p: {k: v["median"] for k, v in r["samples_per_s"].items()} for p, r in presets.items()}
     log.info("samples/s: %s", med)
     speed = [[f"{p} ({r['params'] / 1e6:.1f}M)", r["batch_size"], f"{r['steps']} × {cfg.repeats}", r["num_workers"],
@@ -101,12 +129,17 @@ def main(argv: list[str] | None = None) -> dict:
              for p, r in presets.items()]
     pixels = [[p, "x".join(map(str, x["shape"])), x["bytes"], x["float32_bytes"], x["float32_over_batch"]]
               for p, x in ((p, r["pixels"]) for p, r in presets.items())]
-    payload = {"presets": presets, "goals": [r["goal"] for r in presets.values()], "tables": [
+    p1_rows = [[name, p1["seconds"][k]["median"], p1["seconds"][k]["values"]]
+               for name, k in (("embedding cache", "cache"), ("recompute every epoch", "no_cache"))]
+    payload = {"presets": presets, "phase1": p1, "goals": [r["goal"] for r in presets.values()], "tables": [
         table(["CLIP", "batch", "steps × repeats", "workers", "project", "ceiling", "project/ceiling",
                "loader alone, 1 worker", "loader alone, 2 workers"], speed, f"samples/s; torch threads "
               f"{torch.get_num_threads()}."),
         table(["CLIP", "pixels per batch", "bytes, uint8 (as loaded)", "bytes, float32 normalised", "float32 / uint8"],
-              pixels)]}
+              pixels),
+        table(["phase 1, tiny CLIP", "phase-1 seconds (median)", "repeats"], p1_rows,
+              f"{cfg.posts:,} posts, {cfg.frozen_epochs} frozen epochs. Recompute / cached: **{p1['speedup']}x**; "
+              f"the cache saved {p1['saved_seconds']} s.")]}
     write_result("train_datapath", payload, cfg, t_start, __doc__)
     return payload
 
