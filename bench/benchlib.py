@@ -60,9 +60,10 @@ class BenchConfig:
     smoke: bool = field(False, help="toy sizes: checks the script runs; the numbers mean nothing")
 
 
-def start(config_cls, argv: list[str] | None):
-    """Entry-point preamble of every script: parse the config, set up logging, log the config, start the clock."""
-    cfg = parse_config(config_cls, argv)
+def start(config_cls, argv: list[str] | None, doc: str):
+    """Entry-point preamble of every script: parse the config (``--help`` opens with the title line of the
+    script's docstring ``doc``), set up logging, log the config, start the clock."""
+    cfg = parse_config(config_cls, argv, description=doc.strip().splitlines()[0])
     setup_logging()
     log.info("config: %s", config_dict(cfg))
     return cfg, time.perf_counter()
@@ -100,9 +101,8 @@ def repeat_interleaved(variants: dict[str, Callable[[], float]], repeats: int) -
 
 
 def about(doc: str) -> str:
-    """A script's docstring past its title and usage lines, as one Markdown paragraph."""
-    paras = [p for p in doc.split("\n\n")[1:] if not p.startswith("    ")]
-    return " ".join(" ".join(p.split()) for p in paras).replace("``", "`")
+    """A script's docstring past its title, as one Markdown paragraph."""
+    return " ".join(doc.partition("\n\n")[2].split()).replace("``", "`")
 
 
 def write_result(name: str, payload: dict, cfg, t_start: float, doc: str) -> Path:

@@ -1,14 +1,10 @@
 """GPU benchmark: ViT-B/32 bf16 training throughput and MFU through the project's own loop.
 
-    OUT=/some/dir python bench/gpu_train.py       # on a CUDA machine; about 2 minutes
-    python bench/gpu_train.py --smoke             # CPU, tiny CLIP: checks the script runs
-
-Self-contained (no internet, no model hub): demo posts -> records -> a random ViT-B/32
-CLIP (SDPA), then phase 2 (``benchlib.Phase2``, bf16 autocast via Accelerate) in whole
-epochs after a warm-up one, over the project's prepared loader, over batches already on
-the GPU (ceiling), and the loader alone. FLOPs/sample (fwd + bwd) from ``FlopCounterMode``;
-MFU against 989 TFLOP/s (H100/H200 SXM dense bf16) and a measured matmul. Goals: >= 3000
-samples/s on one H100; project >= 0.9 x ceiling. Writes ``$OUT/gpu_train.json``.
+Self-contained: its own demo posts, records and random ViT-B/32 CLIP (SDPA); then phase 2
+(``benchlib.Phase2``, bf16 via Accelerate) in whole epochs after a warm-up one, over the project's
+loader, over batches already on the GPU (ceiling), and the loader alone. MFU from
+``FlopCounterMode`` against 989 TFLOP/s (H100/H200 SXM dense bf16) and a measured matmul.
+Goals: >= 3000 samples/s on one H100; project >= 0.9 x ceiling. Writes ``$OUT/gpu_train.json``.
 """
 
 from __future__ import annotations
@@ -37,8 +33,6 @@ DATASHEET_BF16_TFLOPS = 989.0  # H100 SXM / H200 SXM, dense bf16 (no sparsity)
 
 @dataclass
 class GpuTrainConfig(BenchConfig):
-    """ViT-B/32 bf16 training samples/s and MFU on one GPU, through the project's training loop."""
-
     out_dir: str = field(default_factory=lambda: os.environ.get("OUT") or str(OUT_DIR),
                          help="where gpu_train.json goes (default: $OUT, else bench/out)")
     posts: int = field(8192, help="demo posts generated (~80%% become the train split)")
@@ -157,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     from accelerate import Accelerator
 
     # 1. Parse args; data first (its worker pools fork before CUDA is touched).
-    cfg, t_start = start(GpuTrainConfig, argv)
+    cfg, t_start = start(GpuTrainConfig, argv, __doc__)
     cuda = torch.cuda.is_available()
     if not cuda and not cfg.smoke:
         raise SystemExit("error: no CUDA device; this benchmark is for a GPU machine (use --smoke on CPU)")

@@ -1,13 +1,10 @@
 """Benchmark 3: preprocess.py's throughput per worker, memory flatness and record size.
 
-    python bench/preprocess_bench.py            # about 2.5 minutes on 2 cores
-    python bench/preprocess_bench.py --smoke    # seconds; no figure means anything
-
 preprocess.py as a user runs it, a subprocess per run, on 640x480 JPEGs (a pool of demo
-images that the rows reuse under distinct captions): posts/s from its meta.json (pool start
-to last record written) at 1 and 2 workers, goal >= 1.6x; peak RSS at 2,000 vs 20,000
-posts, goal <= 1.3x (the process tree sampled every 20 ms; the largest process, the kernel's
-exact peak); record bytes per post pre-resized to 224 px and at full size.
+images that the rows reuse under distinct captions): posts/s from its meta.json at 1 and 2
+workers, goal >= 1.6x; peak RSS at 2,000 vs 20,000 posts, goal <= 1.3x (the process tree
+sampled every 20 ms; the largest process, the kernel's exact peak); record bytes per post
+pre-resized to 224 px and at full size.
 """
 
 from __future__ import annotations
@@ -30,8 +27,6 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreprocessBenchConfig(BenchConfig):
-    """Benchmark preprocess.py: posts/s at 1 and 2 workers, peak RSS vs size, bytes/post."""
-
     repeats: int = field(3, help="interleaved repeats of the 1- and 2-worker runs (median reported)")
     throughput_posts: int = field(1000, help="rows of the throughput runs")
     pool_images: int = field(200, help="distinct 640x480 JPEGs that the rows reuse")
@@ -71,7 +66,7 @@ def run_preprocess(table: Path, workers: int, resize: int, subprocess: bool = Tr
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. Parse args; throughput at 1 and 2 workers, interleaved so drift hits both alike.
-    cfg, t_start = start(PreprocessBenchConfig, argv)
+    cfg, t_start = start(PreprocessBenchConfig, argv, __doc__)
     rows = lambda n: photo_table(cfg.out_dir, cfg.pool_images, n)  # noqa: E731
     tp_table = rows(cfg.throughput_posts)
     pps = repeat_interleaved({f"workers_{w}": (lambda w=w: run_preprocess(tp_table, w, 224, not cfg.smoke)

@@ -1,10 +1,8 @@
 """Benchmark 5: a finished training run's test R² against the demo set's ceiling and baselines.
 
-    python bench/quality_bench.py --run-dir runs/demo/run     # what `make bench RUN=runs/demo/run` does
-
-Trains nothing: reads the run's metrics.json (test R² on the model scale of the best, the
-best frozen-phase and three baseline models) and the R² ceiling in make_demo_data's
-meta.json (found through the run's data dir), the generator's ``Var(f) / (Var(f) + sigma²)``.
+Trains nothing: reads the run's metrics.json (test R² of the best, the best frozen-phase and
+the baseline models) and the generator's R² ceiling ``Var(f) / (Var(f) + sigma²)`` from
+make_demo_data's meta.json, found through the run's data dir.
 """
 
 from __future__ import annotations
@@ -28,8 +26,6 @@ DEFAULT_RUN = REPO_ROOT / "runs" / "demo" / "run"  # where `make demo` trains
 
 @dataclass
 class QualityBenchConfig(BenchConfig):
-    """Test R² of a finished training run against the demo generator's ceiling and the baselines."""
-
     run_dir: str = field(str(DEFAULT_RUN), help="a finished train_torch.py run (RUN_DIR/metrics.json)")
     demo_meta: str | None = field(None, help="make_demo_data meta.json with the R² ceiling (default: found "
                                              "through the run's data dir)")
@@ -51,7 +47,7 @@ def find_demo_meta(metrics: dict) -> Path | None:
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. Parse args; the run's metrics and the generator's ceiling.
-    cfg, t_start = start(QualityBenchConfig, argv)
+    cfg, t_start = start(QualityBenchConfig, argv, __doc__)
     metrics = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
     meta_path = Path(cfg.demo_meta) if cfg.demo_meta else find_demo_meta(metrics)
     demo = json.loads(meta_path.read_text()) if meta_path else {}

@@ -33,8 +33,6 @@ STATUS = {True: "**MET**", False: "**NOT MET**", None: "not measured"}
 
 @dataclass
 class ReportConfig:
-    """Write BENCHMARKS.md (goals, each benchmark's tables) from bench/out/*.json."""
-
     in_dir: str = field(str(BENCH / "out"), help="folder holding the scripts' JSON files")
     md: str = field(str(REPO_ROOT / "BENCHMARKS.md"), help="Markdown file to write")
     gpu_json: str = field(str(BENCH / "results" / "gpu_train.json"),
@@ -105,7 +103,7 @@ def build(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    cfg, _ = start(ReportConfig, argv)
+    cfg, _ = start(ReportConfig, argv, __doc__)
     paths = {stem: Path(cfg.in_dir, f"{stem}.json") for stem in SECTIONS}
     results = {stem: json.loads(p.read_text()) for stem, p in paths.items() if p.is_file()}
     if "gpu_train" not in results and Path(cfg.gpu_json).is_file():

@@ -1,12 +1,6 @@
 """Run every CPU benchmark, then write BENCHMARKS.md: what ``make bench`` calls.
 
-    python bench/run_all.py                               # ~15 min on 2 cores; writes BENCHMARKS.md
-    python bench/run_all.py --quality-run-dir runs/x      # quality reports that finished run
-    python bench/run_all.py --smoke                       # toy sizes; bench/out/smoke/{*.json,BENCHMARKS.md}
-
-Each benchmark runs in its own process (``--in-process``: here; the smoke test), later ones
-reusing earlier ones' cached inputs. Quality reads ``--quality-run-dir``, else `make demo`'s
-runs/demo/run if it exists; a smoke run trains a 1+1-epoch one on its toy data.
+Each runs in its own process (``--in-process``: here), later ones reusing earlier ones' cached inputs.
 """
 
 from __future__ import annotations
@@ -36,8 +30,6 @@ BENCHMARKS = {"preprocess": "bench.preprocess_bench", "train_datapath": "bench.t
 
 @dataclass
 class RunAllConfig:
-    """Run the CPU benchmarks in bench/ one after another, then bench/report.py."""
-
     smoke: bool = field(False, help="toy sizes, results under OUT/smoke, BENCHMARKS.md untouched")
     out_dir: str | None = field(None, help="results folder (default bench/out, or bench/out/smoke with --smoke)")
     only: str = field("", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
@@ -68,7 +60,7 @@ def quality_run(cfg: RunAllConfig) -> str | None:
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. Parse args: which benchmarks, where; hey and the quality run before anything is measured.
-    cfg, _ = start(RunAllConfig, argv)
+    cfg, _ = start(RunAllConfig, argv, __doc__)
     out = Path(cfg.out_dir)
     if cfg.fresh:
         shutil.rmtree(out / "work", ignore_errors=True)

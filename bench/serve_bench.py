@@ -1,24 +1,15 @@
 """Benchmark 4: the server under load per runtime, the raw forward per thread, and the table scorer.
 
-    python bench/serve_bench.py            # ViT-B/32-shaped model (random weights), about 5 minutes
-    python bench/serve_bench.py --smoke    # tiny model, under a second per level
-
-The raw forward (``LoadedModel.explain_batch``, what the server runs, on a prepared post) at
-batch 1 and 16, each variant in a fresh process: on the main thread; on a worker thread that
-does all torch work (load, warm-up, inference: the server's one inference thread); on a
-worker thread after the main thread ran the model. libgomp gives each thread that enters a
-parallel region its own OpenMP team; with more such threads than CPUs it stops spin-waiting,
-and each parallel region then pays a futex wake. OS threads: ``/proc/self/task`` after the
-timed passes. Then ``uvicorn serving.app:app`` as users run it (``serving.launch.run_server``),
-one server per RUNTIME (onnx after ``models.export_onnx``), driven by ``hey`` with one multipart
-POST /predict per request (a 640x480 JPEG and its caption), levels interleaved across servers;
-MAX_QUEUE is the highest level, so none may get a 503. Last, overload above MAX_QUEUE.
-
-First of all, serving/predict.py (``predict.main`` at its default batch size and workers) on
-tables of N and 2N rows: its posts/s is N / (seconds at 2N - seconds at N), so what a run
-pays once (loading the model, starting workers, the first batch) cancels; against it, the
-raw forward on those N posts batched beforehand by predict's own ``TableRows`` and
-``Batches``, in the same process. Goal: >= 0.9.
+serving/predict.py (``predict.main`` at its defaults) on tables of N and 2N rows: posts/s is
+N / (seconds at 2N - seconds at N), so start-up cancels; against the raw forward on those N
+posts batched by predict's own ``TableRows`` and ``Batches``. Goal: >= 0.9. The raw forward
+(``LoadedModel.explain_batch`` on a prepared post) at batch 1 and 16, each variant in a fresh
+process: on the main thread; on a worker thread doing all torch work (the server's inference
+thread); on a worker after the main thread ran the model. libgomp gives each thread entering a
+parallel region its own OpenMP team; with more teams than CPUs it stops spin-waiting and each
+region pays a futex wake. Then ``serving.launch.run_server`` per RUNTIME (onnx after
+``models.export_onnx``) driven by ``hey``, one multipart POST /predict (a 640x480 JPEG and its
+caption) per request, levels interleaved across servers up to MAX_QUEUE (so no 503); last, overload.
 """
 
 from __future__ import annotations
@@ -60,8 +51,6 @@ PROBES = {"main": ("torch", "main thread"), "worker": ("torch", "worker thread d
 
 @dataclass
 class ServeBenchConfig(BenchConfig):
-    """Benchmark POST /predict under load per runtime, and the raw forward per thread."""
-
     preset: str = field("b32", help="CLIP shape of the served model", choices=("tiny", "b32"))
     concurrency: str = field("1,4,16", help="comma-separated concurrency levels (MAX_QUEUE = the highest)")
     duration_s: float = field(5.0, help="seconds per repeat of one level")
@@ -296,7 +285,7 @@ def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict) -> l
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. Parse args; the artifact, exported for RUNTIME=onnx where the exporter exists.
-    cfg, t_start = start(ServeBenchConfig, argv)
+    cfg, t_start = start(ServeBenchConfig, argv, __doc__)
     if not shutil.which("hey"):
         raise SystemExit("error: hey is not on PATH: apt-get install hey (make bench does)")
     model_dir, onnx_skip = artifact(cfg.out_dir, cfg.preset), None if cfg.onnx else "--no-onnx"

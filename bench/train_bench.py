@@ -1,18 +1,13 @@
 """Benchmark 1: the training data path against the compute ceiling, and phase 1's embedding cache.
 
-    python bench/train_bench.py            # tiny and ViT-B/32-shaped CLIP, about 11 minutes
-    python bench/train_bench.py --smoke    # tiny CLIP, 2 steps: checks the script runs
-
-samples/s of phase-2 train steps (CLIP + head trainable, AdamW, ``train_torch.start_phase``
-and ``train_one_epoch``) fed by train_torch's ``make_loader(EngagementDataset, Collator)``
-at its default ``--num-workers`` (project), and by the same batches already in memory
-(ceiling); goal: project >= 0.9 x ceiling. The loader alone draws batches and does nothing
-else. Pixel bytes: a batch as the Collator returns it (uint8; the model normalises on the
-device) against the float32 normalised tensor of the same batch, what the loader carried before.
-Phase 1: ``train_torch.main`` with ``--frozen-epochs 5 --finetune-epochs 0`` on the tiny CLIP,
-with the embedding cache (one embedding pass over every split, then the frozen epochs on it)
-and with ``--no-embedding-cache`` (CLIP re-run every epoch), interleaved; phase-1 seconds from
-each run's metrics.json. No target was set.
+samples/s of phase-2 train steps (CLIP + head trainable, ``train_torch.start_phase`` and
+``train_one_epoch``) fed by train_torch's ``make_loader(EngagementDataset, Collator)`` at its
+default ``--num-workers`` (project), and by the same batches already in memory (ceiling); goal:
+project >= 0.9 x ceiling. The loader alone draws batches and does nothing else. Pixel bytes: a
+Collator batch (uint8; the model normalises on the device) against its float32 normalised
+tensor. Phase 1: ``train_torch.main --frozen-epochs 5 --finetune-epochs 0`` on the tiny CLIP
+with the embedding cache (one embedding pass, then the frozen epochs on it) and with
+``--no-embedding-cache`` (CLIP re-run every epoch), interleaved; seconds from metrics.json.
 """
 
 from __future__ import annotations
@@ -36,8 +31,6 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainBenchConfig(BenchConfig):
-    """Benchmark the training data path: the project loader vs the in-memory ceiling."""
-
     presets: str = field("tiny,b32", help="CLIP shapes (comma-separated models/tiny_clip.py presets)")
     posts: int = field(2000, help="demo posts generated (the train split is ~80%% of them)")
     repeats: int = field(3, help="interleaved repeats per variant (median reported)")
@@ -118,7 +111,7 @@ def phase1(cfg: TrainBenchConfig, records_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    cfg, t_start = start(TrainBenchConfig, argv)
+    cfg, t_start = start(TrainBenchConfig, argv, __doc__)
     records_dir = demo_records(cfg.out_dir, cfg.posts, workers=1 if cfg.smoke else 2)
     presets = {p: bench_preset(cfg, records_dir, p) for p in cfg.presets.split(",")}
     p1 = phase1(cfg, records_dir)
