@@ -5,8 +5,8 @@ its figures, goals, tables and machine; ``report.py`` renders those files and no
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import io
 import itertools
 import json
 import logging
@@ -35,12 +35,11 @@ PHOTO_SIZE = (640, 480)  # (W, H) of the photo pool: a typical downscaled phone 
 
 def machine_info() -> dict:
     """CPU, usable cores, RAM, library versions, date and commit of this run."""
-    proc = {}
-    for line in [*Path("/proc/cpuinfo").read_text().splitlines(), *Path("/proc/meminfo").read_text().splitlines()]:
-        key, _, value = line.partition(":")
-        proc.setdefault(key.strip(), value.strip())
-    info = {"cpu_model": proc.get("model name") or platform.machine(), "cpus_usable": len(os.sched_getaffinity(0)),
-            "ram_gib": round(int(proc["MemTotal"].split()[0]) / 2**20, 1), "python": platform.python_version(),
+    cpu = [line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+           if line.startswith("model name")]
+    info = {"cpu_model": cpu[0] if cpu else platform.machine(), "cpus_usable": len(os.sched_getaffinity(0)),
+            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(),
             **{pkg: metadata.version(pkg) for pkg in ("torch", "transformers")},
             "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit()}
     if "torch" in sys.modules:  # threads and GPU only where the script already imported torch
@@ -90,14 +89,14 @@ def table(header: list[str], rows: list[list], note: str = "") -> dict:
     return {"header": header, "rows": rows, "note": note}
 
 
-def repeat_interleaved(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Run the variants round-robin (A B C A B C ...), so machine noise hits all alike."""
+def repeat_interleaved(variants: dict[str, Callable[[], float]], repeats: int, digits: int) -> dict[str, dict]:
+    """Run the variants round-robin (A B C A B C ...), so machine noise hits all alike; ``summarize`` each."""
     out: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(repeats):
         for name, fn in variants.items():
             out[name].append(fn())
             log.info("repeat %d/%d %s: %.4g", r + 1, repeats, name, out[name][-1])
-    return out
+    return {k: summarize(v, digits) for k, v in out.items()}
 
 
 def about(doc: str) -> str:
@@ -151,7 +150,7 @@ def clip_checkpoint(out_dir: str | os.PathLike, preset: str, seed: int = 0) -> P
     """A random-init CLIP of a models/tiny_clip.py preset (``tiny``, ``b32``), cached."""
     from models.tiny_clip import build_tiny_clip
 
-    path = Path(out_dir, "work", f"clip-{preset}-s{seed}")
+    path = work_dir(out_dir) / f"clip-{preset}-s{seed}"
     if not (path / "model.safetensors").is_file():
         build_tiny_clip(path, preset=preset, seed=seed)
     return path
@@ -192,16 +191,16 @@ def photo_table(out_dir: str | os.PathLike, images: int, rows: int) -> Path:
     from PIL import Image, ImageOps
 
     src, pool = demo_posts(out_dir, images), work_dir(out_dir, f"photos-n{images}")
+    with open(src / "posts.csv", newline="") as fh:
+        posts = list(csv.DictReader(fh))
     if not (pool / "posts.csv").is_file():
-        for row in csv.DictReader(io.StringIO((src / "posts.csv").read_text())):
+        for row in posts:
             (pool / row["image_path"]).parent.mkdir(parents=True, exist_ok=True)
             ImageOps.fit(Image.open(src / row["image_path"]).convert("RGB"), PHOTO_SIZE).save(
                 pool / row["image_path"], quality=90)
-        (pool / "posts.csv").write_text((src / "posts.csv").read_text())  # last: marks the pool complete
+        shutil.copy(src / "posts.csv", pool / "posts.csv")  # last: marks the pool complete
     path = pool / f"posts-{rows}.csv"
     if not path.is_file():
-        with open(pool / "posts.csv", newline="") as fh:
-            posts = list(csv.DictReader(fh))
         with open(path, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(posts[0]))
             w.writeheader()
@@ -224,13 +223,8 @@ def run_measured(cmd: Sequence[str], log_path: Path, interval_s: float = 0.02) -
             pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)  # we reap the child, so its rusage is ours
             if pid == proc.pid:
                 break
-            total = 0
-            for p in [ps, *ps.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:  # a worker that just exited
-                    pass
-            peak = max(peak, total)
+            with contextlib.suppress(psutil.Error):  # a worker that just exited: sample again
+                peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
             time.sleep(interval_s)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:

@@ -18,8 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import BenchConfig, goal, photo_table, ratio, repeat_interleaved, run_measured, start, summarize, \
-    table, write_result
+from bench.benchlib import BenchConfig, goal, photo_table, ratio, repeat_interleaved, run_measured, start, table, \
+    write_result
 from common.config import field
 
 log = logging.getLogger(__name__)
@@ -69,22 +69,15 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, t_start = start(PreprocessBenchConfig, argv, __doc__)
     rows = lambda n: photo_table(cfg.out_dir, cfg.pool_images, n)  # noqa: E731
     tp_table = rows(cfg.throughput_posts)
-    pps = repeat_interleaved({f"workers_{w}": (lambda w=w: run_preprocess(tp_table, w, 224, not cfg.smoke)
-                                                ["posts_per_s"])
-                              for w in (1, 2)}, cfg.repeats)
-    throughput = {k: summarize(v, 2) for k, v in pps.items()}
+    throughput = repeat_interleaved({f"workers_{w}": lambda w=w: run_preprocess(tp_table, w, 224, not cfg.smoke)[
+        "posts_per_s"] for w in (1, 2)}, cfg.repeats, 2)
     speedup = ratio(throughput["workers_2"]["median"], throughput["workers_1"]["median"])
 
-    # 2. Peak memory at two sizes, 2 workers.
-    mem = {label: run_preprocess(rows(n), 2, 224) for label, n in
-           (("small", cfg.rss_small), ("large", cfg.rss_large))}
+    # 2. Peak memory at two sizes, 2 workers; 3. bytes per post, pre-resized and full size.
+    mem = {label: run_preprocess(rows(n), 2, 224) for label, n in (("small", cfg.rss_small), ("large", cfg.rss_large))}
     rss_ratio = ratio(mem["large"]["peak_tree_rss_mib"], mem["small"]["peak_tree_rss_mib"])
-
-    # 3. Bytes per post, pre-resized and full size.
     sizes = {label: run_preprocess(rows(cfg.bytes_posts), 2, edge, not cfg.smoke) for label, edge in
              (("resized_224", 224), ("full_size", 0))}
-    log.info("posts/s 1 vs 2 workers: %s; peak RSS ratio %s; bytes/post %s", speedup, rss_ratio,
-             {k: v["bytes_per_post"] for k, v in sizes.items()})
     bytes_ratio = ratio(sizes["full_size"]["bytes_per_post"], sizes["resized_224"]["bytes_per_post"], 2)
     tp = [[w, throughput[f"workers_{w}"]["median"], throughput[f"workers_{w}"]["values"]] for w in (1, 2)]
     payload = {"throughput": throughput, "memory": mem, "record_bytes": {**sizes, "full_over_resized": bytes_ratio},

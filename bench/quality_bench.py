@@ -27,8 +27,6 @@ DEFAULT_RUN = REPO_ROOT / "runs" / "demo" / "run"  # where `make demo` trains
 @dataclass
 class QualityBenchConfig(BenchConfig):
     run_dir: str = field(str(DEFAULT_RUN), help="a finished train_torch.py run (RUN_DIR/metrics.json)")
-    demo_meta: str | None = field(None, help="make_demo_data meta.json with the R² ceiling (default: found "
-                                             "through the run's data dir)")
 
     def __post_init__(self):
         if not (Path(self.run_dir) / "metrics.json").is_file():
@@ -49,10 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     # 1. Parse args; the run's metrics and the generator's ceiling.
     cfg, t_start = start(QualityBenchConfig, argv, __doc__)
     metrics = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
-    meta_path = Path(cfg.demo_meta) if cfg.demo_meta else find_demo_meta(metrics)
+    meta_path = find_demo_meta(metrics)
     demo = json.loads(meta_path.read_text()) if meta_path else {}
     if not demo:
-        log.warning("no make_demo_data meta.json found: the ceiling is unknown (pass --demo-meta)")
+        log.warning("no make_demo_data meta.json found through the run's data dir: the ceiling is unknown")
     ceiling = {"theoretical": demo.get("r2_ceiling_theoretical"), "empirical": demo.get("r2_ceiling_empirical")}
 
     # 2. Side by side: R² and its share of the ceiling; the goals.
@@ -62,7 +60,6 @@ def main(argv: list[str] | None = None) -> dict:
     best = max(baselines, key=baselines.get)
     margin = round(r2["fine_tuned"] - baselines[best], 4)
     gain = None if r2["frozen_only"] is None else round(r2["fine_tuned"] - r2["frozen_only"], 4)
-    log.info("test R²: %s; ceiling %s", r2, ceiling["theoretical"])
     share = {k: ratio(v, ceiling["theoretical"]) for k, v in r2.items()}
     rows = [["ceiling, theoretical", ceiling["theoretical"], 1.0 if ceiling["theoretical"] else None],
             ["ceiling, empirical (f on the generated set)", ceiling["empirical"], None],

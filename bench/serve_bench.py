@@ -34,7 +34,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import BenchConfig, artifact, goal, photo_table, ratio, repeat_interleaved, start, summarize, \
+from bench.benchlib import BenchConfig, artifact, goal, photo_table, ratio, repeat_interleaved, start, \
     table, work_dir, write_result
 from common.config import field
 from serving.launch import run_server
@@ -59,8 +59,6 @@ class ServeBenchConfig(BenchConfig):
     forward_repeats: int = field(30, help="timed raw forward passes at batch 1 (median reported)")
     warmup_s: float = field(1.5, help="seconds of untimed forward passes first, at each batch size")
     table_rows: str = field("tiny:256,b32:64", help="CLIP shape:N for predict.py, on tables of N and 2N rows")
-    onnx: bool = field(True, help="also export the artifact and serve RUNTIME=onnx (skipped, with the reason, "
-                                  "where models.export_onnx is not importable)")
 
     def __post_init__(self):
         if self.smoke:
@@ -115,9 +113,8 @@ def table_scorer(cfg: ServeBenchConfig, preset: str) -> dict:
         return n / (time.perf_counter() - t0)
 
     # 3. Interleaved repeats: predict.py (two runs) and the forward alone.
-    values = repeat_interleaved({"predict": lambda: n / max(seconds(2 * n) - seconds(n), 1e-9),
-                                 "forward": forward_pps}, cfg.repeats)
-    pps = {k: summarize(v, 2) for k, v in values.items()}
+    pps = repeat_interleaved({"predict": lambda: n / max(seconds(2 * n) - seconds(n), 1e-9), "forward": forward_pps},
+                             cfg.repeats, 2)
     return {"rows": n, "batch_size": bs, "num_workers": defaults.num_workers,
             "torch_threads": torch.get_num_threads(), "posts_per_s": pps,
             "goal": goal(f"table scorer, {preset} CLIP: predict.py posts/s / raw forward",
@@ -230,17 +227,15 @@ def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path, run
         urls = {r: stack.enter_context(run_server(model_dir, env=env[r], log_path=body_path.parent / f"{r}.log",
                                                   uvicorn_args=QUIET)) for r in runtimes}
         for r, url in urls.items():
-            with urllib.request.urlopen(url + "/metadata", timeout=10) as fh:
-                said = json.load(fh)["model"].get("runtime")  # None: a server from before RUNTIME
-            servers[r]["reported_runtime"] = said.get("name") if isinstance(said, dict) else said
+            with urllib.request.urlopen(url + "/metadata", timeout=10) as fh:  # runtime: a RuntimeInfo dict or None
+                servers[r]["reported_runtime"] = (json.load(fh)["model"]["runtime"] or {}).get("name")
         for c in cfg.levels:
             for r, s in measure_level(urls, body_path, c, cfg.duration_s, cfg.repeats).items():
                 servers[r]["levels"][str(c)] = s
                 log.info("%s c=%d: %s req/s, p50 %s ms, status %s", r, c, s["rps"], s["p50_ms"], s["status"])
         s = measure_level({"torch": urls["torch"]}, body_path, cfg.overload_concurrency, cfg.duration_s, 1)["torch"]
     bad = s["transport_errors"] + sum(n for c, n in s["status"].items() if c not in ("200", "503"))
-    return servers, {"concurrency": cfg.overload_concurrency, "max_queue": max(cfg.levels), "requests": s["requests"],
-                     "status": s["status"], "transport_errors": s["transport_errors"], "non_503_failures": bad}
+    return servers, {**s, "concurrency": cfg.overload_concurrency, "max_queue": max(cfg.levels), "non_503_failures": bad}
 
 
 def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, onnx_skip: str | None) -> list[dict]:
@@ -288,10 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, t_start = start(ServeBenchConfig, argv, __doc__)
     if not shutil.which("hey"):
         raise SystemExit("error: hey is not on PATH: apt-get install hey (make bench does)")
-    model_dir, onnx_skip = artifact(cfg.out_dir, cfg.preset), None if cfg.onnx else "--no-onnx"
+    model_dir, onnx_skip = artifact(cfg.out_dir, cfg.preset), None
     try:
-        if cfg.onnx:
-            importlib.import_module("models.export_onnx").main([str(model_dir)])
+        importlib.import_module("models.export_onnx").main([str(model_dir)])
     except ImportError as e:  # the runtime's branch is not merged, or onnxruntime is missing
         onnx_skip = f"models.export_onnx is not importable: {e.msg}"
         log.warning("RUNTIME=onnx not measured: %s", onnx_skip)

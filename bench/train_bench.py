@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.benchlib import BenchConfig, Phase2, clip_checkpoint, demo_records, goal, ratio, repeat_interleaved, start, \
-    summarize, table, train_run, work_dir, write_result
+    table, train_run, work_dir, write_result
 from common.config import field
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,11 @@ def bench_preset(cfg: TrainBenchConfig, records_dir: Path, preset: str) -> dict:
     # 2. The ceiling: the project loader's first batches (epoch 0), collated in memory. Then interleaved
     #    repeats, a fresh loader each time (its workers stop when it goes).
     in_memory = list(itertools.islice(p2.loader(0), cfg.warmup_steps + steps))
-    values = repeat_interleaved(
+    sps = repeat_interleaved(
         {"project": lambda: p2.samples_per_s(p2.loader(), steps, cfg.warmup_steps),
          "ceiling": lambda: p2.samples_per_s(in_memory, steps, cfg.warmup_steps),
          **{f"loader_w{w}": lambda w=w: p2.samples_per_s(p2.loader(w), steps, cfg.warmup_steps, train=False)
-            for w in (1, 2)}}, cfg.repeats)
-    sps = {k: summarize(v, 2) for k, v in values.items()}
+            for w in (1, 2)}}, cfg.repeats, 2)
     return {"preset": preset, "params": sum(p.numel() for p in p2.model.parameters()), "batch_size": bs,
             "steps": steps, "num_workers": p2.cfg.num_workers, "samples_per_s": sps,
             "pixels": pixel_bytes(p2, in_memory[0]),
@@ -99,11 +98,9 @@ def phase1(cfg: TrainBenchConfig, records_dir: Path) -> dict:
         epochs = sum(h["seconds"] for h in metrics["history"] if h["phase"] == "frozen")
         return round(epochs + (metrics["timings"]["embedding_cache_build_seconds"] if cached else 0.0), 3)
 
-    values = repeat_interleaved({"cache": lambda: run(True), "no_cache": lambda: run(False)}, cfg.repeats)
+    secs = repeat_interleaved({"cache": lambda: run(True), "no_cache": lambda: run(False)}, cfg.repeats, 3)
     shutil.rmtree(run_dir, ignore_errors=True)  # keep the figures, not a model
-    secs = {k: summarize(v, 3) for k, v in values.items()}
     saved = round(secs["no_cache"]["median"] - secs["cache"]["median"], 2)
-    log.info("phase 1: cached %.1f s, recomputed %.1f s", secs["cache"]["median"], secs["no_cache"]["median"])
     return {"posts": cfg.posts, "frozen_epochs": cfg.frozen_epochs, "seconds": secs, "saved_seconds": saved,
             "speedup": ratio(secs["no_cache"]["median"], secs["cache"]["median"], 2)}
 
@@ -116,12 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
     presets = {p: bench_preset(cfg, records_dir, p) for p in cfg.presets.split(",")}
     p1 = phase1(cfg, records_dir)
     med = {p: {k: v["median"] for k, v in r["samples_per_s"].items()} for p, r in presets.items()}
-    log.info("samples/s: %s", med)
     speed = [[f"{p} ({r['params'] / 1e6:.1f}M)", r["batch_size"], f"{r['steps']} × {cfg.repeats}", r["num_workers"],
               med[p]["project"], med[p]["ceiling"], r["goal"]["measured"], med[p]["loader_w1"], med[p]["loader_w2"]]
              for p, r in presets.items()]
-    pixels = [[p, "x".join(map(str, x["shape"])), x["bytes"], x["float32_bytes"], x["float32_over_batch"]]
-              for p, x in ((p, r["pixels"]) for p, r in presets.items())]
+    pixels = [[p, "x".join(map(str, r["pixels"]["shape"])), *(r["pixels"][k] for k in ("bytes", "float32_bytes",
+               "float32_over_batch"))] for p, r in presets.items()]
     p1_rows = [[name, p1["seconds"][k]["median"], p1["seconds"][k]["values"]]
                for name, k in (("embedding cache", "cache"), ("recompute every epoch", "no_cache"))]
     payload = {"presets": presets, "phase1": p1, "goals": [r["goal"] for r in presets.values()], "tables": [
