@@ -1,7 +1,5 @@
-"""What the benchmark scripts share: the machine, repeats, goals, tables, result files, cached
-inputs (``OUT/work/``) and phase 2 of training. Each script writes ``OUT/<name>.json`` with
-its figures, goals, tables and machine; ``report.py`` renders those files and nothing else.
-"""
+"""What the benchmark scripts share: the machine, repeats, goals, tables, result files
+(``OUT/<name>.json``), cached inputs (``OUT/work/``) and phase 2 of training."""
 
 from __future__ import annotations
 
@@ -60,8 +58,7 @@ class BenchConfig:
 
 
 def start(config_cls, argv: list[str] | None, doc: str):
-    """Entry-point preamble of every script: parse the config (``--help`` opens with the title line of the
-    script's docstring ``doc``), set up logging, log the config, start the clock."""
+    """Every script's preamble: parse the config (``--help`` shows ``doc``'s title), log it, start the clock."""
     cfg = parse_config(config_cls, argv, description=doc.strip().splitlines()[0])
     setup_logging()
     log.info("config: %s", config_dict(cfg))
@@ -105,8 +102,7 @@ def about(doc: str) -> str:
 
 
 def write_result(name: str, payload: dict, cfg, t_start: float, doc: str) -> Path:
-    """``cfg.out_dir/{name}.json``: the payload plus the machine, the config, the smoke flag, wall
-    time and ``about``, the script's docstring (its BENCHMARKS.md section says what was measured)."""
+    """``cfg.out_dir/{name}.json``: the payload, the machine, config, smoke flag, wall time and ``about(doc)``."""
     obj = {"benchmark": name, "smoke": cfg.smoke, "wall_s": round(time.perf_counter() - t_start, 1),
            "machine": machine_info(), "config": config_dict(cfg), "about": about(doc), **payload}
     path = Path(cfg.out_dir) / f"{name}.json"
@@ -157,13 +153,13 @@ def clip_checkpoint(out_dir: str | os.PathLike, preset: str, seed: int = 0) -> P
 
 
 def train_run(out_dir: str | os.PathLike, records: Path, run_dir: Path, *args: str, smoke: bool) -> dict:
-    """``train_torch.main(args)`` on the tiny CLIP into a fresh ``run_dir``; its metrics.json. Smoke runs
-    take batch 16 and no loader workers (starting workers would dominate)."""
+    """``train_torch.main(args)`` on the tiny CLIP into a fresh ``run_dir``; its metrics.json."""
     from training import train_torch
 
     shutil.rmtree(run_dir, ignore_errors=True)  # train_torch refuses to overwrite a run
-    train_torch.main(["--data", str(records), "--out", str(run_dir), "--clip-model", str(clip_checkpoint(out_dir, "tiny")),
-                      *(["--batch-size", "16", "--num-workers", "0"] if smoke else []), *args])
+    smoke_args = ["--batch-size", "16", "--num-workers", "0"] if smoke else []  # starting workers would dominate
+    clip_dir = clip_checkpoint(out_dir, "tiny")
+    train_torch.main(["--data", str(records), "--out", str(run_dir), "--clip-model", str(clip_dir), *smoke_args, *args])
     return json.loads((run_dir / "metrics.json").read_text())
 
 
@@ -185,9 +181,8 @@ def artifact(out_dir: str | os.PathLike, preset: str) -> Path:
 
 
 def photo_table(out_dir: str | os.PathLike, images: int, rows: int) -> Path:
-    """``posts-ROWS.csv`` in a pool of ``images`` demo photos cropped and scaled to exactly 640x480
-    (every post costs the same to decode), its rows cycling over them with distinct captions
-    (preprocess.py rejects a repeated image + caption pair). Cached."""
+    """``posts-ROWS.csv`` over a cached pool of ``images`` demo photos fitted to exactly 640x480 (every post
+    costs the same to decode), with distinct captions (preprocess.py rejects a repeated image + caption)."""
     from PIL import Image, ImageOps
 
     src, pool = demo_posts(out_dir, images), work_dir(out_dir, f"photos-n{images}")
@@ -210,8 +205,8 @@ def photo_table(out_dir: str | os.PathLike, images: int, rows: int) -> Path:
 
 
 def run_measured(cmd: Sequence[str], log_path: Path, interval_s: float = 0.02) -> dict:
-    """Run ``cmd`` in the repo root: wall time; ``peak_tree_rss_mib``, the largest sum of RSS over it and
-    its workers, sampled; ``maxrss_mib``, the kernel's exact peak of its largest single process (wait4)."""
+    """Run ``cmd`` in the repo root: wall time; the peak RSS of it and its workers summed (sampled), and the
+    kernel's exact peak of its largest single process (``maxrss_mib``, from wait4)."""
     import psutil  # an accelerate dependency
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,8 +229,7 @@ def run_measured(cmd: Sequence[str], log_path: Path, interval_s: float = 0.02) -
 
 
 class Phase2:
-    """Phase 2 of training (CLIP and head trainable) as train_torch sets it up, ready to time: model,
-    train split, Collator and ``start_phase("finetune")``, from TrainConfig's defaults."""
+    """Phase 2 of training (CLIP and head trainable) as train_torch sets it up from TrainConfig's defaults."""
 
     def __init__(self, clip_dir: Path, records_dir: Path, accelerator, batch_size: int, seed: int = 0, **clip_kw):
         import torch
@@ -265,8 +259,7 @@ class Phase2:
 
     def samples_per_s(self, batches, steps: int, warmup: int = 0, train: bool = True) -> float:
         """samples/s of ``steps`` train steps (``train=False``: batches drawn, nothing else) after ``warmup``
-        untimed ones, from one iterator (a loader keeps prefetching across the two); the GPU's work
-        finishes inside the clock."""
+        untimed ones from the same iterator (a loader keeps prefetching); the GPU finishes inside the clock."""
         import torch
 
         it, samples = iter(batches), [0]

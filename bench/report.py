@@ -28,6 +28,7 @@ SECTIONS = {"train_datapath": ("1. Training data path and phase-1 cost", "bench/
             "preprocess": ("3. Preprocessing", "bench/preprocess_bench.py"),
             "serving": ("4. Serving and scoring a table", "bench/serve_bench.py"),
             "quality": ("5. Quality on the demo set", "bench/quality_bench.py")}
+GPU_RESULT = BENCH / "results" / "gpu_train.json"  # a committed GPU run, used where IN_DIR has none
 STATUS = {True: "**MET**", False: "**NOT MET**", None: "not measured"}
 
 
@@ -35,8 +36,6 @@ STATUS = {True: "**MET**", False: "**NOT MET**", None: "not measured"}
 class ReportConfig:
     in_dir: str = field(str(BENCH / "out"), help="folder holding the scripts' JSON files")
     md: str = field(str(REPO_ROOT / "BENCHMARKS.md"), help="Markdown file to write")
-    gpu_json: str = field(str(BENCH / "results" / "gpu_train.json"),
-                          help="gpu_train.json to use when IN_DIR has none (a committed copy of a GPU run)")
 
 
 def fmt(x) -> str:
@@ -105,9 +104,9 @@ def build(results: dict) -> str:
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = start(ReportConfig, argv, __doc__)
     paths = {stem: Path(cfg.in_dir, f"{stem}.json") for stem in SECTIONS}
+    if not paths["gpu_train"].is_file():
+        paths["gpu_train"] = GPU_RESULT
     results = {stem: json.loads(p.read_text()) for stem, p in paths.items() if p.is_file()}
-    if "gpu_train" not in results and Path(cfg.gpu_json).is_file():
-        results["gpu_train"] = json.loads(Path(cfg.gpu_json).read_text())
     log.info("results found: %s", ", ".join(results) or "none")
     md = Path(cfg.md)
     md.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,5 @@
-"""Run every CPU benchmark, then write BENCHMARKS.md: what ``make bench`` calls.
-
-Each runs in its own process (``--in-process``: here), later ones reusing earlier ones' cached inputs.
+"""Run every CPU benchmark, each in its own process (``--in-process``: here), then write
+BENCHMARKS.md: what ``make bench`` calls. Later benchmarks reuse earlier ones' cached inputs.
 """
 
 from __future__ import annotations
@@ -53,8 +52,8 @@ def quality_run(cfg: RunAllConfig) -> str | None:
         run = Path(cfg.quality_run_dir or DEFAULT_RUN)
         return str(run) if (run / "metrics.json").is_file() else None
     run = Path(cfg.out_dir, "work", "quality-smoke-run")
-    train_run(cfg.out_dir, demo_records(cfg.out_dir, 48, workers=1), run, "--frozen-epochs", "1", "--finetune-epochs", "1",
-              smoke=True)
+    records = demo_records(cfg.out_dir, 48, workers=1)
+    train_run(cfg.out_dir, records, run, "--frozen-epochs", "1", "--finetune-epochs", "1", smoke=True)
     return str(run)
 
 

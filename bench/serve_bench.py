@@ -63,8 +63,7 @@ class ServeBenchConfig(BenchConfig):
     def __post_init__(self):
         if self.smoke:
             self.preset, self.concurrency, self.duration_s, self.repeats = "tiny", "1,4", 0.5, 1
-            self.overload_concurrency, self.forward_repeats, self.warmup_s = 16, 1, 0.0
-            self.table_rows = "tiny:16"
+            self.overload_concurrency, self.forward_repeats, self.warmup_s, self.table_rows = 16, 1, 0.0, "tiny:16"
         self.levels = [int(c) for c in self.concurrency.split(",")]
         self.lo, self.hi = str(min(self.levels)), str(16 if 16 in self.levels else max(self.levels))  # goal levels
         self.tables = {p: int(n) for p, n in (x.split(":") for x in self.table_rows.split(","))}
@@ -87,16 +86,16 @@ def table_scorer(cfg: ServeBenchConfig, preset: str) -> dict:
     from models.clip_regressor import load_model
     from serving import predict
 
-    # 1. The artifact, the two tables, and predict's defaults (what a user gets).
+    # 1. The artifact, the two tables (over the preprocess benchmark's pool), and predict's defaults.
     model_dir, n = artifact(cfg.out_dir, preset), cfg.tables[preset]
-    tables = {k: photo_table(cfg.out_dir, 8 if cfg.smoke else 200, k) for k in (n, 2 * n)}  # the preprocess pool
+    tables = {k: photo_table(cfg.out_dir, 8 if cfg.smoke else 200, k) for k in (n, 2 * n)}
     defaults = predict.PredictConfig(model=str(model_dir), input=str(tables[2 * n]), out="")
-    out = work_dir(cfg.out_dir, "predict")
+    out = work_dir(cfg.out_dir, "predict") / f"{preset}.csv"
 
     def seconds(rows: int) -> float:
         t0 = time.perf_counter()
-        predict.main(["--model", str(model_dir), "--input", str(tables[rows]), "--out", str(out / f"{preset}.csv"),
-                      "--show", "0", "--no-progress"])
+        predict.main(["--model", str(model_dir), "--input", str(tables[rows]), "--out", str(out), "--show", "0",
+                      "--no-progress"])
         return time.perf_counter() - t0
 
     # 2. The ceiling's batches: rows N..2N-1 of the big table, through predict's own Dataset and collate.
@@ -112,7 +111,6 @@ def table_scorer(cfg: ServeBenchConfig, preset: str) -> dict:
             lm.explain_batch(b)
         return n / (time.perf_counter() - t0)
 
-    # 3. Interleaved repeats: predict.py (two runs) and the forward alone.
     pps = repeat_interleaved({"predict": lambda: n / max(seconds(2 * n) - seconds(n), 1e-9), "forward": forward_pps},
                              cfg.repeats, 2)
     return {"rows": n, "batch_size": bs, "num_workers": defaults.num_workers,
@@ -129,8 +127,7 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
     from data_preprocessing.posts import prepare_post
     from models.clip_regressor import load_model
 
-    runtime = PROBES[name][0]
-    load = lambda: load_model(model_dir, **({} if runtime == "torch" else {"runtime": runtime}))  # noqa: E731
+    load = lambda: load_model(model_dir, runtime=PROBES[name][0])  # noqa: E731
 
     def prepare(lm) -> dict:  # what the server does per post before the forward pass
         return lm.batcher([prepare_post(image, caption, dict.fromkeys(lm.prepare.features.names, ""), lm.prepare)])
@@ -227,7 +224,7 @@ def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path, run
         urls = {r: stack.enter_context(run_server(model_dir, env=env[r], log_path=body_path.parent / f"{r}.log",
                                                   uvicorn_args=QUIET)) for r in runtimes}
         for r, url in urls.items():
-            with urllib.request.urlopen(url + "/metadata", timeout=10) as fh:  # runtime: a RuntimeInfo dict or None
+            with urllib.request.urlopen(url + "/metadata", timeout=10) as fh:  # runtime: RuntimeInfo dict or None
                 servers[r]["reported_runtime"] = (json.load(fh)["model"]["runtime"] or {}).get("name")
         for c in cfg.levels:
             for r, s in measure_level(urls, body_path, c, cfg.duration_s, cfg.repeats).items():
@@ -235,7 +232,8 @@ def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path, run
                 log.info("%s c=%d: %s req/s, p50 %s ms, status %s", r, c, s["rps"], s["p50_ms"], s["status"])
         s = measure_level({"torch": urls["torch"]}, body_path, cfg.overload_concurrency, cfg.duration_s, 1)["torch"]
     bad = s["transport_errors"] + sum(n for c, n in s["status"].items() if c not in ("200", "503"))
-    return servers, {**s, "concurrency": cfg.overload_concurrency, "max_queue": max(cfg.levels), "non_503_failures": bad}
+    return servers, {**s, "concurrency": cfg.overload_concurrency, "max_queue": max(cfg.levels),
+                     "non_503_failures": bad}
 
 
 def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, onnx_skip: str | None) -> list[dict]:
@@ -260,7 +258,7 @@ def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, onnx_
              f"{overload['status'].get('503', 0)} of {overload['requests']} answered 503")]
 
 
-def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict) -> list[dict]:
+def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, scorer: dict) -> list[dict]:
     lo, hi, main = cfg.lo, cfg.hi, fwd["main"]
     model = [[*PROBES[k], f["b1_ms"], f["b16_per_post_ms"], f["prepare_ms"], ratio(f["b1_ms"], main["b1_ms"]),
               f["os_threads"]] for k, f in fwd.items() if f]
@@ -268,6 +266,9 @@ def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict) -> l
              *(s[k] for k in ("rps", "p50_ms", "p95_ms", "p99_ms", "requests", "errors"))]
             for r, d in servers.items() for c, s in d["levels"].items()]
     gain = {r: ratio(d["levels"][hi]["rps"], d["levels"][lo]["rps"]) for r, d in servers.items()}
+    scored = [[p, t["batch_size"], t["num_workers"], t["torch_threads"], f"{t['rows']} → {2 * t['rows']}",
+               t["posts_per_s"]["predict"]["median"], t["posts_per_s"]["forward"]["median"], t["goal"]["measured"]]
+              for p, t in scorer.items()]
     return [table(["runtime", "thread", "forward at batch 1, ms", "per post at batch 16, ms", "prepare, ms",
                    "batch 1 / main thread", "OS threads"], model, f"torch threads {main['torch_threads']}."),
             table(["runtime (per /metadata)", "concurrency", "req/s", "p50 ms", "p95 ms", "p99 ms", "requests",
@@ -275,7 +276,10 @@ def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict) -> l
                   f"req/s at {hi} / at {lo}: {gain}; the model alone runs {ratio(main['b1_ms'], main['b16_per_post_ms'])}"
                   f"x faster per post at batch 16, the most micro-batching can add. Server env {servers['torch']['env']}."
                   f" Overload (concurrency {overload['concurrency']}, MAX_QUEUE={overload['max_queue']}): status codes "
-                  f"{overload['status']}, transport errors {overload['transport_errors']}.")]
+                  f"{overload['status']}, transport errors {overload['transport_errors']}."),
+            table(["CLIP", "batch", "workers", "torch threads", "rows", "predict.py posts/s", "raw forward posts/s",
+                   "predict / forward"], scored, "serving/predict.py scoring a table: posts/s = N / (seconds at 2N - "
+                                                 "seconds at N)")]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -296,24 +300,18 @@ def main(argv: list[str] | None = None) -> dict:
     posts = photo_table(cfg.out_dir, 8, 8)
     with open(posts, newline="") as fh:
         post = next(p for p in csv.DictReader(fh) if p["description"].strip())
-    image, body_path = (posts.parent / post["image_path"]).read_bytes(), work_dir(cfg.out_dir, "serving") / "body.bin"
-    body_path.write_bytes(multipart_body(image, post["description"]))
-    fwd = {k: probe(k, str(model_dir), image, post["description"], cfg.forward_repeats, cfg.warmup_s)
-           if r in runtimes else None for k, (r, _) in PROBES.items()}
+    image, text = (posts.parent / post["image_path"]).read_bytes(), post["description"]
+    body_path = work_dir(cfg.out_dir, "serving") / "body.bin"
+    body_path.write_bytes(multipart_body(image, text))
+    fwd = {k: probe(k, str(model_dir), image, text, cfg.forward_repeats, cfg.warmup_s) if r in runtimes else None
+           for k, (r, _) in PROBES.items()}
     log.info("raw forward at batch 1 (ms): %s", {k: f and f["b1_ms"] for k, f in fwd.items()})
 
     # 3. The servers; goals and tables.
     servers, overload = measure_servers(cfg, model_dir, body_path, runtimes)
-    scored = [[p, t["batch_size"], t["num_workers"], t["torch_threads"], f"{t['rows']} → {2 * t['rows']}",
-               t["posts_per_s"]["predict"]["median"], t["posts_per_s"]["forward"]["median"], t["goal"]["measured"]]
-              for p, t in scorer.items()]
     payload = {"preset": cfg.preset, "forward": fwd, "onnx_skipped": onnx_skip, "servers": servers,
-               "overload": overload, "table_scorer": scorer,
-               "goals": goals(cfg, fwd, servers, overload, onnx_skip) + [t["goal"] for t in scorer.values()],
-               "tables": tables(cfg, fwd, servers, overload) + [table(
-                   ["CLIP", "batch", "workers", "torch threads", "rows", "predict.py posts/s", "raw forward posts/s",
-                    "predict / forward"], scored, "serving/predict.py scoring a table: posts/s = N / (seconds at 2N "
-                                                  "- seconds at N)")]}
+               "overload": overload, "table_scorer": scorer, "tables": tables(cfg, fwd, servers, overload, scorer),
+               "goals": goals(cfg, fwd, servers, overload, onnx_skip) + [t["goal"] for t in scorer.values()]}
     write_result("serving", payload, cfg, t_start, __doc__)
     return payload
 

@@ -31,26 +31,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainBenchConfig(BenchConfig):
-    presets: str = field("tiny,b32", help="CLIP shapes (comma-separated models/tiny_clip.py presets)")
+    presets: str = field("tiny:32x15,b32:8x3", help="CLIP shape:batch size x timed steps, comma-separated "
+                         "(models/tiny_clip.py presets; 32 is train_torch's default batch, b32's is small for CPU)")
     posts: int = field(2000, help="demo posts generated (the train split is ~80%% of them)")
     repeats: int = field(3, help="interleaved repeats per variant (median reported)")
-    tiny: str = field("32x15", help="batch size x timed steps with the tiny CLIP (32: train_torch's default)")
-    b32: str = field("8x3", help="batch size x timed steps with the ViT-B/32-shaped CLIP (small: CPU)")
     warmup_steps: int = field(2, help="untimed steps first (worker start-up, first allocations)")
     frozen_epochs: int = field(5, help="phase-1 epochs of each embedding-cache run (tiny CLIP)")
 
     def __post_init__(self):
         if self.smoke:
-            self.presets, self.posts, self.repeats, self.tiny, self.warmup_steps = "tiny", 48, 1, "4x2", 1
-            self.frozen_epochs = 1
-        if not set(self.presets.split(",")) <= {"tiny", "b32"}:
-            raise ValueError(f"--presets must name tiny and/or b32, got {self.presets!r}")
-        if min(self.repeats, self.frozen_epochs, *self.shape("tiny"), *self.shape("b32")) < 1 or self.warmup_steps < 0:
-            raise ValueError("--repeats, --frozen-epochs, batch sizes and steps must be >= 1, --warmup-steps >= 0")
-
-    def shape(self, preset: str) -> tuple[int, int]:
-        bs, steps = getattr(self, preset).split("x")
-        return int(bs), int(steps)
+            self.presets, self.posts, self.repeats, self.warmup_steps, self.frozen_epochs = "tiny:4x2", 48, 1, 1, 1
+        self.shapes = {p: tuple(map(int, s.split("x"))) for p, s in (x.split(":") for x in self.presets.split(","))}
+        if not set(self.shapes) <= {"tiny", "b32"} or self.warmup_steps < 0 or \
+                min(self.repeats, self.frozen_epochs, *sum(self.shapes.values(), ())) < 1:
+            raise ValueError("--presets: tiny/b32:BATCHxSTEPS; --repeats, --frozen-epochs, batch sizes and steps "
+                             "must be >= 1, --warmup-steps >= 0")
 
 
 def pixel_bytes(p2: Phase2, batch: dict) -> dict:
@@ -66,7 +61,7 @@ def bench_preset(cfg: TrainBenchConfig, records_dir: Path, preset: str) -> dict:
     from accelerate import Accelerator
 
     # 1. Phase 2 as train_torch builds it: one model, step and optimizer for every variant.
-    bs, steps = cfg.shape(preset)
+    bs, steps = cfg.shapes[preset]
     p2 = Phase2(clip_checkpoint(cfg.out_dir, preset), records_dir, Accelerator(cpu=True), bs)
     need = (cfg.warmup_steps + steps) * bs
     if len(p2.train) < need:
@@ -110,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg, t_start = start(TrainBenchConfig, argv, __doc__)
     records_dir = demo_records(cfg.out_dir, cfg.posts, workers=1 if cfg.smoke else 2)
-    presets = {p: bench_preset(cfg, records_dir, p) for p in cfg.presets.split(",")}
+    presets = {p: bench_preset(cfg, records_dir, p) for p in cfg.shapes}
     p1 = phase1(cfg, records_dir)
     med = {p: {k: v["median"] for k, v in r["samples_per_s"].items()} for p, r in presets.items()}
     speed = [[f"{p} ({r['params'] / 1e6:.1f}M)", r["batch_size"], f"{r['steps']} × {cfg.repeats}", r["num_workers"],
