@@ -40,9 +40,8 @@ def machine_info() -> dict:
             "python": platform.python_version(),
             **{pkg: metadata.version(pkg) for pkg in ("torch", "transformers")},
             "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit()}
-    if "torch" in sys.modules:  # threads and GPU only where the script already imported torch
-        import torch
-
+    torch = sys.modules.get("torch")  # threads and GPU only where the script already imported torch
+    if torch is not None:
         info["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
@@ -96,15 +95,12 @@ def repeat_interleaved(variants: dict[str, Callable[[], float]], repeats: int, d
     return {k: summarize(v, digits) for k, v in out.items()}
 
 
-def about(doc: str) -> str:
-    """A script's docstring past its title, as one Markdown paragraph."""
-    return " ".join(doc.partition("\n\n")[2].split()).replace("``", "`")
-
-
 def write_result(name: str, payload: dict, cfg, t_start: float, doc: str) -> Path:
-    """``cfg.out_dir/{name}.json``: the payload, the machine, config, smoke flag, wall time and ``about(doc)``."""
+    """``cfg.out_dir/{name}.json``: the payload, the machine, config, smoke flag, wall time and ``about``, the
+    script's docstring past its title as one Markdown paragraph (its BENCHMARKS.md section's text)."""
+    about = " ".join(doc.partition("\n\n")[2].split()).replace("``", "`")
     obj = {"benchmark": name, "smoke": cfg.smoke, "wall_s": round(time.perf_counter() - t_start, 1),
-           "machine": machine_info(), "config": config_dict(cfg), "about": about(doc), **payload}
+           "machine": machine_info(), "config": config_dict(cfg), "about": about, **payload}
     path = Path(cfg.out_dir) / f"{name}.json"
     write_json_atomic(path, obj)
     log.info("wrote %s (%.1f s)", path, obj["wall_s"])

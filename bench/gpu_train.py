@@ -1,10 +1,9 @@
 """GPU benchmark: ViT-B/32 bf16 training throughput and MFU through the project's own loop.
 
-Self-contained: its own demo posts, records and random ViT-B/32 CLIP (SDPA); then phase 2
-(``benchlib.Phase2``, bf16 via Accelerate) in whole epochs after a warm-up one, over the project's
-loader, over batches already on the GPU (ceiling), and the loader alone. MFU from
-``FlopCounterMode`` against 989 TFLOP/s (H100/H200 SXM dense bf16) and a measured matmul.
-Goals: >= 3000 samples/s on one H100; project >= 0.9 x ceiling. Writes ``$OUT/gpu_train.json``.
+Its own demo posts, records and random ViT-B/32 (SDPA); phase 2 (``benchlib.Phase2``, bf16 via Accelerate) in whole
+epochs after a warm-up one over the project's loader, over batches already on the GPU (ceiling), and the loader alone.
+MFU from ``FlopCounterMode`` against 989 TFLOP/s (H100/H200 SXM dense bf16) and a measured matmul. Goals: >= 3000
+samples/s on one H100; project >= 0.9x ceiling. Writes ``$OUT/gpu_train.json``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Benchmark 3: preprocess.py's throughput per worker, memory flatness and record size.
 
-preprocess.py as a user runs it, a subprocess per run, on 640x480 JPEGs (a pool of demo
-images that the rows reuse under distinct captions): posts/s from its meta.json at 1 and 2
-workers, goal >= 1.6x; peak RSS at 2,000 vs 20,000 posts, goal <= 1.3x (the process tree
-sampled every 20 ms; the largest process, the kernel's exact peak); record bytes per post
+preprocess.py as a user runs it, a subprocess per run, on 640x480 JPEGs (a pool of demo images reused under distinct
+captions): posts/s from its meta.json at 1 and 2 workers (goal >= 1.6x); peak RSS at 2,000 vs 20,000 posts (goal <=
+1.3x; the process tree sampled every 20 ms, and the kernel's peak of the largest process); bytes per record
 pre-resized to 224 px and at full size.
 """
 
@@ -44,20 +43,12 @@ class PreprocessBenchConfig(BenchConfig):
             raise ValueError("--rss-large must be larger than --rss-small")
 
 
-def run_preprocess(table: Path, workers: int, resize: int, subprocess: bool = True) -> dict:
-    """One preprocess.py run and what its meta.json says; as a subprocess, its wall time and peak memory
-    too (``subprocess=False``, for smoke runs, calls ``preprocess.main`` here and saves the imports)."""
+def run_preprocess(table: Path, workers: int, resize: int) -> dict:
+    """One preprocess.py run as a subprocess: its wall time, peak memory, and what its meta.json says."""
     out = table.parent / f"out-{table.stem}-w{workers}-r{resize}"
-    args = [str(a) for a in ("--input", table, "--out", out, "--workers", workers, "--resize-shortest-edge", resize,
-                             "--no-progress")]
-    if subprocess:
-        res = run_measured([sys.executable, "-m", "data_preprocessing.preprocess", *args],
-                           table.parent / "logs" / f"{out.name}.log")
-    else:
-        from data_preprocessing import preprocess
-
-        res = {}
-        preprocess.main(args)
+    res = run_measured([sys.executable, "-m", "data_preprocessing.preprocess", "--input", table, "--out", out,
+                        "--workers", workers, "--resize-shortest-edge", resize, "--no-progress"],
+                       table.parent / "logs" / f"{out.name}.log")
     meta = json.loads((out / "meta.json").read_text())
     kept = meta["counts"]["kept"]
     return {**res, "posts": kept, "posts_per_s": meta["timing"]["posts_per_s"],
@@ -69,14 +60,14 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, t_start = start(PreprocessBenchConfig, argv, __doc__)
     rows = lambda n: photo_table(cfg.out_dir, cfg.pool_images, n)  # noqa: E731
     tp_table = rows(cfg.throughput_posts)
-    throughput = repeat_interleaved({f"workers_{w}": lambda w=w: run_preprocess(tp_table, w, 224, not cfg.smoke)[
+    throughput = repeat_interleaved({f"workers_{w}": lambda w=w: run_preprocess(tp_table, w, 224)[
         "posts_per_s"] for w in (1, 2)}, cfg.repeats, 2)
     speedup = ratio(throughput["workers_2"]["median"], throughput["workers_1"]["median"])
 
     # 2. Peak memory at two sizes, 2 workers; 3. bytes per post, pre-resized and full size.
     mem = {label: run_preprocess(rows(n), 2, 224) for label, n in (("small", cfg.rss_small), ("large", cfg.rss_large))}
     rss_ratio = ratio(mem["large"]["peak_tree_rss_mib"], mem["small"]["peak_tree_rss_mib"])
-    sizes = {label: run_preprocess(rows(cfg.bytes_posts), 2, edge, not cfg.smoke) for label, edge in
+    sizes = {label: run_preprocess(rows(cfg.bytes_posts), 2, edge) for label, edge in
              (("resized_224", 224), ("full_size", 0))}
     bytes_ratio = ratio(sizes["full_size"]["bytes_per_post"], sizes["resized_224"]["bytes_per_post"], 2)
     tp = [[w, throughput[f"workers_{w}"]["median"], throughput[f"workers_{w}"]["values"]] for w in (1, 2)]

@@ -1,8 +1,7 @@
 """Benchmark 5: a finished training run's test R² against the demo set's ceiling and baselines.
 
-Trains nothing: reads the run's metrics.json (test R² of the best, the best frozen-phase and
-the baseline models) and the generator's R² ceiling ``Var(f) / (Var(f) + sigma²)`` from
-make_demo_data's meta.json, found through the run's data dir.
+Trains nothing: the run's metrics.json (test R² of the model, the frozen phase and the baselines) against the
+generator's R² ceiling ``Var(f) / (Var(f) + sigma²)`` in make_demo_data's meta.json (found via the run's data dir).
 """
 
 from __future__ import annotations

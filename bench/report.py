@@ -1,8 +1,7 @@
 """Write BENCHMARKS.md from the benchmark scripts' JSON files (bench/out/*.json).
 
-Nothing here measures or decides anything: each script wrote its goals (``benchlib.goal``)
-and its section's text and tables; this renders them. A missing file shows as "not run";
-``gpu_train.json`` falls back on ``bench/results/gpu_train.json``, a committed GPU run.
+Nothing here measures or decides: each script wrote its goals, text and tables. A missing file shows
+as "not run"; ``gpu_train.json`` falls back on ``bench/results/gpu_train.json``, a committed GPU run.
 """
 
 from __future__ import annotations

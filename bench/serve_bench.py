@@ -1,15 +1,11 @@
 """Benchmark 4: the server under load per runtime, the raw forward per thread, and the table scorer.
 
-serving/predict.py (``predict.main`` at its defaults) on tables of N and 2N rows: posts/s is
-N / (seconds at 2N - seconds at N), so start-up cancels; against the raw forward on those N
-posts batched by predict's own ``TableRows`` and ``Batches``. Goal: >= 0.9. The raw forward
-(``LoadedModel.explain_batch`` on a prepared post) at batch 1 and 16, each variant in a fresh
-process: on the main thread; on a worker thread doing all torch work (the server's inference
-thread); on a worker after the main thread ran the model. libgomp gives each thread entering a
-parallel region its own OpenMP team; with more teams than CPUs it stops spin-waiting and each
-region pays a futex wake. Then ``serving.launch.run_server`` per RUNTIME (onnx after
-``models.export_onnx``) driven by ``hey``, one multipart POST /predict (a 640x480 JPEG and its
-caption) per request, levels interleaved across servers up to MAX_QUEUE (so no 503); last, overload.
+serving/predict.py at its defaults on tables of N and 2N rows (posts/s = N / (seconds at 2N - seconds at N)) against
+the raw forward on those posts batched by predict's own ``TableRows`` and ``Batches`` (goal >= 0.9). The raw forward
+(``LoadedModel.explain_batch``) at batch 1 and 16, each variant in a fresh process, on the main thread and on a worker
+thread (libgomp gives each thread its own OpenMP team; with more teams than CPUs each parallel region pays a futex
+wake). Then ``serving.launch.run_server`` per RUNTIME driven by ``hey`` (one multipart POST /predict of a 640x480 JPEG
+per request), levels interleaved across servers up to MAX_QUEUE (so no 503); last, overload.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Benchmark 1: the training data path against the compute ceiling, and phase 1's embedding cache.
 
-samples/s of phase-2 train steps (CLIP + head trainable, ``train_torch.start_phase`` and
-``train_one_epoch``) fed by train_torch's ``make_loader(EngagementDataset, Collator)`` at its
-default ``--num-workers`` (project), and by the same batches already in memory (ceiling); goal:
-project >= 0.9 x ceiling. The loader alone draws batches and does nothing else. Pixel bytes: a
-Collator batch (uint8; the model normalises on the device) against its float32 normalised
-tensor. Phase 1: ``train_torch.main --frozen-epochs 5 --finetune-epochs 0`` on the tiny CLIP
-with the embedding cache (one embedding pass, then the frozen epochs on it) and with
-``--no-embedding-cache`` (CLIP re-run every epoch), interleaved; seconds from metrics.json.
+samples/s of phase-2 train steps (``train_torch.start_phase``, ``train_one_epoch``) fed by train_torch's
+``make_loader(EngagementDataset, Collator)`` at its default ``--num-workers`` (project), against the same batches
+already in memory (ceiling; goal >= 0.9x), and the loader alone. Pixel bytes: a Collator batch (uint8) against its
+float32 normalised tensor. Phase 1: ``train_torch.main --frozen-epochs 5 --finetune-epochs 0`` on the tiny CLIP with
+the embedding cache and with ``--no-embedding-cache`` (CLIP re-run every epoch); seconds from metrics.json.
 """
 
 from __future__ import annotations
