@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 BENCH = REPO_ROOT / "bench"
 # file stem -> (section title, script), in report order.
-SECTIONS = {"train_datapath": ("1. Training data path and phase-1 cost", "bench/train_bench.py"),
+SECTIONS = {"train_datapath": ("1. Training data path", "bench/train_bench.py"),
             "gpu_train": ("1b. Training on GPU (ViT-B/32, bf16)", "bench/gpu_train.py"),
             "preprocess": ("3. Preprocessing", "bench/preprocess_bench.py"),
             "serving": ("4. Serving and scoring a table", "bench/serve_bench.py"),

@@ -1,5 +1,6 @@
-"""Run every CPU benchmark, each in its own process (``--in-process``: here), then write
-BENCHMARKS.md: what ``make bench`` calls. Later benchmarks reuse earlier ones' cached inputs.
+"""Run every CPU benchmark, then write BENCHMARKS.md: what ``make bench`` calls.
+
+Each runs in its own process (``--in-process``: here), later ones reusing earlier ones' cached inputs.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
 
 from bench.benchlib import OUT_DIR, demo_records, start, train_run
 from bench.quality_bench import DEFAULT_RUN
+from bench import report
 from common.config import REPO_ROOT, field
 
 log = logging.getLogger(__name__)
 
-# name -> module, in run order: preprocessing first (no model), serving last (longest).
-BENCHMARKS = {"preprocess": "bench.preprocess_bench", "train_datapath": "bench.train_bench",
-              "quality": "bench.quality_bench", "serving": "bench.serve_bench"}
+# name -> module of every CPU benchmark, in report order (gpu_train runs by hand on a GPU machine).
+BENCHMARKS = {stem: script.removesuffix(".py").replace("/", ".") for stem, (_, script) in report.SECTIONS.items()
+              if stem != "gpu_train"}
 
 
 @dataclass
@@ -87,8 +89,6 @@ def main(argv: list[str] | None = None) -> dict:
         seconds[name] = round(time.perf_counter() - t0, 1)
 
     # 3. The report, from whatever JSON is in the out dir.
-    from bench import report
-
     report.main(["--in-dir", str(out), "--md", cfg.md])
     log.info("benchmarks took %s", ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     return {"seconds": seconds, "out_dir": str(out), "md": cfg.md}
