@@ -158,12 +158,6 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
         return pool.submit(lambda: measure(lm or load())).result()
 
 
-def probe(*args) -> dict:
-    """``forward_probe(*args)`` in a fresh Python process (spawned): no other thread has run torch there."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(forward_probe, args)
-
-
 def run_hey(url: str, body_path: Path, concurrency: int, n: int) -> dict:
     """``hey -n N -c C -o csv``: latency and status of every answered request. A fixed N makes
     transport errors countable: hey's CSV lists only requests that got an HTTP answer."""
@@ -299,8 +293,10 @@ def main(argv: list[str] | None = None) -> dict:
     image, text = (posts.parent / post["image_path"]).read_bytes(), post["description"]
     body_path = work_dir(cfg.out_dir, "serving") / "body.bin"
     body_path.write_bytes(multipart_body(image, text))
-    fwd = {k: probe(k, str(model_dir), image, text, cfg.forward_repeats, cfg.warmup_s) if r in runtimes else None
-           for k, (r, _) in PROBES.items()}
+    # Each probe in a fresh spawned process (a worker serves one task): no other thread has run torch there.
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        fwd = {k: pool.apply(forward_probe, (k, str(model_dir), image, text, cfg.forward_repeats, cfg.warmup_s))
+               if r in runtimes else None for k, (r, _) in PROBES.items()}
     log.info("raw forward at batch 1 (ms): %s", {k: f and f["b1_ms"] for k, f in fwd.items()})
 
     # 3. The servers; goals and tables.
