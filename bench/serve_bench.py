@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib
 import json
 import logging
 import multiprocessing
@@ -33,12 +32,14 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
 from bench.benchlib import BenchConfig, artifact, goal, photo_table, ratio, repeat_interleaved, start, \
     table, work_dir, write_result
 from common.config import field
+from models import export_onnx
 from serving.launch import run_server
 
 log = logging.getLogger(__name__)
 
 BOUNDARY = "benchBoundary7MA4YWxkTrZu0gW"
 QUIET = ("--log-level", "warning", "--no-access-log")  # an access log line per request would cost CPU
+RUNTIMES = ("torch", "onnx")  # one server each
 SERVER_ENV = {"MICRO_BATCHING": 1, "MAX_BATCH_SIZE": 16, "MAX_WAIT_MS": 5.0}
 PROBES = {"main": ("torch", "main thread"), "worker": ("torch", "worker thread doing all torch work"),
           "worker_after_main": ("torch", "worker thread, after the main thread ran the model"),
@@ -205,14 +206,14 @@ def measure_level(urls: dict[str, str], body_path: Path, c: int, duration_s: flo
     return {m: level_summary(r) for m, r in runs.items()}
 
 
-def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path, runtimes: list[str]) -> tuple:
+def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path) -> tuple:
     """Every level on a server per runtime (all up at once: an idle one costs nothing), then the
     overload step on the torch server; and which runtime each server says it runs (/metadata)."""
-    env = {r: {**SERVER_ENV, "RUNTIME": r, "MAX_QUEUE": max(cfg.levels)} for r in runtimes}
-    servers = {r: {"env": env[r], "levels": {}} for r in runtimes}
+    env = {r: {**SERVER_ENV, "RUNTIME": r, "MAX_QUEUE": max(cfg.levels)} for r in RUNTIMES}
+    servers = {r: {"env": env[r], "levels": {}} for r in RUNTIMES}
     with contextlib.ExitStack() as stack:
         urls = {r: stack.enter_context(run_server(model_dir, env=env[r], log_path=body_path.parent / f"{r}.log",
-                                                  uvicorn_args=QUIET)) for r in runtimes}
+                                                  uvicorn_args=QUIET)) for r in RUNTIMES}
         for r, url in urls.items():
             with urllib.request.urlopen(url + "/metadata", timeout=10) as fh:  # runtime: RuntimeInfo dict or None
                 servers[r]["reported_runtime"] = (json.load(fh)["model"]["runtime"] or {}).get("name")
@@ -226,20 +227,19 @@ def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path, run
                      "non_503_failures": bad}
 
 
-def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, onnx_skip: str | None) -> list[dict]:
+def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict) -> list[dict]:
     """Overhead per runtime, onnx / torch throughput, the thread row, errors and overload."""
     lo, hi = cfg.lo, cfg.hi
-    lv = lambda r, c, k: servers[r]["levels"][c][k] if r in servers else None  # noqa: E731
-    b1 = {k: f and f["b1_ms"] for k, f in fwd.items()}
-    skip = f"skipped: {onnx_skip}" if onnx_skip else ""
+    lv = lambda r, c, k: servers[r]["levels"][c][k]  # noqa: E731
+    b1 = {k: f["b1_ms"] for k, f in fwd.items()}
     errors = sum(s["errors"] for d in servers.values() for s in d["levels"].values())
     return [
         goal(f"serving overhead, RUNTIME=torch: p50 at concurrency {lo} / raw forward at batch 1",
              ratio(lv("torch", lo, "p50_ms"), b1["main"]), "<=", 1.3, "x"),
         goal(f"serving overhead, RUNTIME=onnx: p50 at concurrency {lo} / onnx raw forward at batch 1",
-             ratio(lv("onnx", lo, "p50_ms"), b1["onnx"]), "<=", 1.3, "x", skip),
+             ratio(lv("onnx", lo, "p50_ms"), b1["onnx"]), "<=", 1.3, "x"),
         goal(f"throughput at concurrency {hi}, RUNTIME=onnx / torch", ratio(lv("onnx", hi, "rps"), lv("torch", hi, "rps")),
-             ">=", 1.5, "x", skip),
+             ">=", 1.5, "x"),
         goal("raw forward at batch 1, worker thread doing all torch work / main thread",
              ratio(b1["worker"], b1["main"]), "<=", 1.1, "x",
              f"worker after the main thread ran the model: {ratio(b1['worker_after_main'], b1['main'])}x"),
@@ -251,7 +251,7 @@ def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, onnx_
 def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, scorer: dict) -> list[dict]:
     lo, hi, main = cfg.lo, cfg.hi, fwd["main"]
     model = [[*PROBES[k], f["b1_ms"], f["b16_per_post_ms"], f["prepare_ms"], ratio(f["b1_ms"], main["b1_ms"]),
-              f["os_threads"]] for k, f in fwd.items() if f]
+              f["os_threads"]] for k, f in fwd.items()]
     load = [[f"{r} ({d['reported_runtime'] or 'not reported'})", int(c),
              *(s[k] for k in ("rps", "p50_ms", "p95_ms", "p99_ms", "requests", "errors"))]
             for r, d in servers.items() for c, s in d["levels"].items()]
@@ -273,17 +273,12 @@ def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, scor
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # 1. Parse args; the artifact, exported for RUNTIME=onnx where the exporter exists.
+    # 1. Parse args; the artifact, exported for RUNTIME=onnx.
     cfg, t_start = start(ServeBenchConfig, argv, __doc__)
     if not shutil.which("hey"):
         raise SystemExit("error: hey is not on PATH: apt-get install hey (make bench does)")
-    model_dir, onnx_skip = artifact(cfg.out_dir, cfg.preset), None
-    try:
-        importlib.import_module("models.export_onnx").main([str(model_dir)])
-    except ImportError as e:  # the runtime's branch is not merged, or onnxruntime is missing
-        onnx_skip = f"models.export_onnx is not importable: {e.msg}"
-        log.warning("RUNTIME=onnx not measured: %s", onnx_skip)
-    runtimes = ["torch"] + ([] if onnx_skip else ["onnx"])
+    model_dir = artifact(cfg.out_dir, cfg.preset)
+    export_onnx.main([str(model_dir)])  # RUNTIME=onnx serves MODEL_DIR/onnx/
 
     # 2. The table scorer and the model alone (one probe at a time) while no server competes for the cores.
     scorer = {p: table_scorer(cfg, p) for p in cfg.tables}
@@ -296,14 +291,14 @@ def main(argv: list[str] | None = None) -> dict:
     # Each probe in a fresh spawned process (a worker serves one task): no other thread has run torch there.
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         fwd = {k: pool.apply(forward_probe, (k, str(model_dir), image, text, cfg.forward_repeats, cfg.warmup_s))
-               if r in runtimes else None for k, (r, _) in PROBES.items()}
-    log.info("raw forward at batch 1 (ms): %s", {k: f and f["b1_ms"] for k, f in fwd.items()})
+               for k in PROBES}
+    log.info("raw forward at batch 1 (ms): %s", {k: f["b1_ms"] for k, f in fwd.items()})
 
     # 3. The servers; goals and tables.
-    servers, overload = measure_servers(cfg, model_dir, body_path, runtimes)
-    payload = {"preset": cfg.preset, "forward": fwd, "onnx_skipped": onnx_skip, "servers": servers,
+    servers, overload = measure_servers(cfg, model_dir, body_path)
+    payload = {"preset": cfg.preset, "forward": fwd, "servers": servers,
                "overload": overload, "table_scorer": scorer, "tables": tables(cfg, fwd, servers, overload, scorer),
-               "goals": goals(cfg, fwd, servers, overload, onnx_skip) + [t["goal"] for t in scorer.values()]}
+               "goals": goals(cfg, fwd, servers, overload) + [t["goal"] for t in scorer.values()]}
     write_result("serving", payload, cfg, t_start, __doc__)
     return payload
 
