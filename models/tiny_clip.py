@@ -666,9 +666,10 @@ def pretrain(model, processor, train: PostTensors, heldout: PostTensors, cfg: Ti
     curve, best, best_state = [], None, None
     bar = tqdm(total=run.total_steps, desc="pretrain", unit="step", disable=bar_disabled())
     for epoch in range(1, cfg.pretrain_epochs + 1):
+        steps_before = run.step
         train_loss = train_one_epoch(model, processor, train, run, cfg, bar)
-        if run.step == 0:
-            break  # the cap left no time for a single step: keep the random init
+        if run.step == steps_before:
+            break  # the cap fell before this epoch's first step: nothing new to evaluate (step 0: the random init)
         held = evaluate(model, processor, heldout, cfg.batch_size)
         row = {"epoch": epoch, "step": run.step, "train_loss": train_loss, "heldout_loss": held["loss"],
                "heldout_rank_score": held["rank_score"], "heldout_top1": held["retrieval_top1"]}

@@ -254,6 +254,28 @@ def test_pretrain_keeps_the_best_heldout_epoch(tmp_path, tiny_dir, posts_csv, mo
     assert not all(torch.equal(final[k], weights[2][k]) for k in final)  # not the last epoch's
 
 
+def test_pretrain_cap_on_an_epoch_boundary_adds_no_empty_epoch(tmp_path, tiny_dir, posts_csv, monkeypatch):
+    # The minutes cap passes during epoch 2's evaluation, so epoch 3 stops before its first step.
+    # Evaluating and logging that epoch anyway gave a curve row with a NaN train loss (strict JSON refuses it).
+    model, processor = CLIPModel.from_pretrained(tiny_dir), CLIPProcessor.from_pretrained(tiny_dir)
+    posts, _ = load_posts(posts_csv, processor.image_processor)
+    cfg = TinyClipConfig(out=str(tmp_path / "unused"), pretrain_epochs=5, batch_size=8, pretrain_minutes=1.0)
+    clock, evaluated = [0.0], []
+
+    def scripted_evaluate(model, processor, posts, batch_size):
+        evaluated.append(1)
+        if len(evaluated) == 2:
+            clock[0] = 3600.0  # an hour later: past the 1-minute cap
+        return {"loss": 1.0, "retrieval_top1": 0.0, "rank_score": 0.5 + 0.1 * len(evaluated), "n": len(posts)}
+
+    monkeypatch.setattr(tiny_clip, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(tiny_clip, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    run = tiny_clip.pretrain(model, processor, encode_posts(processor, posts[:8]),
+                             encode_posts(processor, posts[8:12]), cfg)
+    assert run["stopped_by"] == "minutes" and run["steps"] == 2 and len(evaluated) == 2
+    assert [row["epoch"] for row in run["curve"]] == [1, 2] and run["best"]["epoch"] == 2
+    json.dumps(run, allow_nan=False)  # every figure finite
+
 def test_pretrain_retrieves_above_chance_and_records_its_choice(pretrained, posts_csv):
     record = json.loads((pretrained / "pretrain.json").read_text())
     assert record["data"]["rows"] == 42 and record["data"]["usable"] == 40
