@@ -10,6 +10,7 @@ import csv
 import math
 import json
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -181,7 +182,12 @@ def test_gradient_flow_through_phases(tmp_path, posts, tiny_clip, caplog):
     train_one_epoch(step, loader, opt, sched, accelerator, NonFiniteGuard(3), max_grad_norm=1.0, desc="finetune")
     unchanged = [k for k, p in model.clip.named_parameters() if torch.equal(p, clip0[k])]
     assert unchanged == ["logit_scale"]  # the contrastive temperature is not on the regression path
-    assert any("of" in r.message and "parameters trainable" in r.message for r in caplog.records)
+    # Each phase logs what it trains: the head alone, then everything but the temperature.
+    logged = [tuple(int(n.replace(",", "")) for n in m.groups()) for r in caplog.records
+              if (m := re.search(r"([\d,]+) of ([\d,]+) parameters trainable", r.getMessage()))]
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+    assert logged[-2:] == [(head, total), (total - model.clip.logit_scale.numel(), total)]
 
 
 def test_artifact_round_trip(straight_run, posts):
