@@ -422,9 +422,9 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
     """Rebuild a saved artifact from its directory alone (no defaults from code).
 
     ``runtime`` says who computes the CLIP embeddings (``models.runtime``): ``"torch"``,
-    ``"onnx"`` (the export ``python -m models.export_onnx MODEL_DIR`` wrote; CPU), or
-    ``"auto"`` (the faster of the two on a warm-up batch). The head and the contributions
-    run in torch either way.
+    ``"bf16"`` (autocast), ``"onnx"`` (the export ``python -m models.export_onnx MODEL_DIR``
+    wrote; CPU), or ``"auto"`` (the fastest per batch size, timed on warm-up batches). The
+    head and the contributions run in fp32 torch either way.
     """
     from safetensors.torch import load_file
     from transformers import CLIPModel, CLIPProcessor

@@ -1,14 +1,18 @@
-"""Who computes the CLIP embeddings at inference: eager torch, or ONNX Runtime on the export.
+"""Who computes the CLIP embeddings at inference: eager torch, bf16 autocast, or ONNX Runtime.
 
 The two CLIP towers are nearly all of a prediction's cost; the head and the exact Shapley
-contributions run on the (B, D) embeddings and stay in torch either way (tiny, and exact).
+contributions run on the (B, D) embeddings and stay in torch, fp32, either way (tiny, and exact).
 ``LoadedModel`` calls an ``Embedder``; ``choose_embedder`` picks one for ``load_model``:
 
-- ``torch``: ``CLIPRegressor.embed``, eager.
+- ``torch``: ``CLIPRegressor.embed``, eager fp32.
+- ``bf16``: the same under ``torch.autocast(bfloat16)``, embeddings returned in fp32. Fast where
+  the matmuls run natively in bf16 (CPUs with AMX, GPUs), slower than fp32 elsewhere.
 - ``onnx``: an ``onnxruntime.InferenceSession`` on ``MODEL_DIR/onnx/embed.onnx``, written by
   ``python -m models.export_onnx MODEL_DIR``; CPU only.
-- ``auto``: both, timed on a warm-up batch at batch 1 and 16, keeping the faster (torch when
-  there is no usable export).
+- ``auto``: every candidate this machine can run well (torch; onnx with a usable export; bf16
+  with AMX), timed on warm-up batches of 1 and 16 posts; each batch then goes to the one that
+  was fastest at the nearer timed size (on log scale: up to 4 posts, the batch-1 pick). A server
+  answering one request at a time and one filling micro-batches may want different runtimes.
 
 The choice, and why, is recorded in a ``RuntimeInfo`` (``LoadedModel.runtime``, /metadata).
 """
@@ -26,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnx", "auto")
+RUNTIMES = ("torch", "bf16", "onnx", "auto")
 ONNX_SUBDIR = "onnx"  # inside the model artifact
 EMBED_FILE = "embed.onnx"  # uint8 pixels + input_ids + attention_mask -> img, txt
 HEAD_FILE = "head.onnx"  # img, txt, sentiment, features -> model-scale score (torch-free deploys)
@@ -59,6 +63,29 @@ class TorchEmbedder:
         return self.model.embed(pixel_values, input_ids, attention_mask)
 
 
+class Bf16Embedder:
+    """``CLIPRegressor.embed`` under bf16 autocast; fp32 embeddings out, re-normalised in fp32."""
+
+    name = "bf16"
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, pixel_values, input_ids, attention_mask):
+        device = pixel_values.device.type
+        with torch.autocast(device, dtype=torch.bfloat16):
+            img, txt = self.model.embed(pixel_values, input_ids, attention_mask)
+        unit = torch.nn.functional.normalize  # the head was trained on unit fp32 embeddings
+        return unit(img.float(), dim=-1), unit(txt.float(), dim=-1)
+
+
+def cpu_has_amx() -> bool:
+    """AMX tiles (Intel Sapphire Rapids and later): oneDNN runs bf16 matmuls natively there,
+    several times faster than fp32 at a batch of posts. Elsewhere bf16 is emulated, and slower."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so looked up defensively
+    return bool(probe and probe())
+
+
 class OnnxEmbedder:
     """An ONNX Runtime CPU session on the exported embedding graph."""
 
@@ -89,12 +116,13 @@ class OnnxEmbedder:
 class RuntimeInfo:
     """Which runtime computes the embeddings, and why (``LoadedModel.runtime``, /metadata)."""
 
-    name: str  # "torch" or "onnx": the one in use
-    requested: str  # "torch", "onnx" or "auto"
+    name: str  # the one in use: "torch", "bf16", "onnx", or auto's picks joined, e.g. "onnx+bf16"
+    requested: str  # "torch", "bf16", "onnx" or "auto"
     reason: str
     export: dict | None = None  # the export's export.json, when the ONNX session is in use
     # auto only: runtime -> {batch size: ms per post}, from the warm-up timing
     ms_per_post: dict[str, dict[str, float]] = field(default_factory=dict)
+    by_batch_size: dict[str, str] = field(default_factory=dict)  # auto only: timed batch size -> runtime
 
 
 def export_dir(model_dir: str | Path) -> Path:
@@ -120,7 +148,7 @@ def choose_embedder(model, model_dir: str | Path, version: str, runtime: str, de
     """The embedder ``load_model(..., runtime=)`` asked for, and the record of the choice.
 
     ``runtime="onnx"`` without a usable export raises FileNotFoundError naming the command
-    to run; ``"auto"`` falls back to torch then, and says so in the reason.
+    to run; ``"auto"`` leaves onnx out then, and says so in the reason.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
@@ -128,6 +156,10 @@ def choose_embedder(model, model_dir: str | Path, version: str, runtime: str, de
     if runtime == "torch":
         return eager, RuntimeInfo("torch", runtime, "requested (runtime=torch)")
     on_cpu = torch.device(device).type == "cpu"
+    if runtime == "bf16":
+        slow = on_cpu and not cpu_has_amx()
+        return Bf16Embedder(model), RuntimeInfo("bf16", runtime, "requested (runtime=bf16)" + (
+            "; this CPU has no AMX: bf16 is emulated, likely slower than runtime=torch" if slow else ""))
     export, why_not = read_export(model_dir, version)
     if runtime == "onnx":
         if not on_cpu:
@@ -139,23 +171,52 @@ def choose_embedder(model, model_dir: str | Path, version: str, runtime: str, de
                                                                              "requested (runtime=onnx)", export)
     if not on_cpu:
         return eager, RuntimeInfo("torch", runtime, f"auto: on {device} torch runs the model (ONNX here is CPU only)")
+    candidates, notes = [eager], []
     if export is None:
-        return eager, RuntimeInfo("torch", runtime, f"auto: {why_not}")
-    return faster(eager, OnnxEmbedder(export_dir(model_dir) / EMBED_FILE), batcher, export)
+        notes.append(why_not)
+    else:
+        candidates.append(OnnxEmbedder(export_dir(model_dir) / EMBED_FILE))
+    if cpu_has_amx():
+        candidates.append(Bf16Embedder(model))
+    else:
+        notes.append("bf16 left out: this CPU has no AMX")
+    return fastest(candidates, batcher, export, notes)
 
 
-def faster(eager: Embedder, onnx: Embedder, batcher, export: dict) -> tuple[Embedder, RuntimeInfo]:
-    """Time both on the same warm-up batches and keep the one with the lower mean ms/post."""
+class ByBatchSize:
+    """auto's router: each batch to the embedder that was fastest at the timed batch size nearest
+    its own on log scale (timed at 1 and 16: up to 4 posts take the batch-1 pick)."""
+
+    def __init__(self, picks: dict[int, Embedder]):
+        self.sizes, self.picks = sorted(picks), picks
+        self.name = "+".join(dict.fromkeys(picks[size].name for size in self.sizes))
+
+    def route(self, n: int) -> Embedder:
+        for size, bigger in zip(self.sizes, self.sizes[1:]):
+            if n * n <= size * bigger:  # n at most the geometric midpoint, in integers
+                return self.picks[size]
+        return self.picks[self.sizes[-1]]
+
+    def __call__(self, pixel_values, input_ids, attention_mask):
+        return self.route(len(pixel_values))(pixel_values, input_ids, attention_mask)
+
+
+def fastest(candidates: list[Embedder], batcher, export: dict | None, notes: list[str]) -> tuple[Embedder, RuntimeInfo]:
+    """Time the candidates on the same warm-up batches; at each timed batch size keep the fastest."""
+    if len(candidates) == 1:
+        return candidates[0], RuntimeInfo(candidates[0].name, "auto", "auto: " + "; ".join(notes))
     batches = {n: sample_batch(batcher, n) for n in TIMED_BATCH_SIZES}
-    ms = {e.name: ms_per_post(e, batches) for e in (eager, onnx)}
-    mean = {name: sum(per.values()) / len(per) for name, per in ms.items()}
-    pick = min(mean, key=mean.get)
-    sizes = ", ".join(f"batch {n}" for n in TIMED_BATCH_SIZES)
+    ms = {e.name: ms_per_post(e, batches) for e in candidates}
+    by_name = {e.name: e for e in candidates}
+    picks = {str(n): min(ms, key=lambda name: ms[name][str(n)]) for n in TIMED_BATCH_SIZES}
+    router = ByBatchSize({int(n): by_name[name] for n, name in picks.items()})
+    chosen = by_name[router.name] if router.name in by_name else router  # one pick: no router needed
     timed = "; ".join(f"{name} " + " / ".join(f"{v:.1f}" for v in per.values()) for name, per in ms.items())
-    reason = f"auto: ms per post at {sizes}: {timed}; {pick} is faster"
+    sizes = " / ".join(map(str, TIMED_BATCH_SIZES))
+    reason = "; ".join([f"auto: ms per post at batch {sizes}: {timed}; fastest: " +
+                        ", ".join(f"{name} at batch {n}" for n, name in picks.items()), *notes])
     log.info("runtime %s", reason)
-    chosen = eager if pick == eager.name else onnx
-    return chosen, RuntimeInfo(pick, "auto", reason, export if pick == "onnx" else None, ms)
+    return chosen, RuntimeInfo(router.name, "auto", reason, export if "onnx" in picks.values() else None, ms, picks)
 
 
 def sample_batch(batcher, n: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -49,6 +49,7 @@ from data_preprocessing.features import FeatureError
 from data_preprocessing.posts import prepare_post
 from data_preprocessing.prepare import ImageError
 from data_preprocessing.preprocess import parse_label, read_table, resolve_image_path, write_rejects
+from models.runtime import RUNTIMES
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,9 @@ class PredictConfig:
                                            "e.g. runs/demo/data:test")
     batch_size: int = field(16, help="posts per forward pass")
     num_workers: int = field(1, help="DataLoader workers that decode and prepare posts")
-    runtime: str = field("torch", choices=("torch", "onnx", "auto"),
-                         help="who computes the CLIP embeddings, as the server's RUNTIME: onnx needs "
-                              "`python -m models.export_onnx MODEL` first (CPU only)")
+    runtime: str = field("torch", choices=RUNTIMES,
+                         help="who computes the CLIP embeddings, as the server's RUNTIME: bf16 is fast on CPUs "
+                              "with AMX; onnx needs `python -m models.export_onnx MODEL` first (CPU only)")
     max_reject_frac: float = field(0.2, help="exit 1 when more than this fraction of rows is rejected")
     show: int = field(3, help="print the top and bottom N posts with their intervals and main contribution")
     progress: bool = field(True, help="show a progress bar (on a terminal)")

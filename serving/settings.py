@@ -52,10 +52,11 @@ class ServingSettings(BaseSettings):
         True, description="group concurrent requests into micro-batches; 0 runs each post alone (benchmarks)")
     torch_threads: int | None = Field(
         None, ge=1, description="torch.set_num_threads for inference; unset keeps torch's default")
-    runtime: Literal["torch", "onnx", "auto"] = Field(
-        "torch", description="who computes the CLIP embeddings: torch (eager), onnx (ONNX Runtime on the CPU, needs "
-                             "`python -m models.export_onnx MODEL_DIR` first), or auto (times both at startup and "
-                             "keeps the faster; torch without an export); /metadata says which and why")
+    runtime: Literal["torch", "bf16", "onnx", "auto"] = Field(
+        "torch", description="who computes the CLIP embeddings: torch (eager fp32), bf16 (torch bf16 autocast: fast "
+                             "on CPUs with AMX), onnx (ONNX Runtime on the CPU, needs `python -m models.export_onnx "
+                             "MODEL_DIR` first), or auto (times what this machine can run at startup and keeps the "
+                             "fastest per batch size); /metadata says which and why")
 
     def limits(self) -> dict:
         """The settings as plain JSON values (for /metadata), model_dir as a string."""
