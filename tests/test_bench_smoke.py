@@ -98,7 +98,7 @@ def test_report_shows_each_goal_with_the_status_its_figure_implies(smoke):
     _, results, md = smoke
     rows = goal_table(md)
     goals = list(goals_of(results).values())
-    assert len(goals) == 12  # train 1, preprocess 2, serving 6 + table scorer 1, quality 2 (phase 1: no target)
+    assert len(goals) == 13  # train 1, preprocess 2, serving 7 + table scorer 1, quality 2 (phase 1: no target)
     for g in goals:
         ops = {">=": g["measured"] >= g["target"], "<=": g["measured"] <= g["target"], ">": g["measured"] > g["target"],
                "==": g["measured"] == g["target"]} if g["measured"] is not None else {}
@@ -108,13 +108,15 @@ def test_report_shows_each_goal_with_the_status_its_figure_implies(smoke):
     assert "> **SMOKE RUN**" in md
 
 
-def test_onnx_rows_come_from_a_server_that_says_it_runs_onnx(smoke):
+def test_runtime_rows_come_from_servers_that_say_what_they_run(smoke):
     _, r, _ = smoke
     s = r["serving"]
-    onnx = {k: g for k, g in goals_of(r).items() if "RUNTIME=onnx" in k}
-    assert len(onnx) == 2 and all(g["measured"] is not None for g in onnx.values())
-    assert {k: d["reported_runtime"] for k, d in s["servers"].items()} == {"torch": "torch", "onnx": "onnx"}
-    assert s["forward"]["onnx"]["b1_ms"] > 0
+    overhead = {k: g for k, g in goals_of(r).items() if k.startswith("serving overhead, RUNTIME=")}
+    assert len(overhead) == 3 and all(g["measured"] is not None for g in overhead.values())
+    reported = {k: d["reported_runtime"] for k, d in s["servers"].items()}
+    assert (reported["torch"], reported["onnx"]) == ("torch", "onnx")
+    assert set(reported["auto"].split("+")) <= {"torch", "onnx", "bf16"}  # auto's picks, per batch size
+    assert [s["forward"][k]["runtime"] for k in ("main", "worker", "onnx")] == ["torch", "torch", "onnx"]
 
 
 def test_goal_figures_are_the_ratios_of_the_measurements(smoke):
@@ -129,10 +131,14 @@ def test_goal_figures_are_the_ratios_of_the_measurements(smoke):
     assert measured["peak RSS, 96 vs 24 posts"] == round(
         mem["large"]["peak_tree_rss_mib"] / mem["small"]["peak_tree_rss_mib"], 3)
     s, fwd = r["serving"], r["serving"]["forward"]
-    assert measured["serving overhead, RUNTIME=torch: p50 at concurrency 1 / raw forward at batch 1"] == round(
-        s["servers"]["torch"]["levels"]["1"]["p50_ms"] / fwd["main"]["b1_ms"], 3)
+    for runtime, probe in (("torch", "main"), ("onnx", "onnx"), ("auto", "auto")):
+        assert measured[f"serving overhead, RUNTIME={runtime}: p50 at concurrency 1 / its raw forward at batch 1"] \
+            == round(s["servers"][runtime]["levels"]["1"]["p50_ms"] / fwd[probe]["b1_ms"], 3)
     assert measured["raw forward at batch 1, worker thread doing all torch work / main thread"] == round(
         fwd["worker"]["b1_ms"] / fwd["main"]["b1_ms"], 3)
+    rps = {k: d["levels"]["4"]["rps"] for k, d in s["servers"].items()}  # smoke levels: 1, 4
+    assert measured[f"throughput at concurrency 4, RUNTIME=auto ({s['servers']['auto']['reported_runtime']}) / torch"] \
+        == round(rps["auto"] / rps["torch"], 3)
     p = r["serving"]["table_scorer"]["tiny"]["posts_per_s"]
     assert measured["table scorer, tiny CLIP: predict.py posts/s / raw forward"] == round(
         med(p["predict"]) / med(p["forward"]), 3)
@@ -144,11 +150,8 @@ def test_goal_figures_are_the_ratios_of_the_measurements(smoke):
 def test_each_thread_variant_ran_in_its_own_process(smoke):
     _, r, _ = smoke
     fwd = r["serving"]["forward"]
-    assert [len(fwd[k]["b1_ms_values"]) for k in ("main", "worker", "worker_after_main")] == [1, 1, 1]
-    # The worker is one more OS thread; after the main thread ran torch, its OpenMP team adds more (with 2+ threads).
-    assert fwd["worker"]["os_threads"] > fwd["main"]["os_threads"]
-    if fwd["main"]["torch_threads"] > 1:
-        assert fwd["worker_after_main"]["os_threads"] > fwd["worker"]["os_threads"]
+    assert [len(fwd[k]["b1_ms_values"]) for k in ("main", "worker", "onnx", "auto")] == [1, 1, 1, 1]
+    assert fwd["worker"]["os_threads"] > fwd["main"]["os_threads"]  # the worker is one more OS thread
 
 
 def test_training_batches_carry_uint8_pixels(smoke):
