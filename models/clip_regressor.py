@@ -108,12 +108,24 @@ class PostBatcher:
     def from_clip(cls, processor, clip_config, features: FeatureSchema | None = None) -> "PostBatcher":
         return cls(processor, clip_config.text_config.max_position_embeddings, features)
 
+    def already_resized(self, images) -> bool:
+        """Whether every image's shortest edge is already the processor's resize target.
+
+        Records and served posts are pre-resized to exactly that (``ResizePolicy``), where
+        the processor's resize is an identity copy that still costs about half of its time
+        (numpy -> PIL -> numpy): skipping it is what keeps a DataLoader worker from slowing
+        a small model's step on few cores. tests/test_train.py checks the pixels are the resize's own."""
+        edge = getattr(self.processor.image_processor.size, "shortest_edge", None)
+        return bool(edge) and all(min(im.size) == edge for im in images)
+
     def __call__(self, posts: Sequence[Post]) -> dict[str, torch.Tensor]:
         # Resized and cropped but not rescaled or normalised: uint8, a quarter of float32's
         # bytes through the DataLoader and onto the device. CLIPRegressor.embed normalises
         # there with this processor's own rescale factor, mean and std.
-        pixel_values = self.processor.image_processor(images=[p.image for p in posts], do_rescale=False,
-                                                      do_normalize=False, return_tensors="pt")["pixel_values"]
+        images = [p.image for p in posts]
+        pixel_values = self.processor.image_processor(
+            images=images, do_resize=not self.already_resized(images), do_rescale=False, do_normalize=False,
+            return_tensors="pt")["pixel_values"]
         tok = self.processor.tokenizer([p.text for p in posts], padding=True, truncation=True,
                                        max_length=self.max_length, return_tensors="pt")
         return {

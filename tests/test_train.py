@@ -447,6 +447,29 @@ def test_uint8_pixels_match_the_processors_float_path(posts, tiny_clip):
     assert not torch.equal(batch["pixel_values"].float(), floats)  # the two paths really differ in input
 
 
+@pytest.mark.parametrize("at_edge", [True, False])
+def test_pre_resized_images_skip_only_an_identity_resize(tiny_clip, at_edge):
+    """Posts already at the processor's shortest edge (as records and served posts are) skip
+    its resize and get the very pixels the resize gives; one other size and all are resized."""
+    from PIL import Image
+    from transformers import CLIPProcessor
+
+    from data_preprocessing.posts import Post
+    from models.clip_regressor import PostBatcher
+
+    processor = CLIPProcessor.from_pretrained(tiny_clip)
+    edge = processor.image_processor.size.shortest_edge
+    shapes = [(edge, edge * 5 // 4), (edge * 4 // 3, edge), (edge, edge)] + ([] if at_edge else [(480, 640)])
+    rng = np.random.default_rng(0)
+    posts = [Post(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), "a caption", 0.0, {})
+             for h, w in shapes]
+    batcher = PostBatcher(processor, 77)
+    assert batcher.already_resized([p.image for p in posts]) is at_edge
+    resized = processor.image_processor(images=[p.image for p in posts], do_rescale=False, do_normalize=False,
+                                        return_tensors="pt")["pixel_values"].to(torch.uint8)
+    assert torch.equal(batcher(posts)["pixel_values"], resized)
+
+
 def test_optional_number_flags_parse_as_numbers():
     """``float | None`` fields (e.g. --finetune-head-lr) take a number from the command line,
     not the string that __post_init__ then fails to compare."""
