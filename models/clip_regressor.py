@@ -112,9 +112,9 @@ class PostBatcher:
         """Whether every image's shortest edge is already the processor's resize target.
 
         Records and served posts are pre-resized to exactly that (``ResizePolicy``), where
-        the processor's resize is an identity copy that still costs about half of its time
-        (numpy -> PIL -> numpy): skipping it is what keeps a DataLoader worker from slowing
-        a small model's step on few cores. tests/test_train.py checks the pixels are the resize's own."""
+        the processor's resize is an identity copy that still costs about a third of a
+        DataLoader worker's time per post (numpy -> PIL -> numpy), time a small model's step
+        on few cores waits for. tests/test_train.py checks the pixels are the resize's own."""
         edge = getattr(self.processor.image_processor.size, "shortest_edge", None)
         return bool(edge) and all(min(im.size) == edge for im in images)
 
