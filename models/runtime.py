@@ -6,13 +6,14 @@ contributions run on the (B, D) embeddings and stay in torch, fp32, either way (
 
 - ``torch``: ``CLIPRegressor.embed``, eager fp32.
 - ``bf16``: the same under ``torch.autocast(bfloat16)``, embeddings returned in fp32. Fast where
-  the matmuls run natively in bf16 (CPUs with AMX, GPUs), slower than fp32 elsewhere.
+  the matmuls run natively in bf16 (CPUs with AMX or AVX512_BF16, GPUs), slower than fp32 elsewhere.
 - ``onnx``: an ``onnxruntime.InferenceSession`` on ``MODEL_DIR/onnx/embed.onnx``, written by
   ``python -m models.export_onnx MODEL_DIR``; CPU only.
 - ``auto``: every candidate this machine can run well (torch; onnx with a usable export; bf16
-  with AMX), timed on warm-up batches of 1 and 16 posts; each batch then goes to the one that
-  was fastest at the nearer timed size (on log scale: up to 4 posts, the batch-1 pick). A server
-  answering one request at a time and one filling micro-batches may want different runtimes.
+  where ``native_bf16()``), timed on warm-up batches of 1 and 16 posts; each batch then goes to
+  the one that was fastest at the nearer timed size (on log scale: up to 4 posts, the batch-1
+  pick). A server answering one request at a time and one filling micro-batches may want
+  different runtimes.
 
 The choice, and why, is recorded in a ``RuntimeInfo`` (``LoadedModel.runtime``, /metadata).
 """
@@ -79,11 +80,15 @@ class Bf16Embedder:
         return unit(img.float(), dim=-1), unit(txt.float(), dim=-1)
 
 
-def cpu_has_amx() -> bool:
-    """AMX tiles (Intel Sapphire Rapids and later): oneDNN runs bf16 matmuls natively there,
-    several times faster than fp32 at a batch of posts. Elsewhere bf16 is emulated, and slower."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so looked up defensively
-    return bool(probe and probe())
+def native_bf16() -> str:
+    """The CPU feature with which oneDNN runs bf16 matmuls natively, or "" where bf16 is emulated
+    (and slower than fp32): "AMX" (Intel Sapphire Rapids and later), "AVX512_BF16" (AMD Zen 4,
+    Intel Cooper Lake). Either ran B/32 about 2x faster than fp32 at a batch of posts (README)."""
+    for isa, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported")):
+        probe = getattr(torch.cpu, probe, None)  # private, so looked up defensively
+        if probe and probe():
+            return isa
+    return ""
 
 
 class OnnxEmbedder:
@@ -157,9 +162,10 @@ def choose_embedder(model, model_dir: str | Path, version: str, runtime: str, de
         return eager, RuntimeInfo("torch", runtime, "requested (runtime=torch)")
     on_cpu = torch.device(device).type == "cpu"
     if runtime == "bf16":
-        slow = on_cpu and not cpu_has_amx()
+        slow = on_cpu and not native_bf16()
         return Bf16Embedder(model), RuntimeInfo("bf16", runtime, "requested (runtime=bf16)" + (
-            "; this CPU has no AMX: bf16 is emulated, likely slower than runtime=torch" if slow else ""))
+            "; this CPU has neither AMX nor AVX512_BF16: bf16 is emulated, likely slower than runtime=torch"
+            if slow else ""))
     export, why_not = read_export(model_dir, version)
     if runtime == "onnx":
         if not on_cpu:
@@ -176,10 +182,10 @@ def choose_embedder(model, model_dir: str | Path, version: str, runtime: str, de
         notes.append(why_not)
     else:
         candidates.append(OnnxEmbedder(export_dir(model_dir) / EMBED_FILE))
-    if cpu_has_amx():
+    if native_bf16():
         candidates.append(Bf16Embedder(model))
     else:
-        notes.append("bf16 left out: this CPU has no AMX")
+        notes.append("bf16 left out: this CPU has neither AMX nor AVX512_BF16 (bf16 would be emulated)")
     return fastest(candidates, batcher, export, notes)
 
 

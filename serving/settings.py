@@ -54,7 +54,7 @@ class ServingSettings(BaseSettings):
         None, ge=1, description="torch.set_num_threads for inference; unset keeps torch's default")
     runtime: Literal["torch", "bf16", "onnx", "auto"] = Field(
         "torch", description="who computes the CLIP embeddings: torch (eager fp32), bf16 (torch bf16 autocast: fast "
-                             "on CPUs with AMX), onnx (ONNX Runtime on the CPU, needs `python -m models.export_onnx "
+                             "on CPUs with AMX or AVX512_BF16), onnx (ONNX Runtime on the CPU, needs `python -m models.export_onnx "
                              "MODEL_DIR` first), or auto (times what this machine can run at startup and keeps the "
                              "fastest per batch size); /metadata says which and why")
 

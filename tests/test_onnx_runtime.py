@@ -139,7 +139,7 @@ def test_auto_times_every_candidate_and_routes_each_batch_size_to_its_fastest(ex
     auto = load_model(exported, runtime="auto")
     info = auto.runtime
     assert info.requested == "auto"
-    assert set(info.ms_per_post) == {"torch", "onnx"} | ({"bf16"} if runtime.cpu_has_amx() else set())
+    assert set(info.ms_per_post) == {"torch", "onnx"} | ({"bf16"} if runtime.native_bf16() else set())
     assert all(set(ms) == {"1", "16"} and min(ms.values()) > 0 for ms in info.ms_per_post.values())
     for n, name in info.by_batch_size.items():
         assert name == min(info.ms_per_post, key=lambda r: info.ms_per_post[r][n])
@@ -178,11 +178,20 @@ def test_auto_picks_by_the_timing(models, monkeypatch, ms, name, export):
     assert info.ms_per_post["bf16"]["16"] == ms["bf16"][1] and info.reason.endswith("; a note")
 
 
-def test_auto_leaves_bf16_out_without_amx(exported, monkeypatch):
-    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: False)
+@pytest.mark.parametrize("amx, avx512_bf16, isa", [(True, True, "AMX"), (False, True, "AVX512_BF16"),
+                                                    (False, False, "")])
+def test_native_bf16_names_the_cpu_feature(monkeypatch, amx, avx512_bf16, isa):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert runtime.native_bf16() == isa
+
+
+def test_auto_leaves_bf16_out_without_native_bf16(exported, monkeypatch):
+    monkeypatch.setattr(runtime, "native_bf16", lambda: "")
     info = load_model(exported, runtime="auto").runtime
-    assert set(info.ms_per_post) == {"torch", "onnx"} and "bf16 left out: this CPU has no AMX" in info.reason
-    assert "no AMX" in load_model(exported, runtime="bf16").runtime.reason
+    assert set(info.ms_per_post) == {"torch", "onnx"}
+    assert "bf16 left out: this CPU has neither AMX nor AVX512_BF16" in info.reason
+    assert "bf16 is emulated" in load_model(exported, runtime="bf16").runtime.reason
 
 
 def test_server_with_runtime_onnx_answers_as_torch_does(exported, tmp_path_factory):
