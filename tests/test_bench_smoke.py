@@ -65,7 +65,7 @@ def test_quality_is_skipped_without_a_finished_run(tmp_path):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     if shutil.which("hey") is None:
-        pytest.skip("hey is not installed (apt-get install hey; `make bench` does)")
+        pytest.fail("hey is not installed: apt-get install hey (.ci/run and make bench install it)")
     from bench import run_all
 
     out = tmp_path_factory.mktemp("bench_smoke")
