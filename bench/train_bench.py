@@ -49,8 +49,8 @@ class TrainBenchConfig(BenchConfig):
 def pixel_bytes(p2: Phase2, batch: dict) -> dict:
     """Bytes of one batch's pixels: the Collator's uint8 tensor, and the float32 normalised one the
     model computes from it (what the loader carried before the uint8 change)."""
-    m, pv = p2.model, batch["pixel_values"]
-    normalised = (pv.float() * m.pixel_rescale - m.pixel_mean.cpu()) / m.pixel_std.cpu()
+    pv = batch["pixel_values"]
+    normalised = p2.model.normalize_pixels(pv.to(p2.accelerator.device))
     return {"shape": list(pv.shape), "dtype": str(pv.dtype), "bytes": pv.nbytes, "float32_bytes": normalised.nbytes,
             "float32_over_batch": ratio(normalised.nbytes, pv.nbytes, 2)}
 

@@ -257,16 +257,20 @@ class CLIPRegressor(nn.Module):
                  100.0 * trainable / max(total, 1))
 
     # -- forward --------------------------------------------------------------------------
+    def normalize_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> float32 normalised as the processor would; floats pass through."""
+        if pixel_values.dtype != torch.uint8:
+            return pixel_values
+        if self.pixel_rescale is None:
+            raise RuntimeError("uint8 pixels need set_pixel_normalization(image_processor) first")
+        return (pixel_values.float() * self.pixel_rescale - self.pixel_mean) / self.pixel_std
+
     def embed(self, pixel_values, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D) image and (B, D) text embeddings, projected and L2-normalised.
 
         ``pixel_values`` is uint8 (``PostBatcher``), normalised here, or already-normalised floats.
         """
-        if pixel_values.dtype == torch.uint8:
-            if self.pixel_rescale is None:
-                raise RuntimeError("uint8 pixels need set_pixel_normalization(image_processor) first")
-            pixel_values = (pixel_values.float() * self.pixel_rescale - self.pixel_mean) / self.pixel_std
-        img = self.clip.get_image_features(pixel_values=pixel_values).pooler_output
+        img = self.clip.get_image_features(pixel_values=self.normalize_pixels(pixel_values)).pooler_output
         txt = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 
