@@ -1,1 +1,1 @@
-"""Benchmark scripts; ``bench/report.py`` writes BENCHMARKS.md from their JSON output."""
+"""Benchmark scripts; ``bench/run_all.py`` writes BENCHMARKS.md from their JSON output."""

@@ -81,7 +81,7 @@ def goal(name: str, measured: float | None, op: str, target: float, unit: str = 
 
 
 def table(header: list[str], rows: list[list], note: str = "") -> dict:
-    """One table of a script's BENCHMARKS.md section; report.py formats the numbers, ``note`` goes under it."""
+    """One table of a script's BENCHMARKS.md section; run_all.py formats the numbers, ``note`` goes under it."""
     return {"header": header, "rows": rows, "note": note}
 
 
@@ -232,7 +232,8 @@ class Phase2:
         from transformers import CLIPModel, CLIPProcessor
 
         from models.clip_regressor import CLIPRegressor, PostBatcher, TargetTransform
-        from training.train_torch import Collator, EngagementDataset, NonFiniteGuard, TrainConfig, start_phase
+        from training.train_torch import (Collator, EngagementDataset, NonFiniteGuard, TrainConfig,
+                                          resolve_num_workers, start_phase)
 
         torch.manual_seed(seed)
         processor = CLIPProcessor.from_pretrained(clip_dir)
@@ -242,12 +243,13 @@ class Phase2:
         self.train = EngagementDataset(records_dir, "train")
         self.collate = Collator(self.batcher, TargetTransform.fit(self.train.labels()))
         self.cfg = TrainConfig(data=str(records_dir), out="", frozen_epochs=0, finetune_epochs=1, batch_size=batch_size)
+        resolve_num_workers(self.cfg, accelerator)  # train_torch's default for this device
         self.accelerator, self.guard = accelerator, NonFiniteGuard(self.cfg.max_nonfinite_steps)
         self.step, self.optimizer, self.scheduler = start_phase("finetune", self.model, accelerator, self.cfg,
                                                                 -(-len(self.train) // batch_size))
 
     def loader(self, num_workers: int | None = None, pin_memory: bool = False):
-        """train_torch's ``make_loader`` over the train split (default: TrainConfig's ``--num-workers``)."""
+        """train_torch's ``make_loader`` over the train split (default: train_torch's ``--num-workers``)."""
         from training.train_torch import make_loader
 
         return make_loader(self.train, self.cfg.batch_size, self.collate, shuffle_seed=0, pin_memory=pin_memory,

@@ -125,7 +125,7 @@ def figures(cfg: GpuTrainConfig, p2, sps: dict, batch: dict) -> dict:
 
 
 def describe(g: dict) -> dict:
-    """The BENCHMARKS.md text and tables of a gpu_train.json (also of committed runs that lack them)."""
+    """The BENCHMARKS.md text and tables of a gpu_train.json."""
     s, mod, pct = g["samples_per_s"], g["model"], lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     about = (f"{g['device']}, CUDA {g.get('cuda')}, {g['mixed_precision']} autocast via Accelerate, SDPA attention, "
              f"batch {mod['batch_size']}, {mod['num_workers']} loader workers, {g['data']['train_posts']:,} train "

@@ -1,11 +1,14 @@
-"""Run every CPU benchmark, then write BENCHMARKS.md: what ``make bench`` calls.
+"""Run every CPU benchmark, then write BENCHMARKS.md from their JSON: what ``make bench`` calls.
 
 Each runs in its own process (``--in-process``: here), later ones reusing earlier ones' cached inputs.
+The report measures and decides nothing: each script wrote its goals, text and tables. A missing file
+shows as "not run"; ``gpu_train.json`` falls back on ``bench/results/gpu_train.json``, a committed GPU run.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import shutil
 import subprocess
@@ -19,14 +22,21 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
 
 from bench.benchlib import OUT_DIR, demo_records, start, train_run
 from bench.quality_bench import DEFAULT_RUN
-from bench import report
 from common.config import REPO_ROOT, field
 
 log = logging.getLogger(__name__)
 
+# file stem -> (section title, script), in report order.
+SECTIONS = {"train_datapath": ("1. Training data path", "bench/train_bench.py"),
+            "gpu_train": ("1b. Training on GPU (ViT-B/32, bf16)", "bench/gpu_train.py"),
+            "preprocess": ("3. Preprocessing", "bench/preprocess_bench.py"),
+            "serving": ("4. Serving and scoring a table", "bench/serve_bench.py"),
+            "quality": ("5. Quality on the demo set", "bench/quality_bench.py")}
 # name -> module of every CPU benchmark, in report order (gpu_train runs by hand on a GPU machine).
-BENCHMARKS = {stem: script.removesuffix(".py").replace("/", ".") for stem, (_, script) in report.SECTIONS.items()
+BENCHMARKS = {stem: script.removesuffix(".py").replace("/", ".") for stem, (_, script) in SECTIONS.items()
               if stem != "gpu_train"}
+GPU_RESULT = REPO_ROOT / "bench" / "results" / "gpu_train.json"  # a committed GPU run, used where OUT has none
+STATUS = {True: "**MET**", False: "**NOT MET**", None: "not measured"}
 
 
 @dataclass
@@ -34,6 +44,7 @@ class RunAllConfig:
     smoke: bool = field(False, help="toy sizes, results under OUT/smoke, BENCHMARKS.md untouched")
     out_dir: str | None = field(None, help="results folder (default bench/out, or bench/out/smoke with --smoke)")
     only: str = field("", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    report_only: bool = field(False, help="run nothing: write the Markdown from the JSON files in the out dir")
     fresh: bool = field(False, help="delete cached inputs (OUT/work) first")
     quality_run_dir: str | None = field(None, help="finished train_torch.py run for the quality benchmark "
                                                    "(default: runs/demo/run if it exists)")
@@ -41,11 +52,83 @@ class RunAllConfig:
     md: str | None = field(None, help="Markdown to write (default BENCHMARKS.md, or OUT/BENCHMARKS.md with --smoke)")
 
     def __post_init__(self):
-        self.chosen = [n for n in BENCHMARKS if n in self.only.split(",") or not self.only]
-        if set(filter(None, self.only.split(","))) - set(self.chosen):
+        self.chosen = [] if self.report_only else [n for n in BENCHMARKS if n in self.only.split(",") or not self.only]
+        if set(filter(None, self.only.split(","))) - set(BENCHMARKS):
             raise ValueError(f"--only: unknown benchmark in {self.only!r}; choose from {list(BENCHMARKS)}")
         self.out_dir = self.out_dir or str(OUT_DIR / "smoke" if self.smoke else OUT_DIR)
         self.md = self.md or str(Path(self.out_dir, "BENCHMARKS.md") if self.smoke else REPO_ROOT / "BENCHMARKS.md")
+
+
+def fmt(x) -> str:
+    """Cells as the tables show them: numbers with thousands separated, else 4 significant digits."""
+    if x is None:
+        return "–"
+    if isinstance(x, list):  # repeats
+        return ", ".join(map(fmt, x))
+    if isinstance(x, (bool, str)):
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
+def markdown(header: list, rows: list[list], note: str = "") -> list[str]:
+    out = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows] + [""] + ([note, ""] if note else [])
+
+
+def goal_rows(results: dict) -> list[list]:
+    rows = []
+    for stem, (title, _) in SECTIONS.items():
+        if stem == "gpu_train" and stem not in results:
+            rows.append([title, "GPU training throughput, ViT-B/32 bf16 (one H100)", ">= 3,000", "–", "not run"])
+        for g in results.get(stem, {}).get("goals", []):
+            unit = f" {g['unit']}" if g["unit"] and g["measured"] is not None else ""
+            rows.append([title, g["goal"] + (f" ({g['note']})" if g["note"] else ""),
+                         f"{g['op']} {fmt(g['target'])}", fmt(g["measured"]) + unit, STATUS[g["met"]]])
+    return rows
+
+
+def ran(r: dict) -> str:
+    """When, at which commit and on what a benchmark ran."""
+    m, commit = r["machine"], r["machine"].get("git_commit") or "–"
+    return (f"_Ran {m['date_utc']} at `{commit[:12]}`{'-dirty' if 'dirty' in commit else ''} in {fmt(r['wall_s'])} s on "
+            f"{m['cpu_model']}, {m['cpus_usable']} cores, {m['ram_gib']} GiB" + (f", {m['gpu']}" if m.get("gpu") else "")
+            + f"; torch {m['torch']} ({m.get('torch_threads', '–')} threads), transformers {m['transformers']}._")
+
+
+def section(stem: str, r: dict | None) -> list[str]:
+    if r is None:
+        return [f"Not run: `python {SECTIONS[stem][1]}`.", ""]
+    return [r["about"], "", ran(r), ""] + [line for t in r["tables"] for line in markdown(t["header"], t["rows"], t["note"])]
+
+
+def build(results: dict) -> str:
+    """The whole Markdown."""
+    lines = ["# Benchmarks", "", "Written by `bench/run_all.py` from the JSON that the scripts in `bench/` write; "
+             "do not edit by hand (`bench/README.md` says how to run them). Each comparison is a ratio measured in "
+             "one run on one machine; figures are medians over interleaved repeats.", ""]
+    smoke = [stem for stem, r in results.items() if r.get("smoke")]
+    if smoke:
+        lines += [f"> **SMOKE RUN** ({', '.join(smoke)}): toy sizes that only check the scripts run. "
+                  "The numbers below mean nothing.", ""]
+    lines += ["## Goals", "", *markdown(["benchmark", "goal", "target", "measured", "status"], goal_rows(results))]
+    for stem, (title, _) in SECTIONS.items():
+        lines += [f"## {title}", "", *section(stem, results.get(stem))]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(in_dir: str | Path, md: str | Path) -> Path:
+    """``md`` from the JSON files in ``in_dir`` (and the committed GPU run where it has none)."""
+    paths = {stem: Path(in_dir, f"{stem}.json") for stem in SECTIONS}
+    if not paths["gpu_train"].is_file():
+        paths["gpu_train"] = GPU_RESULT
+    results = {stem: json.loads(p.read_text()) for stem, p in paths.items() if p.is_file()}
+    log.info("results found: %s", ", ".join(results) or "none")
+    Path(md).parent.mkdir(parents=True, exist_ok=True)
+    Path(md).write_text(build(results))
+    log.info("wrote %s", md)
+    return Path(md)
 
 
 def quality_run(cfg: RunAllConfig) -> str | None:
@@ -89,8 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
         seconds[name] = round(time.perf_counter() - t0, 1)
 
     # 3. The report, from whatever JSON is in the out dir.
-    report.main(["--in-dir", str(out), "--md", cfg.md])
-    log.info("benchmarks took %s", ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    write_report(out, cfg.md)
+    log.info("benchmarks took %s", ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) or "nothing (report only)")
     return {"seconds": seconds, "out_dir": str(out), "md": cfg.md}
 
 

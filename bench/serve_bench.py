@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -172,8 +174,7 @@ def run_hey(url: str, body_path: Path, concurrency: int, n: int) -> dict:
 
 def percentile_ms(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile of latencies in seconds, in ms."""
-    v = sorted(values)
-    return round(v[min(len(v) - 1, max(0, int(-(-q * len(v) // 100)) - 1))] * 1000, 2) if v else None
+    return round(float(np.percentile(values, q, method="inverted_cdf")) * 1000, 2) if values else None
 
 
 def level_summary(runs: list[dict]) -> dict:

@@ -25,7 +25,7 @@ def test_goal_is_met_exactly_when_the_figure_meets_the_target(measured, op, targ
 
 
 def test_goal_rows_render_each_status_and_a_missing_gpu_run():
-    from bench.report import goal_rows
+    from bench.run_all import goal_rows
 
     results = {"preprocess": {"goals": [goal("a", 2.0, ">=", 1.6, "x"), goal("b", 1.5, "<=", 1.3, "x"),
                                         goal("c", None, "==", 0)]}}
@@ -36,7 +36,7 @@ def test_goal_rows_render_each_status_and_a_missing_gpu_run():
 
 @pytest.mark.parametrize("name", ["gpu_train.json", "gpu_train_h200.json"])
 def test_committed_gpu_runs_still_render(name):
-    from bench.report import section
+    from bench.run_all import section
 
     g = json.loads((RESULTS / name).read_text())
     md = "\n".join(section("gpu_train", g))
