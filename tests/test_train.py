@@ -512,3 +512,25 @@ def test_compile_flag_compiles_the_train_step_and_changes_no_result(tmp_path, po
     model.eval()  # no dropout: both see the same function
     with torch.no_grad():
         assert torch.allclose(steps[True](batch), steps[False](batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("cuda, cpus, processes, threads, workers", [
+    (False, 2, 1, 2, 0),  # the CPU step's threads use both cores: prepare in the main process
+    (False, 16, 1, 12, 4),  # --torch-threads 12 leaves 4 cores to workers
+    (False, 64, 1, 16, 8),  # at most 8
+    (True, 16, 1, 16, 8), (True, 16, 4, 16, 3), (True, 1, 1, 1, 1)])  # GPU: CPUs per process - 1, 1 to 8
+def test_default_num_workers_leaves_the_step_its_cores(monkeypatch, cuda, cpus, processes, threads, workers):
+    monkeypatch.setattr(train_torch.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(train_torch.torch, "get_num_threads", lambda: threads)
+    assert train_torch.default_num_workers(cuda, processes) == workers
+
+
+def test_num_workers_is_resolved_only_when_not_given(monkeypatch):
+    class Accelerator:
+        device, num_processes = torch.device("cpu"), 1
+
+    monkeypatch.setattr(train_torch, "default_num_workers", lambda cuda, processes: 5 if not cuda else -1)
+    cfg = parse_config(TrainConfig, ["--data", "d", "--out", "o"])
+    assert cfg.num_workers is None and train_torch.resolve_num_workers(cfg, Accelerator()) == cfg.num_workers == 5
+    given = parse_config(TrainConfig, ["--data", "d", "--out", "o", "--num-workers", "2"])
+    assert train_torch.resolve_num_workers(given, Accelerator()) == given.num_workers == 2

@@ -111,7 +111,9 @@ class TrainConfig:
     batch_size: int = field(32, help="training batch size per process")
     eval_batch_size: int = field(64, help="evaluation / embedding batch size per process")
     grad_accum: int = field(1, help="gradient accumulation steps (effective batch = batch size x this x processes)")
-    num_workers: int = field(1, help="DataLoader worker processes (run the CLIP processor off the main process)")
+    num_workers: int | None = field(None, help="DataLoader worker processes (run the CLIP processor off the main "
+                                    "process); default: on a GPU min(8, CPUs per process - 1), on the CPU the "
+                                    "cores torch's threads leave free (none at the default --torch-threads)")
     torch_threads: int = field(0, help="torch intra-op threads (0 = torch's default)")
     # -- model and target -----------------------------------------------------------------
     head_hidden: int = field(256, help="hidden width of the MLP head")
@@ -156,7 +158,7 @@ class TrainConfig:
             raise ValueError("--warmup-frac must be in [0, 1)")
         if min(self.batch_size, self.eval_batch_size, self.grad_accum, self.max_nonfinite_steps) < 1:
             raise ValueError("batch sizes, --grad-accum and --max-nonfinite-steps must be >= 1")
-        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.num_workers < 0 or self.torch_threads < 0:
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or (self.num_workers or 0) < 0 or self.torch_threads < 0:
             raise ValueError("--weight-decay, --max-grad-norm, --num-workers, --torch-threads must be >= 0")
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"--select-metric must be one of {tuple(SELECT_METRICS)}")
@@ -282,6 +284,26 @@ def make_loader(dataset: Dataset, batch_size: int, collate_fn: Callable, *, shuf
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(0),  # worker base seeds; the collate is deterministic
     )
+
+
+def default_num_workers(cuda: bool, processes: int = 1) -> int:
+    """``--num-workers`` when it is not given. On a GPU the CPUs are free to prepare batches: up to 8
+    workers, one CPU per process kept for its loop. On the CPU the step's intra-op threads already
+    use the cores, and a worker on one of them stalls them all at each parallel region (2 cores,
+    tiny CLIP: 0.88 of the in-memory ceiling with 1 worker, 1.00 preparing in the main process;
+    bench/train_bench.py), so workers get only the cores that torch's threads leave free."""
+    cpus = len(os.sched_getaffinity(0)) // max(1, processes)
+    if cuda:
+        return max(1, min(8, cpus - 1))
+    return max(0, min(8, cpus - torch.get_num_threads()))
+
+
+def resolve_num_workers(cfg: "TrainConfig", accelerator) -> int:
+    """``cfg.num_workers``, set to ``default_num_workers`` when it was not given; logged either way."""
+    if cfg.num_workers is None:
+        cfg.num_workers = default_num_workers(accelerator.device.type == "cuda", accelerator.num_processes)
+        log.info("--num-workers not given: %d DataLoader workers on %s", cfg.num_workers, accelerator.device)
+    return cfg.num_workers
 
 
 def model_prepare_config(meta: dict, image_processor) -> PrepareConfig:
@@ -766,6 +788,7 @@ def setup(cfg: TrainConfig) -> Run:
     log.info("config: %s", json.dumps(config_dict(cfg)))
     log.info("device %s, %d process(es), mixed precision %s, %d torch threads", accelerator.device,
              accelerator.num_processes, precision, torch.get_num_threads())
+    resolve_num_workers(cfg, accelerator)  # before config.json is written: it records the count used
     # 1. Check the data against the processor before spending time on the model.
     # A local dir, a hub name the hub answers for, or its cached snapshot; never minutes of hub retries.
     clip_source = resolve_pretrained(cfg.clip_model)
