@@ -745,6 +745,7 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path):
     # cpu=True without CUDA: that is also what lets Accelerate run DDP over gloo on CPU processes.
     accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
                               log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=run_dir)
+    resolve_num_workers(cfg, accelerator)  # its default depends on the device; config.json records the count used
     if cfg.report_to != "none":
         accelerator.init_trackers("train", config={k: v for k, v in config_dict(cfg).items()
                                                    if isinstance(v, (int, float, str, bool))})
@@ -788,7 +789,6 @@ def setup(cfg: TrainConfig) -> Run:
     log.info("config: %s", json.dumps(config_dict(cfg)))
     log.info("device %s, %d process(es), mixed precision %s, %d torch threads", accelerator.device,
              accelerator.num_processes, precision, torch.get_num_threads())
-    resolve_num_workers(cfg, accelerator)  # before config.json is written: it records the count used
     # 1. Check the data against the processor before spending time on the model.
     # A local dir, a hub name the hub answers for, or its cached snapshot; never minutes of hub retries.
     clip_source = resolve_pretrained(cfg.clip_model)
