@@ -291,7 +291,7 @@ def default_num_workers(cuda: bool, processes: int = 1) -> int:
     workers, one CPU per process kept for its loop. On the CPU the step's intra-op threads already
     use the cores, and a worker on one of them stalls them all at each parallel region (2 cores,
     tiny CLIP: 0.88 of the in-memory ceiling with 1 worker, 1.00 preparing in the main process;
-    bench/train_bench.py), so workers get only the cores that torch's threads leave free."""
+    README, "Loader workers"), so workers get only the cores that torch's threads leave free."""
     cpus = len(os.sched_getaffinity(0)) // max(1, processes)
     if cuda:
         return max(1, min(8, cpus - 1))
@@ -299,7 +299,7 @@ def default_num_workers(cuda: bool, processes: int = 1) -> int:
 
 
 def resolve_num_workers(cfg: "TrainConfig", accelerator) -> int:
-    """``cfg.num_workers``, set to ``default_num_workers`` when it was not given; logged either way."""
+    """``cfg.num_workers``, set to ``default_num_workers`` (and logged) when it was not given."""
     if cfg.num_workers is None:
         cfg.num_workers = default_num_workers(accelerator.device.type == "cuda", accelerator.num_processes)
         log.info("--num-workers not given: %d DataLoader workers on %s", cfg.num_workers, accelerator.device)
