@@ -84,8 +84,8 @@ def native_bf16() -> str:
     """The CPU feature with which oneDNN runs bf16 matmuls natively, or "" where bf16 is emulated
     (and slower than fp32): "AMX" (Intel Sapphire Rapids and later), "AVX512_BF16" (AMD Zen 4,
     Intel Cooper Lake). Either ran B/32 about 2x faster than fp32 at a batch of posts (README)."""
-    for isa, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported")):
-        probe = getattr(torch.cpu, probe, None)  # private, so looked up defensively
+    for isa, name in (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported")):
+        probe = getattr(torch.cpu, name, None)  # private, so looked up defensively
         if probe and probe():
             return isa
     return ""
