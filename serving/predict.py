@@ -72,7 +72,8 @@ class PredictConfig:
                          help="who computes the CLIP embeddings, as the server's RUNTIME: bf16 is fast on CPUs "
                               "with AMX or AVX512_BF16; onnx needs `python -m models.export_onnx MODEL` first (CPU only)")
     max_reject_frac: float = field(0.2, help="exit 1 when more than this fraction of rows is rejected")
-    show: int = field(3, help="print the top and bottom N posts with their intervals and main contribution")
+    show: int = field(3, help="print the top and bottom N posts with their intervals and main contribution "
+                               "(each post once, ranked, when there are at most 2N)")
     progress: bool = field(True, help="show a progress bar (on a terminal)")
 
     def __post_init__(self):
@@ -219,13 +220,15 @@ def summarize(cfg: PredictConfig, out: Path, loaded, n_rows: int, rejects: list)
 
 
 def print_extremes(kept: list[dict], n: int) -> None:
-    """The top and bottom ``n`` posts by prediction, with their interval and main contribution."""
+    """The top and bottom ``n`` posts by prediction, with their interval and main contribution;
+    every post once, ranked, when there are no more than ``2 n`` (top and bottom would overlap)."""
     if not kept or n <= 0:
         return
     ranked = sorted(kept, key=lambda r: float(r["pred_engagement"]), reverse=True)
     contrib = [k for k in kept[0] if k.startswith("contrib_")]
     level = next((k[4:] for k in kept[0] if k.startswith("low_")), None)
-    for title, part in (("top", ranked[:n]), ("bottom", ranked[-n:])):
+    parts = (("top", ranked[:n]), ("bottom", ranked[-n:])) if len(ranked) > 2 * n else (("all", ranked),)
+    for title, part in parts:
         print(f"{title} {len(part)} posts by predicted engagement:")
         for r in part:
             iv = f", {float(level):.0%} interval {float(r[f'low_{level}']):,.0f}-{float(r[f'high_{level}']):,.0f}" \

@@ -108,6 +108,19 @@ def test_missing_feature_column_is_a_clear_error(model_dir, tmp_path):
         predict.main(["--model", str(model_dir), "--input", str(posts), "--out", str(tmp_path / "o.csv")])
 
 
+
+@pytest.mark.parametrize("rows, n, want", [(7, 2, ["top 2", 6, 5, "bottom 2", 1, 0]),
+                                           (3, 3, ["all 3", 2, 1, 0]), (4, 2, ["all 4", 3, 2, 1, 0])])
+def test_show_lists_each_post_once(capsys, rows, n, want):
+    """``--show N``: top and bottom N by prediction; a table of at most 2N rows, each row once, ranked."""
+    kept = [{"row": str(i), "pred_engagement": str(10.0 * i), "low_0.8": "1", "high_0.8": "2",
+             "contrib_image": str(i - 3.0), "contrib_caption": "0.5"} for i in range(rows)]
+    predict.print_extremes(kept, n)
+    lines = capsys.readouterr().out.splitlines()
+    got = [int(ln.split()[1].rstrip(":")) if ln.startswith("  row") else " ".join(ln.split()[:2]) for ln in lines]
+    assert got == want
+    assert "main driver image -3.00" in lines[-1] and "80% interval 1-2" in lines[-1]
+
 def _cli(nproc: int, model_dir: Path, table: Path, out: Path) -> None:
     """The script under torchrun with one thread per process: the thread count is the one thing
     that may change float results in the last digits, so both runs use the same."""
