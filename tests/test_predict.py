@@ -108,7 +108,6 @@ def test_missing_feature_column_is_a_clear_error(model_dir, tmp_path):
         predict.main(["--model", str(model_dir), "--input", str(posts), "--out", str(tmp_path / "o.csv")])
 
 
-
 @pytest.mark.parametrize("rows, n, want", [(7, 2, ["top 2", 6, 5, "bottom 2", 1, 0]),
                                            (3, 3, ["all 3", 2, 1, 0]), (4, 2, ["all 4", 3, 2, 1, 0])])
 def test_show_lists_each_post_once(capsys, rows, n, want):
