@@ -470,6 +470,34 @@ def test_pre_resized_images_skip_only_an_identity_resize(tiny_clip, at_edge):
     assert torch.equal(batcher(posts)["pixel_values"], resized)
 
 
+
+@pytest.mark.parametrize("modes", [("RGB",), ("RGB", "RGBA"), ("RGB", "L"), ("RGB", "P")])
+def test_crop_only_batches_equal_the_processors_pixels(tiny_clip, modes, monkeypatch):
+    """RGB posts at the shortest edge (records, served posts) are only cropped, by PostBatcher
+    itself, to the processor's own pixels, odd margins included; any other mode in the batch
+    goes through the processor, which converts it."""
+    from PIL import Image
+    from transformers import CLIPProcessor
+
+    from data_preprocessing.posts import Post
+    from models.clip_regressor import PostBatcher
+
+    processor = CLIPProcessor.from_pretrained(tiny_clip)
+    edge = processor.image_processor.size.shortest_edge
+    rng = np.random.default_rng(0)
+    shapes = [(edge, edge + 3), (edge + 5, edge), (edge, edge), (edge, edge * 5 // 4)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
+    images[1:len(modes)] = [im.convert(m) for im, m in zip(images[1:], modes[1:])]
+    expected = processor.image_processor(images=images, do_rescale=False, do_normalize=False,
+                                         return_tensors="pt")["pixel_values"].to(torch.uint8)
+    batcher = PostBatcher(processor, 77)
+    assert batcher.only_crops(images) is (modes == ("RGB",))
+    if modes == ("RGB",):  # the processor is not called at all
+        monkeypatch.setattr(type(processor.image_processor), "__call__", lambda *a, **k: 1 / 0)
+    got = batcher([Post(im, "a caption", 0.0, {}) for im in images])["pixel_values"]
+    assert got.dtype == torch.uint8 and got.is_contiguous()
+    assert torch.equal(got, expected)
+
 def test_optional_number_flags_parse_as_numbers():
     """``float | None`` fields (e.g. --finetune-head-lr) take a number from the command line,
     not the string that __post_init__ then fails to compare."""
