@@ -470,7 +470,6 @@ def test_pre_resized_images_skip_only_an_identity_resize(tiny_clip, at_edge):
     assert torch.equal(batcher(posts)["pixel_values"], resized)
 
 
-
 @pytest.mark.parametrize("modes", [("RGB",), ("RGB", "RGBA"), ("RGB", "L"), ("RGB", "P")])
 def test_crop_only_batches_equal_the_processors_pixels(tiny_clip, modes, monkeypatch):
     """RGB posts at the shortest edge (records, served posts) are only cropped, by PostBatcher
@@ -497,6 +496,7 @@ def test_crop_only_batches_equal_the_processors_pixels(tiny_clip, modes, monkeyp
     got = batcher([Post(im, "a caption", 0.0, {}) for im in images])["pixel_values"]
     assert got.dtype == torch.uint8 and got.is_contiguous()
     assert torch.equal(got, expected)
+
 
 def test_optional_number_flags_parse_as_numbers():
     """``float | None`` fields (e.g. --finetune-head-lr) take a number from the command line,
