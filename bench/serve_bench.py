@@ -2,8 +2,8 @@
 
 serving/predict.py at its defaults on tables of N and 2N rows (posts/s = N / (seconds at 2N - seconds at N)) against
 the raw forward on those posts batched by predict's own ``TableRows`` and ``Batches`` (goal >= 0.9). The raw forward
-(``LoadedModel.explain_batch``) at batch 1 and 16, each variant in a fresh process: per RUNTIME on the main thread,
-and torch on a worker thread (libgomp gives each thread its own OpenMP team; with more teams than CPUs each parallel
+(``LoadedModel.explain_batch``) at batch 1 and 16, each variant in a fresh process: per RUNTIME on the main thread
+(int8 too, which only this table measures), and torch on a worker thread (libgomp gives each thread its own OpenMP team; with more teams than CPUs each parallel
 region pays a futex wake). Then ``serving.launch.run_server`` per RUNTIME (torch, onnx, and auto, which picks per batch
 size) driven by ``hey`` (one multipart POST /predict of a 640x480 JPEG per request), levels interleaved across servers
 up to MAX_QUEUE (so no 503); last, overload.
@@ -45,7 +45,8 @@ QUIET = ("--log-level", "warning", "--no-access-log")  # an access log line per 
 RUNTIMES = ("torch", "onnx", "auto")  # one server each; auto picks per batch size (models/runtime.py)
 SERVER_ENV = {"MICRO_BATCHING": 1, "MAX_BATCH_SIZE": 16, "MAX_WAIT_MS": 5.0}
 PROBES = {"main": ("torch", "main thread"), "worker": ("torch", "worker thread doing all torch work"),
-          "onnx": ("onnx", "main thread"), "auto": ("auto", "main thread")}  # name -> (RUNTIME, thread)
+          "onnx": ("onnx", "main thread"), "int8": ("int8", "main thread"),
+          "auto": ("auto", "main thread")}  # name -> (RUNTIME, thread); int8: its forward only, no server
 
 
 @dataclass
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not shutil.which("hey"):
         raise SystemExit("error: hey is not on PATH: apt-get install hey (make bench does)")
     model_dir = artifact(cfg.out_dir, cfg.preset)
-    export_onnx.main([str(model_dir)])  # RUNTIME=onnx serves MODEL_DIR/onnx/
+    export_onnx.main([str(model_dir), "--quantize", "int8"])  # RUNTIME=onnx and int8 serve MODEL_DIR/onnx/
 
     # 2. The table scorer and the model alone (one probe at a time) while no server competes for the cores.
     scorer = {p: table_scorer(cfg, p) for p in cfg.tables}

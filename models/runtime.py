@@ -9,6 +9,9 @@ contributions run on the (B, D) embeddings and stay in torch, fp32, either way (
   the matmuls run natively in bf16 (CPUs with AMX or AVX512_BF16, GPUs), slower than fp32 elsewhere.
 - ``onnx``: an ``onnxruntime.InferenceSession`` on ``MODEL_DIR/onnx/embed.onnx``, written by
   ``python -m models.export_onnx MODEL_DIR``; CPU only.
+- ``int8``: the same on ``embed.int8.onnx``, its dynamic int8 quantisation, written next to it
+  by ``--quantize int8``. It moves single predictions far more than bf16 does (README), so
+  only a user who asks for it gets it: ``auto`` never picks it.
 - ``auto``: every candidate this machine can run well (torch; onnx with a usable export; bf16
   where ``native_bf16()``), timed on warm-up batches of 1 and 16 posts; each batch then goes to
   the one that was fastest at the nearer timed size (on log scale: up to 4 posts, the batch-1
@@ -31,14 +34,16 @@ import torch
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "bf16", "onnx", "auto")
+RUNTIMES = ("torch", "bf16", "onnx", "int8", "auto")
 ONNX_SUBDIR = "onnx"  # inside the model artifact
 EMBED_FILE = "embed.onnx"  # uint8 pixels + input_ids + attention_mask -> img, txt
+INT8_FILE = "embed.int8.onnx"  # embed.onnx with int8 weights (export --quantize int8)
 HEAD_FILE = "head.onnx"  # img, txt, sentiment, features -> model-scale score (torch-free deploys)
 EXPORT_CONFIG = "export.json"
 EMBED_INPUTS = ("pixel_values", "input_ids", "attention_mask")
 EMBED_OUTPUTS = ("img", "txt")
 EXPORT_COMMAND = "python -m models.export_onnx {model_dir}"
+INT8_COMMAND = EXPORT_COMMAND + " --quantize int8"
 TIMED_BATCH_SIZES = (1, 16)  # auto: the server's lone request and a full micro-batch
 SAMPLE_CAPTIONS = ("Golden hour at the beach with friends, best weekend of the summer! travel sunset friends",
                    "new shoes", "Morning coffee and a good book before work. What are you reading this week?")
@@ -92,11 +97,11 @@ def native_bf16() -> str:
 
 
 class OnnxEmbedder:
-    """An ONNX Runtime CPU session on the exported embedding graph."""
+    """An ONNX Runtime CPU session on the exported embedding graph (``name`` "int8" on its
+    quantisation)."""
 
-    name = "onnx"
-
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, name: str = "onnx"):
+        self.name = name
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -121,10 +126,10 @@ class OnnxEmbedder:
 class RuntimeInfo:
     """Which runtime computes the embeddings, and why (``LoadedModel.runtime``, /metadata)."""
 
-    name: str  # the one in use: "torch", "bf16", "onnx", or auto's picks joined, e.g. "onnx+bf16"
-    requested: str  # "torch", "bf16", "onnx" or "auto"
+    name: str  # the one in use: "torch", "bf16", "onnx", "int8", or auto's picks joined, e.g. "onnx+bf16"
+    requested: str  # one of RUNTIMES
     reason: str
-    export: dict | None = None  # the export's export.json, when the ONNX session is in use
+    export: dict | None = None  # the export's export.json, when an ONNX session is in use
     # auto only: runtime -> {batch size: ms per post}, from the warm-up timing
     ms_per_post: dict[str, dict[str, float]] = field(default_factory=dict)
     by_batch_size: dict[str, str] = field(default_factory=dict)  # auto only: timed batch size -> runtime
@@ -134,13 +139,14 @@ def export_dir(model_dir: str | Path) -> Path:
     return Path(model_dir) / ONNX_SUBDIR
 
 
-def read_export(model_dir: str | Path, version: str) -> tuple[dict | None, str]:
-    """(export.json, "") when ``model_dir`` has an export made from this artifact ``version``,
-    else (None, why not): missing, or stale (the artifact changed after the export)."""
+def read_export(model_dir: str | Path, version: str, file: str = EMBED_FILE) -> tuple[dict | None, str]:
+    """(export.json, "") when ``model_dir`` has an export made from this artifact ``version``
+    with ``file`` in it, else (None, why not): missing, or stale (the artifact changed after
+    the export)."""
     cfg_path = export_dir(model_dir) / EXPORT_CONFIG
-    command = EXPORT_COMMAND.format(model_dir=model_dir)
-    if not cfg_path.is_file() or not (export_dir(model_dir) / EMBED_FILE).is_file():
-        return None, f"{model_dir} has no ONNX export ({ONNX_SUBDIR}/{EMBED_FILE}); run: {command}"
+    command = (INT8_COMMAND if file == INT8_FILE else EXPORT_COMMAND).format(model_dir=model_dir)
+    if not cfg_path.is_file() or not (export_dir(model_dir) / file).is_file():
+        return None, f"{model_dir} has no ONNX export ({ONNX_SUBDIR}/{file}); run: {command}"
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("source_version") != version:
         return None, (f"the ONNX export in {export_dir(model_dir)} was made from artifact version "
@@ -152,8 +158,8 @@ def choose_embedder(model, model_dir: str | Path, version: str, runtime: str, de
                     batcher) -> tuple[Embedder, RuntimeInfo]:
     """The embedder ``load_model(..., runtime=)`` asked for, and the record of the choice.
 
-    ``runtime="onnx"`` without a usable export raises FileNotFoundError naming the command
-    to run; ``"auto"`` leaves onnx out then, and says so in the reason.
+    ``runtime="onnx"`` (or ``"int8"``) without a usable export raises FileNotFoundError naming
+    the command to run; ``"auto"`` leaves onnx out then, and says so in the reason.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
@@ -166,15 +172,17 @@ def choose_embedder(model, model_dir: str | Path, version: str, runtime: str, de
         return Bf16Embedder(model), RuntimeInfo("bf16", runtime, "requested (runtime=bf16)" + (
             "; this CPU has neither AMX nor AVX512_BF16: bf16 is emulated, likely slower than runtime=torch"
             if slow else ""))
-    export, why_not = read_export(model_dir, version)
-    if runtime == "onnx":
+    if runtime in ("onnx", "int8"):
         if not on_cpu:
-            raise ValueError(f"runtime='onnx' runs on the CPU (ONNX Runtime's CPU provider), not on {device}; "
+            raise ValueError(f"runtime={runtime!r} runs on the CPU (ONNX Runtime's CPU provider), not on {device}; "
                              "use runtime='torch' there")
+        file = INT8_FILE if runtime == "int8" else EMBED_FILE
+        export, why_not = read_export(model_dir, version, file)
         if export is None:
             raise FileNotFoundError(why_not)
-        return OnnxEmbedder(export_dir(model_dir) / EMBED_FILE), RuntimeInfo("onnx", runtime,
-                                                                             "requested (runtime=onnx)", export)
+        return (OnnxEmbedder(export_dir(model_dir) / file, name=runtime),
+                RuntimeInfo(runtime, runtime, f"requested (runtime={runtime})", export))
+    export, why_not = read_export(model_dir, version)
     if not on_cpu:
         return eager, RuntimeInfo("torch", runtime, f"auto: on {device} torch runs the model (ONNX here is CPU only)")
     candidates, notes = [eager], []

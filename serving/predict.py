@@ -70,7 +70,8 @@ class PredictConfig:
     num_workers: int = field(1, help="DataLoader workers that decode and prepare posts")
     runtime: str = field("torch", choices=RUNTIMES,
                          help="who computes the CLIP embeddings, as the server's RUNTIME: bf16 is fast on CPUs "
-                              "with AMX or AVX512_BF16; onnx needs `python -m models.export_onnx MODEL` first (CPU only)")
+                              "with AMX or AVX512_BF16; onnx needs `python -m models.export_onnx MODEL` first (CPU only); "
+                              "int8 needs it with `--quantize int8` and moves scores more (README)")
     max_reject_frac: float = field(0.2, help="exit 1 when more than this fraction of rows is rejected")
     show: int = field(3, help="print the top and bottom N posts with their intervals and main contribution "
                                "(each post once, ranked, when there are at most 2N)")

@@ -52,11 +52,12 @@ class ServingSettings(BaseSettings):
         True, description="group concurrent requests into micro-batches; 0 runs each post alone (benchmarks)")
     torch_threads: int | None = Field(
         None, ge=1, description="torch.set_num_threads for inference; unset keeps torch's default")
-    runtime: Literal["torch", "bf16", "onnx", "auto"] = Field(
+    runtime: Literal["torch", "bf16", "onnx", "int8", "auto"] = Field(
         "torch", description="who computes the CLIP embeddings: torch (eager fp32), bf16 (torch bf16 autocast: fast "
                              "on CPUs with AMX or AVX512_BF16), onnx (ONNX Runtime on the CPU, needs `python -m models.export_onnx "
-                             "MODEL_DIR` first), or auto (times what this machine can run at startup and keeps the "
-                             "fastest per batch size); /metadata says which and why")
+                             "MODEL_DIR` first), int8 (ONNX Runtime on the int8 export, `--quantize int8`; moves single "
+                             "predictions more, see README), or auto (times torch, onnx and bf16 at startup and keeps the "
+                             "fastest per batch size; never int8); /metadata says which and why")
 
     def limits(self) -> dict:
         """The settings as plain JSON values (for /metadata), model_dir as a string."""

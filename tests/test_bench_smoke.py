@@ -116,7 +116,7 @@ def test_runtime_rows_come_from_servers_that_say_what_they_run(smoke):
     reported = {k: d["reported_runtime"] for k, d in s["servers"].items()}
     assert (reported["torch"], reported["onnx"]) == ("torch", "onnx")
     assert set(reported["auto"].split("+")) <= {"torch", "onnx", "bf16"}  # auto's picks, per batch size
-    assert [s["forward"][k]["runtime"] for k in ("main", "worker", "onnx")] == ["torch", "torch", "onnx"]
+    assert [s["forward"][k]["runtime"] for k in ("main", "worker", "onnx", "int8")] == ["torch", "torch", "onnx", "int8"]
 
 
 def test_goal_figures_are_the_ratios_of_the_measurements(smoke):
@@ -150,7 +150,7 @@ def test_goal_figures_are_the_ratios_of_the_measurements(smoke):
 def test_each_thread_variant_ran_in_its_own_process(smoke):
     _, r, _ = smoke
     fwd = r["serving"]["forward"]
-    assert [len(fwd[k]["b1_ms_values"]) for k in ("main", "worker", "onnx", "auto")] == [1, 1, 1, 1]
+    assert [len(fwd[k]["b1_ms_values"]) for k in ("main", "worker", "onnx", "int8", "auto")] == [1] * 5
     assert fwd["worker"]["os_threads"] > fwd["main"]["os_threads"]  # the worker is one more OS thread
 
 

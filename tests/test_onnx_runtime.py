@@ -4,7 +4,9 @@ One export of the tiny featured artifact (a copy, so the shared fixture stays to
 serves every test here. fp32 ONNX agrees with eager torch to ~3e-7 on these models; the
 bounds below leave a margin of ~30x and stay far under the 1e-3 a user would notice. bf16
 rounds every matmul input to 8 significant bits: on this artifact scores move by up to 4.9e-3
-on the model scale (score std 0.17), so its bound is 2e-2 (README: "A faster CPU runtime").
+on the model scale (score std 0.17), so its bound is 2e-2 (README: "Faster CPU runtimes").
+int8 rounds weights and activations to 256 levels per tensor: it moves scores several times
+more, so its bound, INT8, is about 5x the largest difference measured.
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ from tests.test_serving_uvicorn import running_server
 
 TIGHT = 1e-5  # fp32 ONNX vs eager torch, model scale (measured ~3e-7)
 BF16 = 2e-2  # bf16 autocast vs eager torch, model scale (measured 4.9e-3)
+# int8 ONNX vs eager torch, model scale. Measured on 2 AVX2 cores: scores 9.9e-3, contributions
+# 1.8e-2, the export's own check 1.6e-2.
+INT8 = 0.1
 
 
 @pytest.fixture(scope="module")
 def exported(featured_model_dir, tmp_path_factory):
-    """A copy of the featured artifact with its ONNX export, made by the command users run."""
+    """A copy of the featured artifact with its ONNX export, fp32 and int8, made by the command users run."""
     model_dir = tmp_path_factory.mktemp("onnx") / "model"
     shutil.copytree(featured_model_dir, model_dir)
-    export_onnx.main([str(model_dir)])
+    export_onnx.main([str(model_dir), "--quantize", "int8"])
     return model_dir
 
 
@@ -56,13 +61,17 @@ def batch(models):
 def test_export_writes_its_config(exported):
     cfg = json.loads((exported / "onnx" / "export.json").read_text())
     assert cfg["source_version"] == artifact_version(exported)
-    assert cfg["opset"] == 18 and cfg["quantize"] is None
+    assert cfg["opset"] == 18 and cfg["quantize"] == "int8"
     assert cfg["embed"]["dynamic_axes"]["input_ids"] == {"0": "batch", "1": "seq"}
     assert cfg["versions"]["torch"] == torch.__version__
     assert max(v for k, v in cfg["check_max_abs_diff"].items() if k != "posts") < TIGHT
+    int8 = cfg["int8"]["check_max_abs_diff"]
+    assert cfg["int8"]["file"] == runtime.INT8_FILE and (exported / "onnx" / runtime.INT8_FILE).is_file()
+    assert TIGHT < int8["score"] < INT8 and int8["head_score"] < TIGHT  # the head stays fp32
 
 
 def test_onnx_predictions_match_torch(models, batch):
+    """runtime=onnx runs the fp32 graph even when the export also holds the int8 one."""
     eager, onnx = models
     assert (onnx.runtime.name, onnx.runtime.requested) == ("onnx", "onnx")
     assert isinstance(onnx.embedder, runtime.OnnxEmbedder)
@@ -135,10 +144,33 @@ def test_bf16_predictions_match_torch_within_its_bound(models, batch):
     assert torch.allclose(a.contributions, b.contributions, atol=BF16, rtol=0)
 
 
+def test_int8_predictions_match_torch_within_its_bound(models, batch):
+    eager, onnx = models
+    int8 = load_model(eager.path, runtime="int8")
+    assert (int8.runtime.name, int8.runtime.requested, int8.embedder.name) == ("int8", "int8", "int8")
+    assert int8.embedder.path.name == runtime.INT8_FILE and int8.runtime.export["int8"]["file"] == runtime.INT8_FILE
+    a, b = eager.explain_batch(batch), int8.explain_batch(batch)
+    assert a.score.std() > 0.01
+    assert not torch.allclose(a.score, b.score, atol=TIGHT, rtol=0)  # int8 really ran: fp32 ONNX would agree
+    assert torch.allclose(a.score, b.score, atol=INT8, rtol=0)
+    assert torch.allclose(a.contributions, b.contributions, atol=INT8, rtol=0)
+
+
+def test_int8_without_its_export_says_what_to_run(exported, tmp_path):
+    fp32_only = tmp_path / "model"
+    shutil.copytree(exported, fp32_only)
+    (fp32_only / "onnx" / runtime.INT8_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=r"no ONNX export \(onnx/embed\.int8\.onnx\); run: "
+                                                r"python -m models\.export_onnx .* --quantize int8$"):
+        load_model(fp32_only, runtime="int8")
+    assert load_model(fp32_only, runtime="onnx").runtime.name == "onnx"
+
+
 def test_auto_times_every_candidate_and_routes_each_batch_size_to_its_fastest(exported, batch):
     auto = load_model(exported, runtime="auto")
     info = auto.runtime
     assert info.requested == "auto"
+    # The export holds embed.int8.onnx too: auto leaves it to users who ask for it.
     assert set(info.ms_per_post) == {"torch", "onnx"} | ({"bf16"} if runtime.native_bf16() else set())
     assert all(set(ms) == {"1", "16"} and min(ms.values()) > 0 for ms in info.ms_per_post.values())
     for n, name in info.by_batch_size.items():
@@ -194,21 +226,39 @@ def test_auto_leaves_bf16_out_without_native_bf16(exported, monkeypatch):
     assert "bf16 is emulated" in load_model(exported, runtime="bf16").runtime.reason
 
 
-def test_server_with_runtime_onnx_answers_as_torch_does(exported, tmp_path_factory):
-    data = {"text": "Sunset at the beach! #travel", "followers": "1200", "platform": "x"}
-    files = {"image": ("photo.jpg", jpeg_bytes(seed=5), "image/jpeg")}
-    with serving_client(exported) as client:
-        expected = client.post("/predict", files=files, data=data).json()
+POST = {"data": {"text": "Sunset at the beach! #travel", "followers": "1200", "platform": "x"},
+        "files": {"image": ("photo.jpg", jpeg_bytes(seed=5), "image/jpeg")}}
+
+
+def torch_answer(model_dir) -> dict:
+    with serving_client(model_dir) as client:
         assert client.get("/metadata").json()["model"]["runtime"]["name"] == "torch"
-    with running_server(exported, tmp_path_factory, RUNTIME="onnx") as (base, _, _):
-        got = httpx.post(f"{base}/predict", files=files, data=data, timeout=30).json()
-        meta = httpx.get(f"{base}/metadata", timeout=10).json()
+        return client.post("/predict", **POST).json()
+
+
+def served(model_dir, tmp_path_factory, runtime_name) -> tuple[dict, dict]:
+    """(/predict answer to POST, /metadata) from a uvicorn server started with RUNTIME=runtime_name."""
+    with running_server(model_dir, tmp_path_factory, RUNTIME=runtime_name) as (base, _, _):
+        return httpx.post(f"{base}/predict", **POST, timeout=30).json(), httpx.get(f"{base}/metadata", timeout=10).json()
+
+
+def test_server_with_runtime_onnx_answers_as_torch_does(exported, tmp_path_factory):
+    expected = torch_answer(exported)
+    got, meta = served(exported, tmp_path_factory, "onnx")
     assert got["score"] == pytest.approx(expected["score"], abs=1e-3)
     assert got["score"] == pytest.approx(expected["score"], abs=TIGHT)
     for group, value in expected["contributions"].items():
         assert got["contributions"][group] == pytest.approx(value, abs=TIGHT)
     assert meta["model"]["runtime"]["name"] == "onnx" and meta["settings"]["runtime"] == "onnx"
     assert meta["model"]["runtime"]["export"]["source_version"] == got["model"]["version"]
+
+
+def test_server_with_runtime_int8_says_so_and_stays_within_its_bound(exported, tmp_path_factory):
+    expected = torch_answer(exported)
+    got, meta = served(exported, tmp_path_factory, "int8")
+    assert meta["model"]["runtime"]["name"] == "int8" and meta["settings"]["runtime"] == "int8"
+    assert got["score"] != pytest.approx(expected["score"], abs=TIGHT)  # the int8 graph ran
+    assert got["score"] == pytest.approx(expected["score"], abs=INT8)
 
 
 def test_table_scorer_with_runtime_onnx_writes_torch_s_predictions(exported, tmp_path, monkeypatch):
