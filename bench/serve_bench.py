@@ -3,10 +3,10 @@
 serving/predict.py at its defaults on tables of N and 2N rows (posts/s = N / (seconds at 2N - seconds at N)) against
 the raw forward on those posts batched by predict's own ``TableRows`` and ``Batches`` (goal >= 0.9). The raw forward
 (``LoadedModel.explain_batch``) at batch 1 and 16, each variant in a fresh process: per RUNTIME on the main thread
-(int8 too, which only this table measures), and torch on a worker thread (libgomp gives each thread its own OpenMP team; with more teams than CPUs each parallel
-region pays a futex wake). Then ``serving.launch.run_server`` per RUNTIME (torch, onnx, and auto, which picks per batch
-size) driven by ``hey`` (one multipart POST /predict of a 640x480 JPEG per request), levels interleaved across servers
-up to MAX_QUEUE (so no 503); last, overload.
+(int8 too, which only this table measures), and torch on a worker thread (libgomp gives each thread its own OpenMP
+team; with more teams than CPUs each parallel region pays a futex wake). Then ``serving.launch.run_server`` per
+RUNTIME (torch, onnx, and auto, which picks per batch size) driven by ``hey`` (one multipart POST /predict of a
+640x480 JPEG per request), levels interleaved across servers up to MAX_QUEUE (so no 503); last, overload.
 """
 
 from __future__ import annotations

@@ -101,8 +101,9 @@ class OnnxEmbedder:
     quantisation)."""
 
     def __init__(self, path: str | Path, threads: int | None = None, name: str = "onnx"):
-        self.name = name
         import onnxruntime as ort
+
+        self.name = name
 
         opts = ort.SessionOptions()
         # The server runs one inference at a time (one inference thread), so all the threads
@@ -151,6 +152,9 @@ def read_export(model_dir: str | Path, version: str, file: str = EMBED_FILE) -> 
     if cfg.get("source_version") != version:
         return None, (f"the ONNX export in {export_dir(model_dir)} was made from artifact version "
                       f"{cfg.get('source_version')!r}, not this one ({version!r}); re-run: {command}")
+    if cfg.get("quantize") and "int8" not in cfg:  # the older layout, where embed.onnx itself was int8
+        return None, (f"the ONNX export in {export_dir(model_dir)} has an int8 {EMBED_FILE} (an older "
+                      f"--quantize int8, before {INT8_FILE}); re-run: {command}")
     return cfg, ""
 
 

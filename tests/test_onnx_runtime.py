@@ -133,6 +133,17 @@ def test_a_stale_export_is_refused(exported, tmp_path):
     assert "onnx" not in load_model(stale, runtime="auto").runtime.name
 
 
+def test_an_export_whose_embed_onnx_is_int8_is_refused(exported, tmp_path):
+    """Before embed.int8.onnx, --quantize int8 overwrote embed.onnx: runtime=onnx must not run that as fp32."""
+    old = tmp_path / "model"
+    shutil.copytree(exported, old)
+    cfg = json.loads((old / "onnx" / "export.json").read_text())
+    (old / "onnx" / "export.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "int8"}))
+    with pytest.raises(FileNotFoundError, match=r"has an int8 embed\.onnx .*; re-run: python -m models\.export_onnx"):
+        load_model(old, runtime="onnx")
+    assert "onnx" not in load_model(old, runtime="auto").runtime.name
+
+
 def test_bf16_predictions_match_torch_within_its_bound(models, batch):
     eager = models[0]
     bf16 = load_model(eager.path, runtime="bf16")
