@@ -156,7 +156,7 @@ def test_bf16_predictions_match_torch_within_its_bound(models, batch):
 
 
 def test_int8_predictions_match_torch_within_its_bound(models, batch):
-    eager, onnx = models
+    eager = models[0]
     int8 = load_model(eager.path, runtime="int8")
     assert (int8.runtime.name, int8.runtime.requested, int8.embedder.name) == ("int8", "int8", "int8")
     assert int8.embedder.path.name == runtime.INT8_FILE and int8.runtime.export["int8"]["file"] == runtime.INT8_FILE
