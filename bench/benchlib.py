@@ -95,6 +95,33 @@ def repeat_interleaved(variants: dict[str, Callable[[], float]], repeats: int, d
     return {k: summarize(v, digits) for k, v in out.items()}
 
 
+def matmul_tflops(n: int, device: str = "cpu", dtype=None, iters: int = 10, repeats: int = 5) -> float:
+    """TFLOP/s of an n x n x n matmul on ``device`` (fp32 unless ``dtype``), best of ``repeats``: the
+    realistic peak that a model's matmuls are measured against."""
+    import torch
+
+    a, b = (torch.randn(n, n, device=device, dtype=dtype or torch.float32) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first round warms up (and is then beaten)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return round(2 * n**3 * iters / best / 1e12, 4)
+
+
+def counted_flops(fn: Callable[[], object]) -> float:
+    """The FLOPs torch's ``FlopCounterMode`` counts in ``fn()``: matmuls and convolutions (not CPU attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def write_result(name: str, payload: dict, cfg, t_start: float, doc: str) -> Path:
     """``cfg.out_dir/{name}.json``: the payload, the machine, config, smoke flag, wall time and ``about``, the
     script's docstring past its title as one Markdown paragraph (its BENCHMARKS.md section's text)."""

@@ -21,8 +21,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import OUT_DIR, BenchConfig, Phase2, clip_checkpoint, demo_records, goal, ratio, start, summarize, \
-    table, write_result
+from bench.benchlib import OUT_DIR, BenchConfig, Phase2, clip_checkpoint, counted_flops, demo_records, goal, \
+    matmul_tflops, ratio, start, summarize, table, write_result
 from common.config import field
 
 log = logging.getLogger(__name__)
@@ -51,33 +51,13 @@ class GpuTrainConfig(BenchConfig):
             raise ValueError("sizes and counts must be >= 1")
 
 
-def matmul_tflops(n: int, iters: int = 20) -> float | None:
-    """Achieved bf16 TFLOP/s of an n x n x n matmul on the GPU (its realistic peak); None on CPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return round(2 * n**3 * iters / (start.elapsed_time(end) / 1000) / 1e12, 1)
-
-
 def train_flops_per_sample(p2, batch: dict) -> float:
     """Training FLOPs (forward + backward, no optimizer step) of one batch, per sample."""
     import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        p2.accelerator.backward(F.mse_loss(p2.step(batch).float(), batch["target"]))
+    flops = counted_flops(lambda: p2.accelerator.backward(F.mse_loss(p2.step(batch).float(), batch["target"])))
     p2.optimizer.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / len(batch["target"])
+    return flops / len(batch["target"])
 
 
 def measure(cfg: GpuTrainConfig, p2, loader) -> dict:
@@ -106,7 +86,7 @@ def figures(cfg: GpuTrainConfig, p2, sps: dict, batch: dict) -> dict:
     cuda = torch.cuda.is_available()
     med = {k: v["median"] for k, v in sps.items()}
     flops = train_flops_per_sample(p2, batch)  # a real batch: dynamic padding, as training pads
-    peak = matmul_tflops(cfg.matmul_size)
+    peak = round(matmul_tflops(cfg.matmul_size, "cuda", torch.bfloat16, iters=20), 1) if cuda else None
     mfu = lambda s, tflops: round(s * flops / (tflops * 1e12), 4) if tflops else None  # noqa: E731
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     return {

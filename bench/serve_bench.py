@@ -4,7 +4,8 @@ serving/predict.py at its defaults on tables of N and 2N rows (posts/s = N / (se
 the raw forward on those posts batched by predict's own ``TableRows`` and ``Batches`` (goal >= 0.9). The raw forward
 (``LoadedModel.explain_batch``) at batch 1 and 16, each variant in a fresh process: per RUNTIME on the main thread
 (int8 too, which only this table measures), and torch on a worker thread (libgomp gives each thread its own OpenMP
-team; with more teams than CPUs each parallel region pays a futex wake). Then ``serving.launch.run_server`` per
+team; with more teams than CPUs each parallel region pays a futex wake). Torch's batch-16 FLOPs at the CPU's
+measured fp32 matmul peak bound what any fp32 runtime can gain. Then ``serving.launch.run_server`` per
 RUNTIME (torch, onnx, and auto, which picks per batch size) driven by ``hey`` (one multipart POST /predict of a
 640x480 JPEG per request), levels interleaved across servers up to MAX_QUEUE (so no 503); last, overload.
 """
@@ -32,8 +33,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import BenchConfig, artifact, goal, photo_table, ratio, repeat_interleaved, start, \
-    table, work_dir, write_result
+from bench.benchlib import BenchConfig, artifact, counted_flops, goal, matmul_tflops, photo_table, ratio, \
+    repeat_interleaved, start, table, work_dir, write_result
 from common.config import field
 from models import export_onnx
 from serving.launch import run_server
@@ -47,6 +48,7 @@ SERVER_ENV = {"MICRO_BATCHING": 1, "MAX_BATCH_SIZE": 16, "MAX_WAIT_MS": 5.0}
 PROBES = {"main": ("torch", "main thread"), "worker": ("torch", "worker thread doing all torch work"),
           "onnx": ("onnx", "main thread"), "int8": ("int8", "main thread"),
           "auto": ("auto", "main thread")}  # name -> (RUNTIME, thread); int8: its forward only, no server
+MATMUL_SIZE = 2048  # the square fp32 matmul whose best GFLOP/s is this CPU's peak (large enough to reach it)
 
 
 @dataclass
@@ -147,11 +149,16 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
         b1 = prepare(lm)
         b16 = {k: torch.cat([v] * 16) for k, v in b1.items()}
         b1_ms, b16_ms = ms(lambda: lm.explain_batch(b1), repeats), ms(lambda: lm.explain_batch(b16), max(1, repeats // 8))
-        return {"b1_ms": statistics.median(b1_ms), "b1_ms_values": b1_ms,
-                "b16_per_post_ms": round(statistics.median(b16_ms) / 16, 2),
-                "prepare_ms": statistics.median(ms(lambda: prepare(lm), repeats)),
-                "os_threads": len(os.listdir("/proc/self/task")), "torch_threads": torch.get_num_threads(),
-                "runtime": lm.runtime.name}
+        out = {"b1_ms": statistics.median(b1_ms), "b1_ms_values": b1_ms,
+               "b16_per_post_ms": round(statistics.median(b16_ms) / 16, 2),
+               "prepare_ms": statistics.median(ms(lambda: prepare(lm), repeats)),
+               "os_threads": len(os.listdir("/proc/self/task")), "torch_threads": torch.get_num_threads(),
+               "runtime": lm.runtime.name}
+        if name == "main":  # the fp32 ceiling of the batch-16 forward: its FLOPs at this CPU's matmul peak
+            out.update(gflop_per_post=round(counted_flops(lambda: lm.explain_batch(b16)) / 16e9, 3),
+                       text_tokens=int(b16["input_ids"].shape[1]),
+                       fp32_matmul_gflops=round(matmul_tflops(MATMUL_SIZE) * 1000, 1))
+        return out
 
     if name != "worker":
         return measure(load())
@@ -233,16 +240,25 @@ def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict) -> li
     b1 = {PROBES[k][0]: f["b1_ms"] for k, f in fwd.items() if k != "worker"}  # runtime -> main thread
     errors = sum(s["errors"] for d in servers.values() for s in d["levels"].values())
     rps = {r: ratio(lv(r, hi, "rps"), lv("torch", hi, "rps")) for r in ("onnx", "auto")}
+    most = fp32_ceiling(fwd["main"])["most_gain"]
     return [
         *[goal(f"serving overhead, RUNTIME={r}: p50 at concurrency {lo} / its raw forward at batch 1",
                ratio(lv(r, lo, "p50_ms"), b1[r]), "<=", 1.3, "x") for r in RUNTIMES],
         goal(f"throughput at concurrency {hi}, RUNTIME=auto ({servers['auto']['reported_runtime']}) / torch",
-             rps["auto"], ">=", 1.5, "x", f"onnx / torch: {rps['onnx']}x"),
+             rps["auto"], ">=", 1.5, "x", f"onnx / torch: {rps['onnx']}x; the most an fp32 runtime can gain here: {most}x"),
         goal("raw forward at batch 1, worker thread doing all torch work / main thread",
              ratio(fwd["worker"]["b1_ms"], fwd["main"]["b1_ms"]), "<=", 1.1, "x"),
         goal("errors at nominal load (all levels, every runtime)", errors, "==", 0, "requests"),
         goal("non-503 failures under overload", overload["non_503_failures"], "==", 0, "requests",
              f"{overload['status'].get('503', 0)} of {overload['requests']} answered 503")]
+
+
+def fp32_ceiling(main: dict) -> dict:
+    """Torch's batch-16 forward against this CPU's fp32 matmul peak: GFLOP/s achieved, its share of the
+    peak, and so the most any runtime that keeps fp32 arithmetic can gain over it per post."""
+    achieved = round(main["gflop_per_post"] / main["b16_per_post_ms"] * 1000, 1)
+    return {"achieved_gflops": achieved, "share": ratio(achieved, main["fp32_matmul_gflops"]),
+            "most_gain": ratio(main["fp32_matmul_gflops"], achieved, 2)}
 
 
 def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, scorer: dict) -> list[dict]:
@@ -256,8 +272,17 @@ def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, scor
     scored = [[p, t["batch_size"], t["num_workers"], t["torch_threads"], f"{t['rows']} → {2 * t['rows']}",
                t["posts_per_s"]["predict"]["median"], t["posts_per_s"]["forward"]["median"], t["goal"]["measured"]]
               for p, t in scorer.items()]
+    ceil = fp32_ceiling(main)
     return [table(["runtime", "thread", "forward at batch 1, ms", "per post at batch 16, ms", "prepare, ms",
                    "batch 1 / main thread", "OS threads"], model, f"torch threads {main['torch_threads']}."),
+            table(["torch's forward at batch 16 (fp32, main thread)", "value"], [
+                [f"GFLOP per post (FlopCounterMode: matmuls and convolutions; {main['text_tokens']} text tokens)",
+                 main["gflop_per_post"]], ["GFLOP/s achieved", ceil["achieved_gflops"]],
+                [f"fp32 matmul peak, GFLOP/s ({MATMUL_SIZE}³, best of 5, same threads)", main["fp32_matmul_gflops"]],
+                ["torch / peak", ceil["share"]], ["most an fp32 runtime can gain per post: peak / torch", ceil["most_gain"]]],
+                  "No runtime that keeps fp32 arithmetic (ONNX Runtime, torch.compile, OpenVINO) runs the matmuls "
+                  "faster than the peak; past this bound only fewer bits per multiply (bf16 where the CPU has it "
+                  "natively, int8) or fewer FLOPs can go."),
             table(["runtime (per /metadata)", "concurrency", "req/s", "p50 ms", "p95 ms", "p99 ms", "requests",
                    "errors"], load,
                   f"req/s at {hi} / at {lo}: {gain}; the model alone runs {ratio(main['b1_ms'], main['b16_per_post_ms'])}"

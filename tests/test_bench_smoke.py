@@ -44,6 +44,19 @@ def test_committed_gpu_runs_still_render(name):
     assert f"{100 * g['mfu']['project_vs_datasheet']:.1f}%" in md
 
 
+def test_counted_flops_are_a_linear_layers_and_the_fp32_ceiling_their_ratio_to_the_peak():
+    import torch
+
+    from bench.benchlib import counted_flops
+    from bench.serve_bench import fp32_ceiling
+
+    layer, x = torch.nn.Linear(3, 4), torch.ones(2, 3)
+    assert counted_flops(lambda: layer(x)) == 2 * 2 * 3 * 4  # a multiply and an add per weight, per row
+    # 10 GFLOP per post in 100 ms is 100 GFLOP/s; against a 150 GFLOP/s peak an fp32 runtime gains at most 1.5x.
+    c = fp32_ceiling({"gflop_per_post": 10.0, "b16_per_post_ms": 100.0, "fp32_matmul_gflops": 150.0})
+    assert c == {"achieved_gflops": 100.0, "share": 0.667, "most_gain": 1.5}
+
+
 def test_load_summary_counts_unanswered_requests_as_errors():
     from bench.serve_bench import level_summary, percentile_ms
 
@@ -139,6 +152,10 @@ def test_goal_figures_are_the_ratios_of_the_measurements(smoke):
     rps = {k: d["levels"]["4"]["rps"] for k, d in s["servers"].items()}  # smoke levels: 1, 4
     assert measured[f"throughput at concurrency 4, RUNTIME=auto ({s['servers']['auto']['reported_runtime']}) / torch"] \
         == round(rps["auto"] / rps["torch"], 3)
+    main = fwd["main"]
+    achieved = round(main["gflop_per_post"] / main["b16_per_post_ms"] * 1000, 1)
+    assert f"the most an fp32 runtime can gain here: {round(main['fp32_matmul_gflops'] / achieved, 2)}x" in \
+        goals_of(r)[f"throughput at concurrency 4, RUNTIME=auto ({s['servers']['auto']['reported_runtime']}) / torch"]["note"]
     p = r["serving"]["table_scorer"]["tiny"]["posts_per_s"]
     assert measured["table scorer, tiny CLIP: predict.py posts/s / raw forward"] == round(
         med(p["predict"]) / med(p["forward"]), 3)
