@@ -48,7 +48,6 @@ SERVER_ENV = {"MICRO_BATCHING": 1, "MAX_BATCH_SIZE": 16, "MAX_WAIT_MS": 5.0}
 PROBES = {"main": ("torch", "main thread"), "worker": ("torch", "worker thread doing all torch work"),
           "onnx": ("onnx", "main thread"), "int8": ("int8", "main thread"),
           "auto": ("auto", "main thread")}  # name -> (RUNTIME, thread); int8: its forward only, no server
-MATMUL_SIZE = 2048  # the square fp32 matmul whose best GFLOP/s is this CPU's peak (large enough to reach it)
 
 
 @dataclass
@@ -61,17 +60,20 @@ class ServeBenchConfig(BenchConfig):
     forward_repeats: int = field(30, help="timed raw forward passes at batch 1 (median reported)")
     warmup_s: float = field(1.5, help="seconds of untimed forward passes first, at each batch size")
     table_rows: str = field("tiny:256,b32:64", help="CLIP shape:N for predict.py, on tables of N and 2N rows")
+    matmul_size: int = field(2048, help="side of the square fp32 matmul whose best GFLOP/s is this CPU's peak")
 
     def __post_init__(self):
         if self.smoke:
             self.preset, self.concurrency, self.duration_s, self.repeats = "tiny", "1,4", 0.5, 1
             self.overload_concurrency, self.forward_repeats, self.warmup_s, self.table_rows = 16, 1, 0.0, "tiny:16"
+            self.matmul_size = 256
         self.levels = [int(c) for c in self.concurrency.split(",")]
         self.lo, self.hi = str(min(self.levels)), str(16 if 16 in self.levels else max(self.levels))  # goal levels
         self.tables = {p: int(n) for p, n in (x.split(":") for x in self.table_rows.split(","))}
-        if min(*self.levels, *self.tables.values(), self.repeats, self.forward_repeats) < 1 or \
+        if min(*self.levels, *self.tables.values(), self.repeats, self.forward_repeats, self.matmul_size) < 1 or \
                 not set(self.tables) <= {"tiny", "b32"}:
-            raise ValueError("--concurrency, --table-rows (tiny/b32:N), --repeats and --forward-repeats must be positive")
+            raise ValueError("--concurrency, --table-rows (tiny/b32:N), --repeats, --forward-repeats and --matmul-size "
+                             "must be positive")
 
 
 def multipart_body(image: bytes, text: str) -> bytes:
@@ -121,7 +123,8 @@ def table_scorer(cfg: ServeBenchConfig, preset: str) -> dict:
                          ratio(pps["predict"]["median"], pps["forward"]["median"]), ">=", 0.9, "x")}
 
 
-def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats: int, warmup_s: float) -> dict:
+def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats: int, warmup_s: float,
+                  matmul_size: int) -> dict:
     """Probe ``name`` (PROBES), in a fresh process: one post's preparation and the raw forward at
     batch 1 and 16, on its thread; then the process's OS threads."""
     import torch
@@ -157,7 +160,7 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
         if name == "main":  # the fp32 ceiling of the batch-16 forward: its FLOPs at this CPU's matmul peak
             out.update(gflop_per_post=round(counted_flops(lambda: lm.explain_batch(b16)) / 16e9, 3),
                        text_tokens=int(b16["input_ids"].shape[1]),
-                       fp32_matmul_gflops=round(matmul_tflops(MATMUL_SIZE) * 1000, 1))
+                       fp32_matmul_gflops=round(matmul_tflops(matmul_size) * 1000, 1), matmul_size=matmul_size)
         return out
 
     if name != "worker":
@@ -245,7 +248,8 @@ def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict) -> li
         *[goal(f"serving overhead, RUNTIME={r}: p50 at concurrency {lo} / its raw forward at batch 1",
                ratio(lv(r, lo, "p50_ms"), b1[r]), "<=", 1.3, "x") for r in RUNTIMES],
         goal(f"throughput at concurrency {hi}, RUNTIME=auto ({servers['auto']['reported_runtime']}) / torch",
-             rps["auto"], ">=", 1.5, "x", f"onnx / torch: {rps['onnx']}x; the most an fp32 runtime can gain here: {most}x"),
+             rps["auto"], ">=", 1.5, "x",
+             f"onnx / torch: {rps['onnx']}x; the most an fp32 runtime can gain here: {most}x"),
         goal("raw forward at batch 1, worker thread doing all torch work / main thread",
              ratio(fwd["worker"]["b1_ms"], fwd["main"]["b1_ms"]), "<=", 1.1, "x"),
         goal("errors at nominal load (all levels, every runtime)", errors, "==", 0, "requests"),
@@ -278,8 +282,9 @@ def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, scor
             table(["torch's forward at batch 16 (fp32, main thread)", "value"], [
                 [f"GFLOP per post (FlopCounterMode: matmuls and convolutions; {main['text_tokens']} text tokens)",
                  main["gflop_per_post"]], ["GFLOP/s achieved", ceil["achieved_gflops"]],
-                [f"fp32 matmul peak, GFLOP/s ({MATMUL_SIZE}³, best of 5, same threads)", main["fp32_matmul_gflops"]],
-                ["torch / peak", ceil["share"]], ["most an fp32 runtime can gain per post: peak / torch", ceil["most_gain"]]],
+                [f"fp32 matmul peak, GFLOP/s ({main['matmul_size']}³, best of 5, same threads)",
+                 main["fp32_matmul_gflops"]], ["torch / peak", ceil["share"]],
+                ["most an fp32 runtime can gain per post: peak / torch", ceil["most_gain"]]],
                   "No runtime that keeps fp32 arithmetic (ONNX Runtime, torch.compile, OpenVINO) runs the matmuls "
                   "faster than the peak; past this bound only fewer bits per multiply (bf16 where the CPU has it "
                   "natively, int8) or fewer FLOPs can go."),
@@ -312,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
     body_path.write_bytes(multipart_body(image, text))
     # Each probe in a fresh spawned process (a worker serves one task): no other thread has run torch there.
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        fwd = {k: pool.apply(forward_probe, (k, str(model_dir), image, text, cfg.forward_repeats, cfg.warmup_s))
+        fwd = {k: pool.apply(forward_probe, (k, str(model_dir), image, text, cfg.forward_repeats, cfg.warmup_s,
+                                             cfg.matmul_size))
                for k in PROBES}
     log.info("raw forward at batch 1 (ms): %s", {k: f["b1_ms"] for k, f in fwd.items()})
 
