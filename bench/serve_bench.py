@@ -2,10 +2,11 @@
 
 serving/predict.py at its defaults on tables of N and 2N rows (posts/s = N / (seconds at 2N - seconds at N)) against
 the raw forward on those posts batched by predict's own ``TableRows`` and ``Batches`` (goal >= 0.9). The raw forward
-(``LoadedModel.explain_batch``) at batch 1 and 16, each variant in a fresh process: per RUNTIME on the main thread
-(int8 too, which only this table measures), and torch on a worker thread (libgomp gives each thread its own OpenMP
-team; with more teams than CPUs each parallel region pays a futex wake). Torch's batch-16 FLOPs at the CPU's
-measured fp32 matmul peak bound what any fp32 runtime can gain. Then ``serving.launch.run_server`` per
+(``LoadedModel.explain_batch``) at batch 1 and 16, each variant in a fresh process, in interleaved rounds (medians of
+the rounds' medians: a shared machine's speed can drift by tens of percent between processes): per RUNTIME on the
+main thread (int8 too, which only this table measures), and torch on a worker thread (libgomp gives each thread its
+own OpenMP team; with more teams than CPUs each parallel region pays a futex wake). Torch's batch-16 FLOPs at the
+CPU's measured fp32 matmul peak bound what any fp32 runtime can gain. Then ``serving.launch.run_server`` per
 RUNTIME (torch, onnx, and auto, which picks per batch size) driven by ``hey`` (one multipart POST /predict of a
 640x480 JPEG per request), levels interleaved across servers up to MAX_QUEUE (so no 503); last, overload.
 """
@@ -57,7 +58,8 @@ class ServeBenchConfig(BenchConfig):
     duration_s: float = field(5.0, help="seconds per repeat of one level")
     repeats: int = field(3, help="repeats per level (median reported)")
     overload_concurrency: int = field(64, help="concurrency of the overload step (above MAX_QUEUE: 503s)")
-    forward_repeats: int = field(30, help="timed raw forward passes at batch 1 (median reported)")
+    forward_repeats: int = field(10, help="timed raw forward passes at batch 1 per probe and round (median)")
+    forward_rounds: int = field(3, help="interleaved rounds of the forward probes (median of the rounds reported)")
     warmup_s: float = field(1.5, help="seconds of untimed forward passes first, at each batch size")
     table_rows: str = field("tiny:256,b32:64", help="CLIP shape:N for predict.py, on tables of N and 2N rows")
     matmul_size: int = field(2048, help="side of the square fp32 matmul whose best GFLOP/s is this CPU's peak")
@@ -66,14 +68,15 @@ class ServeBenchConfig(BenchConfig):
         if self.smoke:
             self.preset, self.concurrency, self.duration_s, self.repeats = "tiny", "1,4", 0.5, 1
             self.overload_concurrency, self.forward_repeats, self.warmup_s, self.table_rows = 16, 1, 0.0, "tiny:16"
-            self.matmul_size = 256
+            self.forward_rounds, self.matmul_size = 1, 256
         self.levels = [int(c) for c in self.concurrency.split(",")]
         self.lo, self.hi = str(min(self.levels)), str(16 if 16 in self.levels else max(self.levels))  # goal levels
         self.tables = {p: int(n) for p, n in (x.split(":") for x in self.table_rows.split(","))}
-        if min(*self.levels, *self.tables.values(), self.repeats, self.forward_repeats, self.matmul_size) < 1 or \
+        if min(*self.levels, *self.tables.values(), self.repeats, self.forward_repeats, self.forward_rounds,
+               self.matmul_size) < 1 or \
                 not set(self.tables) <= {"tiny", "b32"}:
-            raise ValueError("--concurrency, --table-rows (tiny/b32:N), --repeats, --forward-repeats and --matmul-size "
-                             "must be positive")
+            raise ValueError("--concurrency, --table-rows (tiny/b32:N), --repeats, --forward-repeats, --forward-rounds "
+                             "and --matmul-size must be positive")
 
 
 def multipart_body(image: bytes, text: str) -> bytes:
@@ -151,7 +154,7 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
     def measure(lm) -> dict:
         b1 = prepare(lm)
         b16 = {k: torch.cat([v] * 16) for k, v in b1.items()}
-        b1_ms, b16_ms = ms(lambda: lm.explain_batch(b1), repeats), ms(lambda: lm.explain_batch(b16), max(1, repeats // 8))
+        b1_ms, b16_ms = ms(lambda: lm.explain_batch(b1), repeats), ms(lambda: lm.explain_batch(b16), max(1, repeats // 3))
         out = {"b1_ms": statistics.median(b1_ms), "b1_ms_values": b1_ms,
                "b16_per_post_ms": round(statistics.median(b16_ms) / 16, 2),
                "prepare_ms": statistics.median(ms(lambda: prepare(lm), repeats)),
@@ -167,6 +170,17 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
         return measure(load())
     with ThreadPoolExecutor(1) as pool:  # one worker thread, like the server's inference executor
         return pool.submit(lambda: measure(load())).result()
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One probe's rounds as one: the median of the rounds' timings (``b1_ms_values``: each round's), the best
+    matmul peak, the rest as the first round measured it."""
+    med = lambda k: round(statistics.median(r[k] for r in rounds), 2)  # noqa: E731
+    out = {**rounds[0], "b1_ms_values": [r["b1_ms"] for r in rounds],
+           **{k: med(k) for k in ("b1_ms", "b16_per_post_ms", "prepare_ms")}}
+    if "fp32_matmul_gflops" in out:
+        out["fp32_matmul_gflops"] = max(r["fp32_matmul_gflops"] for r in rounds)
+    return out
 
 
 def run_hey(url: str, body_path: Path, concurrency: int, n: int) -> dict:
@@ -278,7 +292,9 @@ def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, scor
               for p, t in scorer.items()]
     ceil = fp32_ceiling(main)
     return [table(["runtime", "thread", "forward at batch 1, ms", "per post at batch 16, ms", "prepare, ms",
-                   "batch 1 / main thread", "OS threads"], model, f"torch threads {main['torch_threads']}."),
+                   "batch 1 / main thread", "OS threads"], model, f"torch threads {main['torch_threads']}; medians of "
+                  f"{cfg.forward_rounds} interleaved rounds, each a fresh process per probe; batch 1 per round "
+                  f"(ms): " + "; ".join(f"{k} {f['b1_ms_values']}" for k, f in fwd.items()) + "."),
             table(["torch's forward at batch 16 (fp32, main thread)", "value"], [
                 [f"GFLOP per post (FlopCounterMode: matmuls and convolutions; {main['text_tokens']} text tokens)",
                  main["gflop_per_post"]], ["GFLOP/s achieved", ceil["achieved_gflops"]],
@@ -316,10 +332,10 @@ def main(argv: list[str] | None = None) -> dict:
     body_path = work_dir(cfg.out_dir, "serving") / "body.bin"
     body_path.write_bytes(multipart_body(image, text))
     # Each probe in a fresh spawned process (a worker serves one task): no other thread has run torch there.
+    args = (str(model_dir), image, text, cfg.forward_repeats, cfg.warmup_s, cfg.matmul_size)
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        fwd = {k: pool.apply(forward_probe, (k, str(model_dir), image, text, cfg.forward_repeats, cfg.warmup_s,
-                                             cfg.matmul_size))
-               for k in PROBES}
+        rounds = [{k: pool.apply(forward_probe, (k, *args)) for k in PROBES} for _ in range(cfg.forward_rounds)]
+    fwd = {k: merge_rounds([r[k] for r in rounds]) for k in PROBES}
     log.info("raw forward at batch 1 (ms): %s", {k: f["b1_ms"] for k, f in fwd.items()})
 
     # 3. The servers; goals and tables.

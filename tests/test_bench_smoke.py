@@ -57,6 +57,16 @@ def test_counted_flops_are_a_linear_layers_and_the_fp32_ceiling_their_ratio_to_t
     assert c == {"achieved_gflops": 100.0, "share": 0.667, "most_gain": 1.5}
 
 
+def test_forward_rounds_merge_into_their_medians_and_the_best_peak():
+    from bench.serve_bench import merge_rounds
+
+    rounds = [{"b1_ms": b1, "b16_per_post_ms": b16, "prepare_ms": 5.0, "fp32_matmul_gflops": peak, "runtime": "torch"}
+              for b1, b16, peak in ((100.0, 80.0, 120.0), (300.0, 60.0, 140.0), (200.0, 70.0, 130.0))]
+    m = merge_rounds(rounds)
+    assert (m["b1_ms"], m["b16_per_post_ms"], m["fp32_matmul_gflops"]) == (200.0, 70.0, 140.0)
+    assert m["b1_ms_values"] == [100.0, 300.0, 200.0] and m["runtime"] == "torch"
+
+
 def test_load_summary_counts_unanswered_requests_as_errors():
     from bench.serve_bench import level_summary, percentile_ms
 
