@@ -155,9 +155,9 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
         b1 = prepare(lm)
         b16 = {k: torch.cat([v] * 16) for k, v in b1.items()}
         b1_ms, b16_ms = ms(lambda: lm.explain_batch(b1), repeats), ms(lambda: lm.explain_batch(b16), max(1, repeats // 3))
-        out = {"b1_ms": statistics.median(b1_ms), "b1_ms_values": b1_ms,
+        out = {"b1_ms": round(statistics.median(b1_ms), 2), "b1_ms_values": b1_ms,
                "b16_per_post_ms": round(statistics.median(b16_ms) / 16, 2),
-               "prepare_ms": statistics.median(ms(lambda: prepare(lm), repeats)),
+               "prepare_ms": round(statistics.median(ms(lambda: prepare(lm), repeats)), 2),
                "os_threads": len(os.listdir("/proc/self/task")), "torch_threads": torch.get_num_threads(),
                "runtime": lm.runtime.name}
         if name == "main":  # the fp32 ceiling of the batch-16 forward: its FLOPs at this CPU's matmul peak
