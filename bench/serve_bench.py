@@ -301,9 +301,9 @@ def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, scor
                 [f"fp32 matmul peak, GFLOP/s ({main['matmul_size']}³, best of 5, same threads)",
                  main["fp32_matmul_gflops"]], ["torch / peak", ceil["share"]],
                 ["most an fp32 runtime can gain per post: peak / torch", ceil["most_gain"]]],
-                  "No runtime that keeps fp32 arithmetic (ONNX Runtime, torch.compile, OpenVINO) runs the matmuls "
-                  "faster than the peak; past this bound only fewer bits per multiply (bf16 where the CPU has it "
-                  "natively, int8) or fewer FLOPs can go."),
+                  "The bound lets every counted FLOP run at the big square matmul's rate, which the model's thinner "
+                  "matmuls do not reach; past it only fewer bits per multiply (bf16 where the CPU has it natively, "
+                  "int8) or fewer FLOPs can go."),
             table(["runtime (per /metadata)", "concurrency", "req/s", "p50 ms", "p95 ms", "p99 ms", "requests",
                    "errors"], load,
                   f"req/s at {hi} / at {lo}: {gain}; the model alone runs {ratio(main['b1_ms'], main['b16_per_post_ms'])}"
