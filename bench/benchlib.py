@@ -254,21 +254,19 @@ def run_measured(cmd: Sequence[str], log_path: Path, interval_s: float = 0.02) -
 class Phase2:
     """Phase 2 of training (CLIP and head trainable) as train_torch sets it up from TrainConfig's defaults."""
 
-    def __init__(self, clip_dir: Path, records_dir: Path, accelerator, batch_size: int, seed: int = 0, **clip_kw):
+    def __init__(self, clip_dir: Path, records_dir: Path, accelerator, batch_size: int, seed: int = 0):
         import torch
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import CLIPProcessor
 
         from models.clip_regressor import CLIPRegressor, PostBatcher, TargetTransform
         from training.train_torch import (Collator, EngagementDataset, NonFiniteGuard, TrainConfig,
                                           resolve_num_workers, start_phase)
 
         torch.manual_seed(seed)
-        processor = CLIPProcessor.from_pretrained(clip_dir)
-        self.model = CLIPRegressor(CLIPModel.from_pretrained(clip_dir, **clip_kw),
-                                   image_processor=processor.image_processor).to(accelerator.device)
-        self.batcher = PostBatcher.from_clip(processor, self.model.clip.config)
+        self.model = CLIPRegressor.from_pretrained(str(clip_dir)).to(accelerator.device)  # as train_torch loads it
         self.train = EngagementDataset(records_dir, "train")
-        self.collate = Collator(self.batcher, TargetTransform.fit(self.train.labels()))
+        batcher = PostBatcher.from_clip(CLIPProcessor.from_pretrained(clip_dir), self.model.clip.config)
+        self.collate = Collator(batcher, TargetTransform.fit(self.train.labels()))
         self.cfg = TrainConfig(data=str(records_dir), out="", frozen_epochs=0, finetune_epochs=1, batch_size=batch_size)
         resolve_num_workers(self.cfg, accelerator)  # train_torch's default for this device
         self.accelerator, self.guard = accelerator, NonFiniteGuard(self.cfg.max_nonfinite_steps)

@@ -79,49 +79,42 @@ def measure(cfg: GpuTrainConfig, p2, loader) -> dict:
     return {"samples_per_s": {k: summarize(v, 1) for k, v in sps.items()}, "batch": full[0]}
 
 
-def figures(cfg: GpuTrainConfig, p2, sps: dict, batch: dict) -> dict:
-    """FLOPs per sample, the matmul peak, MFU, ratios and goals."""
+def figures(cfg: GpuTrainConfig, p2, sps: dict, batch: dict, data: dict) -> dict:
+    """FLOPs per sample, the matmul peak, MFU, ratios, goals, and the BENCHMARKS.md text and tables."""
     import torch
 
     cuda = torch.cuda.is_available()
     med = {k: v["median"] for k, v in sps.items()}
     flops = train_flops_per_sample(p2, batch)  # a real batch: dynamic padding, as training pads
     peak = round(matmul_tflops(cfg.matmul_size, "cuda", torch.bfloat16, iters=20), 1) if cuda else None
-    mfu = lambda s, tflops: round(s * flops / (tflops * 1e12), 4) if tflops else None  # noqa: E731
-    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    mfu = {f"{k}_vs_{name}": round(med[k] * flops / (t * 1e12), 4) if t else None for k in ("project", "ceiling")
+           for name, t in (("datasheet", DATASHEET_BF16_TFLOPS if cuda else None), ("measured_matmul", peak))}
+    device, tokens = torch.cuda.get_device_name(0) if cuda else "cpu", int(batch["input_ids"].shape[1])
+    pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    about = (f"{device}, CUDA {torch.version.cuda}, {p2.accelerator.mixed_precision} autocast via Accelerate, SDPA "
+             f"attention, batch {cfg.batch_size}, {cfg.num_workers} loader workers, {data['train_posts']:,} train "
+             f"posts ({data['batches_per_epoch']} batches/epoch); whole epochs through `train_torch.train_one_epoch`, "
+             "timed after a warm-up epoch.")
     return {
         "device": device, "cuda": torch.version.cuda, "mixed_precision": p2.accelerator.mixed_precision,
-        "samples_per_s": sps,
+        "samples_per_s": sps, "mfu": mfu,
         "ratios": {"project_over_ceiling": ratio(med["project"], med["ceiling"]),
                    "loader_only_over_ceiling": ratio(med["loader_only"], med["ceiling"])},
-        "flops": {"gflop_per_sample": round(flops / 1e9, 2), "text_tokens": float(batch["input_ids"].shape[1])},
+        "flops": {"gflop_per_sample": round(flops / 1e9, 2), "text_tokens": tokens},
         "peak_tflops": {"datasheet_bf16_dense": DATASHEET_BF16_TFLOPS, "measured_bf16_matmul": peak},
-        "mfu": {f"{k}_vs_{name}": mfu(med[k], t) for k in ("project", "ceiling")
-                for name, t in (("datasheet", DATASHEET_BF16_TFLOPS if cuda else None), ("measured_matmul", peak))},
         "goals": [goal(f"GPU training throughput, ViT-B/32 bf16 ({device})", med["project"], ">=", 3000,
                        "samples/s", "goal set for one H100"),
                   goal("GPU train data path: project loader / on-device ceiling",
-                       ratio(med["project"], med["ceiling"]), ">=", 0.9, "x")]}
-
-
-def describe(g: dict) -> dict:
-    """The BENCHMARKS.md text and tables of a gpu_train.json."""
-    s, mod, pct = g["samples_per_s"], g["model"], lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    about = (f"{g['device']}, CUDA {g.get('cuda')}, {g['mixed_precision']} autocast via Accelerate, SDPA attention, "
-             f"batch {mod['batch_size']}, {mod['num_workers']} loader workers, {g['data']['train_posts']:,} train "
-             f"posts ({mod['batches_per_epoch']} batches/epoch); whole epochs through `train_torch.train_one_epoch`, "
-             "timed after a warm-up epoch.")
-    return {"about": about, "tables": [
-        table(["samples/s", "median", "repeats"], [
-            [name, s[k]["median"], s[k]["values"]] for name, k in (
+                       ratio(med["project"], med["ceiling"]), ">=", 0.9, "x")],
+        "about": about, "tables": [
+            table(["samples/s", "median", "repeats"], [[name, sps[k]["median"], sps[k]["values"]] for name, k in (
                 ("project: DataLoader + step", "project"), ("ceiling: step on on-device batches", "ceiling"),
                 ("loader alone (no training)", "loader_only"))]),
-        table(["FLOPs and MFU", "value"], [
-            [f"training GFLOP/sample (fwd+bwd, {g['flops']['text_tokens']:.0f} text tokens)",
-             g["flops"]["gflop_per_sample"]],
-            ["measured bf16 matmul TFLOP/s", g["peak_tflops"]["measured_bf16_matmul"]],
-            *[[f"MFU of {k} vs {p.replace('_', ' ')} peak", pct(g["mfu"][f"{k}_vs_{p}"])]
-              for k in ("project", "ceiling") for p in ("datasheet", "measured_matmul")]])]}
+            table(["FLOPs and MFU", "value"], [
+                [f"training GFLOP/sample (fwd+bwd, {tokens} text tokens)", round(flops / 1e9, 2)],
+                ["measured bf16 matmul TFLOP/s", peak],
+                *[[f"MFU of {k} vs {p.replace('_', ' ')} peak", pct(mfu[f"{k}_vs_{p}"])]
+                  for k in ("project", "ceiling") for p in ("datasheet", "measured_matmul")]])]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -142,17 +135,16 @@ def main(argv: list[str] | None = None) -> dict:
         # 2. Model, step and the project's loader, as train_torch builds them.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")
-        p2 = Phase2(clip_checkpoint(work, cfg.preset), records, accelerator, cfg.batch_size, attn_implementation="sdpa")
+        p2 = Phase2(clip_checkpoint(work, cfg.preset), records, accelerator, cfg.batch_size)
         loader = accelerator.prepare(p2.loader(cfg.num_workers, pin_memory=cuda))
 
         # 3. Measure; figures; the JSON, and a table last on stdout.
         m = measure(cfg, p2, loader)
-        payload = figures(cfg, p2, m["samples_per_s"], m["batch"])
-        payload["data"] = {"posts": cfg.posts, "train_posts": len(p2.train), "seconds_to_ready": round(t_data, 1)}
-        payload["model"] = {"preset": cfg.preset, "params": sum(p.numel() for p in p2.model.parameters()),
-                            "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
-                            "batches_per_epoch": len(loader)}
-        payload.update(describe(payload))
+        data = {"posts": cfg.posts, "train_posts": len(p2.train), "seconds_to_ready": round(t_data, 1),
+                "batches_per_epoch": len(loader)}
+        payload = {**figures(cfg, p2, m["samples_per_s"], m["batch"], data), "data": data, "model": {
+            "preset": cfg.preset, "params": sum(p.numel() for p in p2.model.parameters()),
+            "batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "batches_per_epoch": len(loader)}}
     write_result("gpu_train", payload, cfg, t_start, __doc__)
     print(json.dumps({"device": payload["device"], **{k: v["median"] for k, v in payload["samples_per_s"].items()},
                       **payload["ratios"], **payload["mfu"]}, indent=1))  # the headline figures, last on stdout

@@ -9,7 +9,6 @@ pre-resized to 224 px and at full size.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,6 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
 from bench.benchlib import BenchConfig, goal, photo_table, ratio, repeat_interleaved, run_measured, start, table, \
     write_result
 from common.config import field
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

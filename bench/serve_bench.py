@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
@@ -42,7 +43,7 @@ from serving.launch import run_server
 
 log = logging.getLogger(__name__)
 
-BOUNDARY = "benchBoundary7MA4YWxkTrZu0gW"
+CONTENT_TYPE = "multipart/form-data; boundary=benchBoundary7MA4YWxkTrZu0gW"
 QUIET = ("--log-level", "warning", "--no-access-log")  # an access log line per request would cost CPU
 RUNTIMES = ("torch", "onnx", "auto")  # one server each; auto picks per batch size (models/runtime.py)
 SERVER_ENV = {"MICRO_BATCHING": 1, "MAX_BATCH_SIZE": 16, "MAX_WAIT_MS": 5.0}
@@ -72,18 +73,15 @@ class ServeBenchConfig(BenchConfig):
         self.levels = [int(c) for c in self.concurrency.split(",")]
         self.lo, self.hi = str(min(self.levels)), str(16 if 16 in self.levels else max(self.levels))  # goal levels
         self.tables = {p: int(n) for p, n in (x.split(":") for x in self.table_rows.split(","))}
-        if min(*self.levels, *self.tables.values(), self.repeats, self.forward_repeats, self.forward_rounds,
-               self.matmul_size) < 1 or \
-                not set(self.tables) <= {"tiny", "b32"}:
-            raise ValueError("--concurrency, --table-rows (tiny/b32:N), --repeats, --forward-repeats, --forward-rounds "
-                             "and --matmul-size must be positive")
+        counts = (*self.levels, *self.tables.values(), self.repeats, self.forward_repeats, self.forward_rounds)
+        if min(*counts, self.matmul_size) < 1 or not set(self.tables) <= {"tiny", "b32"}:
+            raise ValueError("--table-rows takes tiny/b32:N; every count and size must be positive")
 
 
 def multipart_body(image: bytes, text: str) -> bytes:
-    """The body ``curl -F image=@post.jpg -F text=...`` sends."""
-    part = f"--{BOUNDARY}\r\nContent-Disposition: form-data; name="
-    return b"".join([f'{part}"image"; filename="post.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode(), image,
-                     f'\r\n{part}"text"\r\n\r\n{text}\r\n--{BOUNDARY}--\r\n'.encode()])
+    """The body ``curl -F image=@post.jpg -F text=...`` sends, as httpx encodes it (hey sends a file as is)."""
+    return httpx.Request("POST", "http://bench/predict", headers={"Content-Type": CONTENT_TYPE}, data={"text": text},
+                         files={"image": ("post.jpg", image, "image/jpeg")}).read()
 
 
 def table_scorer(cfg: ServeBenchConfig, preset: str) -> dict:
@@ -188,7 +186,7 @@ def run_hey(url: str, body_path: Path, concurrency: int, n: int) -> dict:
     transport errors countable: hey's CSV lists only requests that got an HTTP answer."""
     n = max(1, -(-n // concurrency)) * concurrency  # a whole number of requests per connection
     out = subprocess.run(["hey", "-n", str(n), "-c", str(concurrency), "-m", "POST", "-t", "60", "-o", "csv",
-                          "-T", f"multipart/form-data; boundary={BOUNDARY}", "-D", str(body_path), url + "/predict"],
+                          "-T", CONTENT_TYPE, "-D", str(body_path), url + "/predict"],
                          capture_output=True, text=True, timeout=600, check=True)
     rows = list(csv.DictReader(out.stdout.strip().splitlines()))
     lat = [float(r["response-time"]) for r in rows]

@@ -10,7 +10,6 @@ the embedding cache and with ``--no-embedding-cache`` (CLIP re-run every epoch);
 from __future__ import annotations
 
 import itertools
-import logging
 import shutil
 import sys
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
 from bench.benchlib import BenchConfig, Phase2, clip_checkpoint, demo_records, goal, ratio, repeat_interleaved, start, \
     table, train_run, work_dir, write_result
 from common.config import field
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

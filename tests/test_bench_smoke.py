@@ -44,6 +44,20 @@ def test_committed_gpu_runs_still_render(name):
     assert f"{100 * g['mfu']['project_vs_datasheet']:.1f}%" in md
 
 
+def test_gpu_benchmark_runs_on_cpu_at_toy_size_and_renders(tmp_path):
+    """A GPU session has minutes: the script it runs must already work end to end here."""
+    from bench import gpu_train
+    from bench.run_all import section
+
+    returned = gpu_train.main(["--smoke", "--out-dir", str(tmp_path)])
+    g = json.loads((tmp_path / "gpu_train.json").read_text())
+    assert g["samples_per_s"] == returned["samples_per_s"] and g["smoke"]
+    sps = {k: v["median"] for k, v in g["samples_per_s"].items()}
+    assert min(sps.values()) > 0 and g["ratios"]["project_over_ceiling"] == round(sps["project"] / sps["ceiling"], 3)
+    md = "\n".join(section("gpu_train", g))
+    assert f"| project: DataLoader + step | {sps['project']:.4g} |" in md and "38 train posts" in md
+
+
 def test_counted_flops_are_a_linear_layers_and_the_fp32_ceiling_their_ratio_to_the_peak():
     import torch
 
