@@ -4,11 +4,11 @@ serving/predict.py at its defaults on tables of N and 2N rows (posts/s = N / (se
 the raw forward on those posts batched by predict's own ``TableRows`` and ``Batches`` (goal >= 0.9). The raw forward
 (``LoadedModel.explain_batch``) at batch 1 and 16, each variant in a fresh process, in interleaved rounds (medians of
 the rounds' medians: a shared machine's speed can drift by tens of percent between processes): per RUNTIME on the
-main thread (int8 too, which only this table measures), and torch on a worker thread (libgomp gives each thread its
-own OpenMP team; with more teams than CPUs each parallel region pays a futex wake). Torch's batch-16 FLOPs at the
-CPU's measured fp32 matmul peak bound what any fp32 runtime can gain. Then ``serving.launch.run_server`` per
-RUNTIME (torch, onnx, and auto, which picks per batch size) driven by ``hey`` (one multipart POST /predict of a
-640x480 JPEG per request), levels interleaved across servers up to MAX_QUEUE (so no 503); last, overload.
+main thread, and torch on a worker thread (libgomp gives each thread its own OpenMP team; with more teams than CPUs
+each parallel region pays a futex wake). Torch's batch-16 FLOPs at the CPU's measured fp32 matmul peak bound what
+any fp32 runtime can gain. Then ``serving.launch.run_server`` per RUNTIME (torch, onnx, the opt-in int8, and auto,
+which picks per batch size and never int8) driven by ``hey`` (one multipart POST /predict of a 640x480 JPEG per
+request), levels interleaved across servers up to MAX_QUEUE (so no 503); last, overload.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "multipart/form-data; boundary=benchBoundary7MA4YWxkTrZu0gW"
 QUIET = ("--log-level", "warning", "--no-access-log")  # an access log line per request would cost CPU
-RUNTIMES = ("torch", "onnx", "auto")  # one server each; auto picks per batch size (models/runtime.py)
+RUNTIMES = ("torch", "onnx", "int8", "auto")  # one server each; auto picks per batch size (models/runtime.py)
 SERVER_ENV = {"MICRO_BATCHING": 1, "MAX_BATCH_SIZE": 16, "MAX_WAIT_MS": 5.0}
 PROBES = {"main": ("torch", "main thread"), "worker": ("torch", "worker thread doing all torch work"),
           "onnx": ("onnx", "main thread"), "int8": ("int8", "main thread"),
-          "auto": ("auto", "main thread")}  # name -> (RUNTIME, thread); int8: its forward only, no server
+          "auto": ("auto", "main thread")}  # name -> (RUNTIME, thread)
 
 
 @dataclass
@@ -254,14 +254,15 @@ def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict) -> li
     lv = lambda r, c, k: servers[r]["levels"][c][k]  # noqa: E731
     b1 = {PROBES[k][0]: f["b1_ms"] for k, f in fwd.items() if k != "worker"}  # runtime -> main thread
     errors = sum(s["errors"] for d in servers.values() for s in d["levels"].values())
-    rps = {r: ratio(lv(r, hi, "rps"), lv("torch", hi, "rps")) for r in ("onnx", "auto")}
+    rps = {r: ratio(lv(r, hi, "rps"), lv("torch", hi, "rps")) for r in RUNTIMES}
     most = fp32_ceiling(fwd["main"])["most_gain"]
     return [
         *[goal(f"serving overhead, RUNTIME={r}: p50 at concurrency {lo} / its raw forward at batch 1",
                ratio(lv(r, lo, "p50_ms"), b1[r]), "<=", 1.3, "x") for r in RUNTIMES],
         goal(f"throughput at concurrency {hi}, RUNTIME=auto ({servers['auto']['reported_runtime']}) / torch",
              rps["auto"], ">=", 1.5, "x",
-             f"onnx / torch: {rps['onnx']}x; the most an fp32 runtime can gain here: {most}x"),
+             f"onnx / torch: {rps['onnx']}x; the most an fp32 runtime can gain here: {most}x; the opt-in "
+             f"int8, quantised (README: its accuracy cost) / torch: {rps['int8']}x"),
         goal("raw forward at batch 1, worker thread doing all torch work / main thread",
              ratio(fwd["worker"]["b1_ms"], fwd["main"]["b1_ms"]), "<=", 1.1, "x"),
         goal("errors at nominal load (all levels, every runtime)", errors, "==", 0, "requests"),

@@ -135,7 +135,7 @@ def test_report_shows_each_goal_with_the_status_its_figure_implies(smoke):
     _, results, md = smoke
     rows = goal_table(md)
     goals = list(goals_of(results).values())
-    assert len(goals) == 13  # train 1, preprocess 2, serving 7 + table scorer 1, quality 2 (phase 1: no target)
+    assert len(goals) == 14  # train 1, preprocess 2, serving 8 + table scorer 1, quality 2 (phase 1: no target)
     for g in goals:
         ops = {">=": g["measured"] >= g["target"], "<=": g["measured"] <= g["target"], ">": g["measured"] > g["target"],
                "==": g["measured"] == g["target"]} if g["measured"] is not None else {}
@@ -149,9 +149,9 @@ def test_runtime_rows_come_from_servers_that_say_what_they_run(smoke):
     _, r, _ = smoke
     s = r["serving"]
     overhead = {k: g for k, g in goals_of(r).items() if k.startswith("serving overhead, RUNTIME=")}
-    assert len(overhead) == 3 and all(g["measured"] is not None for g in overhead.values())
+    assert len(overhead) == 4 and all(g["measured"] is not None for g in overhead.values())
     reported = {k: d["reported_runtime"] for k, d in s["servers"].items()}
-    assert (reported["torch"], reported["onnx"]) == ("torch", "onnx")
+    assert (reported["torch"], reported["onnx"], reported["int8"]) == ("torch", "onnx", "int8")
     assert set(reported["auto"].split("+")) <= {"torch", "onnx", "bf16"}  # auto's picks, per batch size
     assert [s["forward"][k]["runtime"] for k in ("main", "worker", "onnx", "int8")] == ["torch", "torch", "onnx", "int8"]
 
@@ -168,7 +168,7 @@ def test_goal_figures_are_the_ratios_of_the_measurements(smoke):
     assert measured["peak RSS, 96 vs 24 posts"] == round(
         mem["large"]["peak_tree_rss_mib"] / mem["small"]["peak_tree_rss_mib"], 3)
     s, fwd = r["serving"], r["serving"]["forward"]
-    for runtime, probe in (("torch", "main"), ("onnx", "onnx"), ("auto", "auto")):
+    for runtime, probe in (("torch", "main"), ("onnx", "onnx"), ("int8", "int8"), ("auto", "auto")):
         assert measured[f"serving overhead, RUNTIME={runtime}: p50 at concurrency 1 / its raw forward at batch 1"] \
             == round(s["servers"][runtime]["levels"]["1"]["p50_ms"] / fwd[probe]["b1_ms"], 3)
     assert measured["raw forward at batch 1, worker thread doing all torch work / main thread"] == round(
@@ -179,6 +179,8 @@ def test_goal_figures_are_the_ratios_of_the_measurements(smoke):
     main = fwd["main"]
     achieved = round(main["gflop_per_post"] / main["b16_per_post_ms"] * 1000, 1)
     assert f"the most an fp32 runtime can gain here: {round(main['fp32_matmul_gflops'] / achieved, 2)}x" in \
+        goals_of(r)[f"throughput at concurrency 4, RUNTIME=auto ({s['servers']['auto']['reported_runtime']}) / torch"]["note"]
+    assert f"int8, quantised (README: its accuracy cost) / torch: {round(rps['int8'] / rps['torch'], 3)}x" in \
         goals_of(r)[f"throughput at concurrency 4, RUNTIME=auto ({s['servers']['auto']['reported_runtime']}) / torch"]["note"]
     p = r["serving"]["table_scorer"]["tiny"]["posts_per_s"]
     assert measured["table scorer, tiny CLIP: predict.py posts/s / raw forward"] == round(
