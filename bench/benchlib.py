@@ -254,7 +254,8 @@ def run_measured(cmd: Sequence[str], log_path: Path, interval_s: float = 0.02) -
 class Phase2:
     """Phase 2 of training (CLIP and head trainable) as train_torch sets it up from TrainConfig's defaults."""
 
-    def __init__(self, clip_dir: Path, records_dir: Path, accelerator, batch_size: int, seed: int = 0):
+    def __init__(self, clip_dir: Path, records_dir: Path, accelerator, batch_size: int, seed: int = 0,
+                 compile: bool = False):
         import torch
         from transformers import CLIPProcessor
 
@@ -267,7 +268,8 @@ class Phase2:
         self.train = EngagementDataset(records_dir, "train")
         batcher = PostBatcher.from_clip(CLIPProcessor.from_pretrained(clip_dir), self.model.clip.config)
         self.collate = Collator(batcher, TargetTransform.fit(self.train.labels()))
-        self.cfg = TrainConfig(data=str(records_dir), out="", frozen_epochs=0, finetune_epochs=1, batch_size=batch_size)
+        self.cfg = TrainConfig(data=str(records_dir), out="", frozen_epochs=0, finetune_epochs=1, batch_size=batch_size,
+                               compile=compile)
         resolve_num_workers(self.cfg, accelerator)  # train_torch's default for this device
         self.accelerator, self.guard = accelerator, NonFiniteGuard(self.cfg.max_nonfinite_steps)
         self.step, self.optimizer, self.scheduler = start_phase("finetune", self.model, accelerator, self.cfg,

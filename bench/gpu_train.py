@@ -41,6 +41,7 @@ class GpuTrainConfig(BenchConfig):
     num_workers: int = field(12, help="DataLoader workers (the CLIP processor runs in them)")
     timed_epochs: int = field(3, help="epochs timed after one warm-up epoch (median reported)")
     matmul_size: int = field(8192, help="side of the square bf16 matmul that measures the achievable peak")
+    compile: bool = field(False, help="train_torch's --compile: the step under torch.compile (the warm-up epoch compiles)")
     work_dir: str | None = field(None, help="where data and the checkpoint go (default: a temp dir, removed)")
 
     def __post_init__(self):
@@ -55,7 +56,8 @@ def train_flops_per_sample(p2, batch: dict) -> float:
     """Training FLOPs (forward + backward, no optimizer step) of one batch, per sample."""
     import torch.nn.functional as F
 
-    flops = counted_flops(lambda: p2.accelerator.backward(F.mse_loss(p2.step(batch).float(), batch["target"])))
+    step = getattr(p2.step, "_orig_mod", p2.step)  # with --compile, count the eager step's FLOPs (the same math)
+    flops = counted_flops(lambda: p2.accelerator.backward(F.mse_loss(step(batch).float(), batch["target"])))
     p2.optimizer.zero_grad(set_to_none=True)
     return flops / len(batch["target"])
 
@@ -92,9 +94,9 @@ def figures(cfg: GpuTrainConfig, p2, sps: dict, batch: dict, data: dict) -> dict
     device, tokens = torch.cuda.get_device_name(0) if cuda else "cpu", int(batch["input_ids"].shape[1])
     pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     about = (f"{device}, CUDA {torch.version.cuda}, {p2.accelerator.mixed_precision} autocast via Accelerate, SDPA "
-             f"attention, batch {cfg.batch_size}, {cfg.num_workers} loader workers, {data['train_posts']:,} train "
-             f"posts ({data['batches_per_epoch']} batches/epoch); whole epochs through `train_torch.train_one_epoch`, "
-             "timed after a warm-up epoch.")
+             f"attention, {'a torch.compile' if cfg.compile else 'an eager'} step, batch {cfg.batch_size}, "
+             f"{cfg.num_workers} loader workers, {data['train_posts']:,} train posts ({data['batches_per_epoch']} "
+             "batches/epoch); whole epochs through `train_torch.train_one_epoch`, timed after a warm-up epoch.")
     return {
         "device": device, "cuda": torch.version.cuda, "mixed_precision": p2.accelerator.mixed_precision,
         "samples_per_s": sps, "mfu": mfu,
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         # 2. Model, step and the project's loader, as train_torch builds them.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         accelerator = Accelerator(mixed_precision="bf16" if cuda else "no")
-        p2 = Phase2(clip_checkpoint(work, cfg.preset), records, accelerator, cfg.batch_size)
+        p2 = Phase2(clip_checkpoint(work, cfg.preset), records, accelerator, cfg.batch_size, compile=cfg.compile)
         loader = accelerator.prepare(p2.loader(cfg.num_workers, pin_memory=cuda))
 
         # 3. Measure; figures; the JSON, and a table last on stdout.
