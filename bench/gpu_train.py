@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "batches_per_epoch": len(loader)}
         payload = {**figures(cfg, p2, m["samples_per_s"], m["batch"], data), "data": data, "model": {
             "preset": cfg.preset, "params": sum(p.numel() for p in p2.model.parameters()),
-            "batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "batches_per_epoch": len(loader)}}
+            "batch_size": cfg.batch_size, "num_workers": cfg.num_workers}}
     write_result("gpu_train", payload, cfg, t_start, __doc__)
     print(json.dumps({"device": payload["device"], **{k: v["median"] for k, v in payload["samples_per_s"].items()},
                       **payload["ratios"], **payload["mfu"]}, indent=1))  # the headline figures, last on stdout
