@@ -2,12 +2,13 @@
 
 serving/predict.py at its defaults on tables of N and 2N rows (posts/s = N / (seconds at 2N - seconds at N)) against
 the raw forward on those posts batched by predict's own ``TableRows`` and ``Batches`` (goal >= 0.9). The raw forward
-(``LoadedModel.explain_batch``) at batch 1 and 16, each variant in a fresh process, in interleaved rounds (medians of
-the rounds' medians: a shared machine's speed can drift by tens of percent between processes): per RUNTIME on the
-main thread, and torch on a worker thread (libgomp gives each thread its own OpenMP team; with more teams than CPUs
-each parallel region pays a futex wake). Torch's batch-16 FLOPs at the CPU's measured fp32 matmul peak bound what
-any fp32 runtime can gain. Then ``serving.launch.run_server`` per RUNTIME (torch, onnx, the opt-in int8, and auto,
-which picks per batch size and never int8) driven by ``hey`` (one multipart POST /predict of a 640x480 JPEG per
+(``LoadedModel.explain_batch``) at batch 1 and 16, each variant in a fresh process, in rounds run between the
+servers' repeats at the lowest concurrency (medians of the rounds' medians: a shared machine's speed can drift by tens
+of percent between processes and minutes, so each overhead ratio divides figures from the same minutes): per RUNTIME
+on the main thread, and torch on a worker thread (libgomp gives each thread its own OpenMP team; with more teams than
+CPUs each parallel region pays a futex wake). Torch's batch-16 FLOPs at the CPU's measured fp32 matmul peak bound what
+any fp32 runtime can gain. The servers: ``serving.launch.run_server`` per RUNTIME (torch, onnx, the opt-in int8, and
+auto, which picks per batch size and never int8) driven by ``hey`` (one multipart POST /predict of a 640x480 JPEG per
 request), levels interleaved across servers up to MAX_QUEUE (so no 503); last, overload.
 """
 
@@ -60,7 +61,6 @@ class ServeBenchConfig(BenchConfig):
     repeats: int = field(3, help="repeats per level (median reported)")
     overload_concurrency: int = field(64, help="concurrency of the overload step (above MAX_QUEUE: 503s)")
     forward_repeats: int = field(10, help="timed raw forward passes at batch 1 per probe and round (median)")
-    forward_rounds: int = field(3, help="interleaved rounds of the forward probes (median of the rounds reported)")
     warmup_s: float = field(1.5, help="seconds of untimed forward passes first, at each batch size")
     table_rows: str = field("tiny:256,b32:64", help="CLIP shape:N for predict.py, on tables of N and 2N rows")
     matmul_size: int = field(2048, help="side of the square fp32 matmul whose best GFLOP/s is this CPU's peak")
@@ -69,11 +69,11 @@ class ServeBenchConfig(BenchConfig):
         if self.smoke:
             self.preset, self.concurrency, self.duration_s, self.repeats = "tiny", "1,4", 0.5, 1
             self.overload_concurrency, self.forward_repeats, self.warmup_s, self.table_rows = 16, 1, 0.0, "tiny:16"
-            self.forward_rounds, self.matmul_size = 1, 256
+            self.matmul_size = 256
         self.levels = [int(c) for c in self.concurrency.split(",")]
         self.lo, self.hi = str(min(self.levels)), str(16 if 16 in self.levels else max(self.levels))  # goal levels
         self.tables = {p: int(n) for p, n in (x.split(":") for x in self.table_rows.split(","))}
-        counts = (*self.levels, *self.tables.values(), self.repeats, self.forward_repeats, self.forward_rounds)
+        counts = (*self.levels, *self.tables.values(), self.repeats, self.forward_repeats)
         if min(*counts, self.matmul_size) < 1 or not set(self.tables) <= {"tiny", "b32"}:
             raise ValueError("--table-rows takes tiny/b32:N; every count and size must be positive")
 
@@ -213,23 +213,27 @@ def level_summary(runs: list[dict]) -> dict:
             "errors": transport + sum(n for c, n in status.items() if c != "200")}
 
 
-def measure_level(urls: dict[str, str], body_path: Path, c: int, duration_s: float, repeats: int) -> dict:
+def measure_level(urls: dict[str, str], body_path: Path, c: int, duration_s: float, repeats: int,
+                  before_repeat=lambda: None) -> dict:
     """One concurrency level on every server: a short run sizes N (and warms up), then the
-    repeats, interleaved across servers (A B A B ...)."""
+    repeats, interleaved across servers (A B A B ...), each after a call of ``before_repeat``."""
     n = {}
     for m, url in urls.items():
         cal = run_hey(url, body_path, c, max(2 * c, 8))
         n[m] = max(c, int(len(cal["status"]) / max(cal["wall_s"], 1e-3) * duration_s))
     runs = {m: [] for m in urls}
     for _ in range(repeats):
+        before_repeat()
         for m, url in urls.items():
             runs[m].append(run_hey(url, body_path, c, n[m]))
     return {m: level_summary(r) for m, r in runs.items()}
 
 
-def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path) -> tuple:
+def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path, probe_round) -> tuple:
     """Every level on a server per runtime (all up at once: an idle one costs nothing), then the
-    overload step on the torch server; and which runtime each server says it runs (/metadata)."""
+    overload step on the torch server; and which runtime each server says it runs (/metadata).
+    A round of the forward probes (``probe_round``) precedes each repeat of the lowest level, so
+    each overhead ratio divides figures from the same minutes: the machine's speed drifts."""
     env = {r: {**SERVER_ENV, "RUNTIME": r, "MAX_QUEUE": max(cfg.levels)} for r in RUNTIMES}
     servers = {r: {"env": env[r], "levels": {}} for r in RUNTIMES}
     with contextlib.ExitStack() as stack:
@@ -238,14 +242,18 @@ def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path) -> 
         for r, url in urls.items():
             with urllib.request.urlopen(url + "/metadata", timeout=10) as fh:  # runtime: RuntimeInfo dict or None
                 servers[r]["reported_runtime"] = (json.load(fh)["model"]["runtime"] or {}).get("name")
+        rounds = []
         for c in cfg.levels:
-            for r, s in measure_level(urls, body_path, c, cfg.duration_s, cfg.repeats).items():
+            probe = (lambda: rounds.append(probe_round())) if str(c) == cfg.lo else (lambda: None)
+            for r, s in measure_level(urls, body_path, c, cfg.duration_s, cfg.repeats, probe).items():
                 servers[r]["levels"][str(c)] = s
                 log.info("%s c=%d: %s req/s, p50 %s ms, status %s", r, c, s["rps"], s["p50_ms"], s["status"])
         s = measure_level({"torch": urls["torch"]}, body_path, cfg.overload_concurrency, cfg.duration_s, 1)["torch"]
     bad = s["transport_errors"] + sum(n for c, n in s["status"].items() if c not in ("200", "503"))
-    return servers, {**s, "concurrency": cfg.overload_concurrency, "max_queue": max(cfg.levels),
-                     "non_503_failures": bad}
+    fwd = {k: merge_rounds([r[k] for r in rounds]) for k in PROBES}
+    log.info("raw forward at batch 1 (ms): %s", {k: f["b1_ms"] for k, f in fwd.items()})
+    return fwd, servers, {**s, "concurrency": cfg.overload_concurrency, "max_queue": max(cfg.levels),
+                          "non_503_failures": bad}
 
 
 def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict) -> list[dict]:
@@ -292,7 +300,7 @@ def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, scor
     ceil = fp32_ceiling(main)
     return [table(["runtime", "thread", "forward at batch 1, ms", "per post at batch 16, ms", "prepare, ms",
                    "batch 1 / main thread", "OS threads"], model, f"torch threads {main['torch_threads']}; medians of "
-                  f"{cfg.forward_rounds} interleaved rounds, each a fresh process per probe; batch 1 per round "
+                  f"{cfg.repeats} rounds, each a fresh process per probe; batch 1 per round "
                   f"(ms): " + "; ".join(f"{k} {f['b1_ms_values']}" for k, f in fwd.items()) + "."),
             table(["torch's forward at batch 16 (fp32, main thread)", "value"], [
                 [f"GFLOP per post (FlopCounterMode: matmuls and convolutions; {main['text_tokens']} text tokens)",
@@ -322,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = artifact(cfg.out_dir, cfg.preset)
     export_onnx.main([str(model_dir), "--quantize", "int8"])  # RUNTIME=onnx and int8 serve MODEL_DIR/onnx/
 
-    # 2. The table scorer and the model alone (one probe at a time) while no server competes for the cores.
+    # 2. The table scorer, before any server is up.
     scorer = {p: table_scorer(cfg, p) for p in cfg.tables}
     posts = photo_table(cfg.out_dir, 8, 8)
     with open(posts, newline="") as fh:
@@ -330,15 +338,12 @@ def main(argv: list[str] | None = None) -> dict:
     image, text = (posts.parent / post["image_path"]).read_bytes(), post["description"]
     body_path = work_dir(cfg.out_dir, "serving") / "body.bin"
     body_path.write_bytes(multipart_body(image, text))
-    # Each probe in a fresh spawned process (a worker serves one task): no other thread has run torch there.
+    # 3. The servers and, between their repeats at the lowest level, the model alone. Each probe in a
+    # fresh spawned process (a worker serves one task): no other thread has run torch there.
     args = (str(model_dir), image, text, cfg.forward_repeats, cfg.warmup_s, cfg.matmul_size)
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        rounds = [{k: pool.apply(forward_probe, (k, *args)) for k in PROBES} for _ in range(cfg.forward_rounds)]
-    fwd = {k: merge_rounds([r[k] for r in rounds]) for k in PROBES}
-    log.info("raw forward at batch 1 (ms): %s", {k: f["b1_ms"] for k, f in fwd.items()})
-
-    # 3. The servers; goals and tables.
-    servers, overload = measure_servers(cfg, model_dir, body_path)
+        probe_round = lambda: {k: pool.apply(forward_probe, (k, *args)) for k in PROBES}  # noqa: E731
+        fwd, servers, overload = measure_servers(cfg, model_dir, body_path, probe_round)
     payload = {"preset": cfg.preset, "forward": fwd, "servers": servers,
                "overload": overload, "table_scorer": scorer, "tables": tables(cfg, fwd, servers, overload, scorer),
                "goals": goals(cfg, fwd, servers, overload) + [t["goal"] for t in scorer.values()]}

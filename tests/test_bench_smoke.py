@@ -81,6 +81,16 @@ def test_forward_rounds_merge_into_their_medians_and_the_best_peak():
     assert m["b1_ms_values"] == [100.0, 300.0, 200.0] and m["runtime"] == "torch"
 
 
+def test_a_forward_probe_round_precedes_each_repeat_of_a_level_on_every_server(monkeypatch):
+    from bench import serve_bench
+
+    calls = []  # hey runs by server URL, and probe rounds, in order
+    monkeypatch.setattr(serve_bench, "run_hey", lambda url, body, c, n: calls.append(url) or {
+        "lat_s": [0.1] * n, "status": [200] * n, "sent": n, "wall_s": 1.0})
+    serve_bench.measure_level({"a": "A", "b": "B"}, Path("body"), 1, 1.0, 2, lambda: calls.append("probe"))
+    assert calls == ["A", "B", "probe", "A", "B", "probe", "A", "B"]  # calibration, then probe + repeat twice
+
+
 def test_load_summary_counts_unanswered_requests_as_errors():
     from bench.serve_bench import level_summary, percentile_ms
 
