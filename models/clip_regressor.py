@@ -335,6 +335,14 @@ class LoadedModel:
     embedder: Embedder | None = None  # who computes the CLIP embeddings (models.runtime); None: model.embed
     runtime: RuntimeInfo | None = None  # which runtime that is, and why
 
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's inputs on its device, the model in eval mode. ``eval()`` only when needed: it
+        walks every module (about 1.5 ms for ViT-B/32 on 2 cores), a fixed cost on each served batch."""
+        if self.model.training:
+            self.model.eval()
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+
     def _embed(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D) img and txt embeddings, L2-normalised, on the head's device."""
         embed = self.embedder or self.model.embed
@@ -345,9 +353,7 @@ class LoadedModel:
     @torch.no_grad()
     def predict_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Model tensors -> (model-scale scores, label-unit engagement), both (B,) float64."""
-        device = next(self.model.parameters()).device
-        self.model.eval()
-        b = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+        b = self._inputs(batch)
         img, txt = self._embed(b)
         s = self.model.head_forward(img, txt, b["sentiment"], b["features"]).double().cpu()
         score = self.target.unstandardise(s)
@@ -358,9 +364,8 @@ class LoadedModel:
         """Model tensors -> scores, engagement, conformal intervals and Shapley contributions."""
         from models.explain import shapley
 
-        device = next(self.model.parameters()).device
-        self.model.eval()
-        b = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+        b = self._inputs(batch)
+        device = b["sentiment"].device
         img, txt = self._embed(b)
         if self.reference is None:
             s = self.model.head_forward(img, txt, b["sentiment"], b["features"]).double().cpu()

@@ -85,6 +85,20 @@ def test_onnx_predictions_match_torch(models, batch):
     assert torch.allclose(eager.predict_batch(batch)[0], onnx.predict_batch(batch)[0], atol=TIGHT, rtol=0)
 
 
+def test_a_batch_puts_the_model_in_eval_mode_only_when_it_left_it(models, batch, monkeypatch):
+    """eval() walks every module (a fixed cost on each served batch), so a batch calls it only
+    when the model is in training mode, and then predicts as in eval mode."""
+    eager = models[0]
+    expected = eager.explain_batch(batch).score
+    calls, real = [], type(eager.model).train
+    monkeypatch.setattr(type(eager.model), "train", lambda self, mode=True: calls.append(mode) or real(self, mode))
+    eager.explain_batch(batch), eager.predict_batch(batch)
+    assert calls == []
+    eager.model.train()
+    assert torch.equal(eager.explain_batch(batch).score, expected)
+    assert calls == [True, False] and not eager.model.training
+
+
 def test_onnx_runtime_does_not_call_the_torch_towers(models, batch, monkeypatch):
     eager, onnx = models
     expected = onnx.explain_batch(batch).score
