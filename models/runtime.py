@@ -112,6 +112,9 @@ class OnnxEmbedder:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's pool spins inside a run (fast) and, by default, for a while after it returns, on the
+        # cores that the torch head, the event loop and the next post's decoding then need.
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 

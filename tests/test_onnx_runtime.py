@@ -158,6 +158,14 @@ def test_an_export_whose_embed_onnx_is_int8_is_refused(exported, tmp_path):
     assert "onnx" not in load_model(old, runtime="auto").runtime.name
 
 
+def test_onnx_threads_stop_spinning_when_a_run_returns(models):
+    """By default ORT's pool spins on after a run, on the cores that the torch head, the event
+    loop and the next post's decoding need next."""
+    opts = models[1].embedder.session.get_session_options()
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (torch.get_num_threads(), 1)
+
+
 def test_bf16_predictions_match_torch_within_its_bound(models, batch):
     eager = models[0]
     bf16 = load_model(eager.path, runtime="bf16")
