@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +168,12 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
         return measure(load())
     with ThreadPoolExecutor(1) as pool:  # one worker thread, like the server's inference executor
         return pool.submit(lambda: measure(load())).result()
+
+
+def probe_in_own_process(name: str, args: tuple) -> dict:
+    """``forward_probe(name, *args)`` in a spawned process that has exited when this returns."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(forward_probe, name, *args).result()
 
 
 def merge_rounds(rounds: list[dict]) -> dict:
@@ -339,11 +345,11 @@ def main(argv: list[str] | None = None) -> dict:
     body_path = work_dir(cfg.out_dir, "serving") / "body.bin"
     body_path.write_bytes(multipart_body(image, text))
     # 3. The servers and, between their repeats at the lowest level, the model alone. Each probe in a
-    # fresh spawned process (a worker serves one task): no other thread has run torch there.
+    # fresh spawned process, so no other thread has run torch there; gone before the servers' turn
+    # (a Pool's replacement worker would import torch during the next server's repeat).
     args = (str(model_dir), image, text, cfg.forward_repeats, cfg.warmup_s, cfg.matmul_size)
-    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        probe_round = lambda: {k: pool.apply(forward_probe, (k, *args)) for k in PROBES}  # noqa: E731
-        fwd, servers, overload = measure_servers(cfg, model_dir, body_path, probe_round)
+    probe_round = lambda: {k: probe_in_own_process(k, args) for k in PROBES}  # noqa: E731
+    fwd, servers, overload = measure_servers(cfg, model_dir, body_path, probe_round)
     payload = {"preset": cfg.preset, "forward": fwd, "servers": servers,
                "overload": overload, "table_scorer": scorer, "tables": tables(cfg, fwd, servers, overload, scorer),
                "goals": goals(cfg, fwd, servers, overload) + [t["goal"] for t in scorer.values()]}

@@ -207,6 +207,20 @@ def test_each_thread_variant_ran_in_its_own_process(smoke):
     assert fwd["worker"]["os_threads"] > fwd["main"]["os_threads"]  # the worker is one more OS thread
 
 
+def test_a_probe_process_has_exited_when_its_figures_are_back(smoke):
+    """A probe runs between two servers' repeats: nothing of it may still run (or start) after."""
+    import psutil
+
+    from bench.serve_bench import probe_in_own_process
+
+    work = Path(smoke[0]["out_dir"], "work")
+    image = next((work / "photos-n8" / "images").iterdir()).read_bytes()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    out = probe_in_own_process("int8", (str(work / "artifact-tiny"), image, "a caption", 1, 0.0, 64))
+    assert out["runtime"] == "int8" and out["b1_ms"] > 0
+    assert {p.pid for p in psutil.Process().children(recursive=True)} - before == set()
+
+
 def test_training_batches_carry_uint8_pixels(smoke):
     _, r, _ = smoke
     px = r["train_datapath"]["presets"]["tiny"]["pixels"]
