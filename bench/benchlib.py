@@ -85,6 +85,13 @@ def table(header: list[str], rows: list[list], note: str = "") -> dict:
     return {"header": header, "rows": rows, "note": note}
 
 
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds that ``fn()`` took."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def repeat_interleaved(variants: dict[str, Callable[[], float]], repeats: int, digits: int) -> dict[str, dict]:
     """Run the variants round-robin (A B C A B C ...), so machine noise hits all alike; ``summarize`` each."""
     out: dict[str, list[float]] = {k: [] for k in variants}

@@ -42,7 +42,6 @@ class GpuTrainConfig(BenchConfig):
     timed_epochs: int = field(3, help="epochs timed after one warm-up epoch (median reported)")
     matmul_size: int = field(8192, help="side of the square bf16 matmul that measures the achievable peak")
     compile: bool = field(False, help="train_torch's --compile: the step under torch.compile (the warm-up epoch compiles)")
-    work_dir: str | None = field(None, help="where data and the checkpoint go (default: a temp dir, removed)")
 
     def __post_init__(self):
         if self.smoke:
@@ -50,16 +49,6 @@ class GpuTrainConfig(BenchConfig):
             self.num_workers, self.timed_epochs = 1, 1
         if min(self.posts, self.data_workers, self.batch_size, self.timed_epochs) < 1:
             raise ValueError("sizes and counts must be >= 1")
-
-
-def train_flops_per_sample(p2, batch: dict) -> float:
-    """Training FLOPs (forward + backward, no optimizer step) of one batch, per sample."""
-    import torch.nn.functional as F
-
-    step = getattr(p2.step, "_orig_mod", p2.step)  # with --compile, count the eager step's FLOPs (the same math)
-    flops = counted_flops(lambda: p2.accelerator.backward(F.mse_loss(step(batch).float(), batch["target"])))
-    p2.optimizer.zero_grad(set_to_none=True)
-    return flops / len(batch["target"])
 
 
 def measure(cfg: GpuTrainConfig, p2, loader) -> dict:
@@ -84,10 +73,15 @@ def measure(cfg: GpuTrainConfig, p2, loader) -> dict:
 def figures(cfg: GpuTrainConfig, p2, sps: dict, batch: dict, data: dict) -> dict:
     """FLOPs per sample, the matmul peak, MFU, ratios, goals, and the BENCHMARKS.md text and tables."""
     import torch
+    import torch.nn.functional as F
 
-    cuda = torch.cuda.is_available()
-    med = {k: v["median"] for k, v in sps.items()}
-    flops = train_flops_per_sample(p2, batch)  # a real batch: dynamic padding, as training pads
+    cuda, med = torch.cuda.is_available(), {k: v["median"] for k, v in sps.items()}
+    # Training FLOPs (forward + backward) per sample of a real batch (dynamic padding, as training pads); with
+    # --compile, of the eager step (the same math).
+    step = getattr(p2.step, "_orig_mod", p2.step)
+    flops = counted_flops(lambda: p2.accelerator.backward(F.mse_loss(step(batch).float(), batch["target"])))
+    flops /= len(batch["target"])
+    p2.optimizer.zero_grad(set_to_none=True)
     peak = round(matmul_tflops(cfg.matmul_size, "cuda", torch.bfloat16, iters=20), 1) if cuda else None
     mfu = {f"{k}_vs_{name}": round(med[k] * flops / (t * 1e12), 4) if t else None for k in ("project", "ceiling")
            for name, t in (("datasheet", DATASHEET_BF16_TFLOPS if cuda else None), ("measured_matmul", peak))}
@@ -129,8 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     cuda = torch.cuda.is_available()
     if not cuda and not cfg.smoke:
         raise SystemExit("error: no CUDA device; this benchmark is for a GPU machine (use --smoke on CPU)")
-    with tempfile.TemporaryDirectory(prefix="gpu_train_") as tmp:
-        work = cfg.work_dir or tmp
+    with tempfile.TemporaryDirectory(prefix="gpu_train_") as work:
         records = demo_records(work, cfg.posts, workers=cfg.data_workers)
         t_data = time.perf_counter() - t_start
 

@@ -20,8 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.benchlib import OUT_DIR, demo_records, start, train_run
-from bench.quality_bench import DEFAULT_RUN
+from bench.benchlib import OUT_DIR, start
 from common.config import REPO_ROOT, field
 
 log = logging.getLogger(__name__)
@@ -41,35 +40,29 @@ STATUS = {True: "**MET**", False: "**NOT MET**", None: "not measured"}
 
 @dataclass
 class RunAllConfig:
-    smoke: bool = field(False, help="toy sizes, results under OUT/smoke, BENCHMARKS.md untouched")
+    smoke: bool = field(False, help="toy sizes; results and their Markdown in OUT (default bench/out/smoke)")
     out_dir: str | None = field(None, help="results folder (default bench/out, or bench/out/smoke with --smoke)")
     only: str = field("", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
     report_only: bool = field(False, help="run nothing: write the Markdown from the JSON files in the out dir")
-    fresh: bool = field(False, help="delete cached inputs (OUT/work) first")
     quality_run_dir: str | None = field(None, help="finished train_torch.py run for the quality benchmark "
-                                                   "(default: runs/demo/run if it exists)")
+                                                   "(default: runs/demo/run; skipped if it has no metrics.json)")
     in_process: bool = field(False, help="run the scripts in this process (faster start; used by the smoke test)")
-    md: str | None = field(None, help="Markdown to write (default BENCHMARKS.md, or OUT/BENCHMARKS.md with --smoke)")
 
     def __post_init__(self):
         self.chosen = [] if self.report_only else [n for n in BENCHMARKS if n in self.only.split(",") or not self.only]
         if set(filter(None, self.only.split(","))) - set(BENCHMARKS):
             raise ValueError(f"--only: unknown benchmark in {self.only!r}; choose from {list(BENCHMARKS)}")
         self.out_dir = self.out_dir or str(OUT_DIR / "smoke" if self.smoke else OUT_DIR)
-        self.md = self.md or str(Path(self.out_dir, "BENCHMARKS.md") if self.smoke else REPO_ROOT / "BENCHMARKS.md")
+        self.md = Path(self.out_dir, "BENCHMARKS.md") if self.smoke else REPO_ROOT / "BENCHMARKS.md"
 
 
 def fmt(x) -> str:
     """Cells as the tables show them: numbers with thousands separated, else 4 significant digits."""
-    if x is None:
-        return "–"
     if isinstance(x, list):  # repeats
         return ", ".join(map(fmt, x))
-    if isinstance(x, (bool, str)):
-        return str(x)
-    if isinstance(x, int):
-        return f"{x:,}"
-    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+    if x is None or isinstance(x, (bool, str)):
+        return "–" if x is None else str(x)
+    return f"{x:,}" if isinstance(x, int) else f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
 
 
 def markdown(header: list, rows: list[list], note: str = "") -> list[str]:
@@ -124,41 +117,21 @@ def write_report(in_dir: str | Path, md: str | Path) -> Path:
     if not paths["gpu_train"].is_file():
         paths["gpu_train"] = GPU_RESULT
     results = {stem: json.loads(p.read_text()) for stem, p in paths.items() if p.is_file()}
-    log.info("results found: %s", ", ".join(results) or "none")
-    Path(md).parent.mkdir(parents=True, exist_ok=True)
     Path(md).write_text(build(results))
-    log.info("wrote %s", md)
+    log.info("wrote %s from: %s", md, ", ".join(results) or "no results")
     return Path(md)
 
 
-def quality_run(cfg: RunAllConfig) -> str | None:
-    """The finished run that quality reads; for a smoke run, a 1+1-epoch one trained on its toy data."""
-    if cfg.quality_run_dir or not cfg.smoke:
-        run = Path(cfg.quality_run_dir or DEFAULT_RUN)
-        return str(run) if (run / "metrics.json").is_file() else None
-    run = Path(cfg.out_dir, "work", "quality-smoke-run")
-    records = demo_records(cfg.out_dir, 48, workers=1)
-    train_run(cfg.out_dir, records, run, "--frozen-epochs", "1", "--finetune-epochs", "1", smoke=True)
-    return str(run)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    # 1. Parse args: which benchmarks, where; hey and the quality run before anything is measured.
+    # 1. Parse args: which benchmarks, where; hey before anything is measured.
     cfg, _ = start(RunAllConfig, argv, __doc__)
     out = Path(cfg.out_dir)
-    if cfg.fresh:
-        shutil.rmtree(out / "work", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     if "serving" in cfg.chosen and not shutil.which("hey"):  # fail now, not after the other benchmarks
         raise SystemExit("error: the serving benchmark needs hey: apt-get install hey (make bench does)")
     args = {n: ["--out-dir", str(out), *(["--smoke"] if cfg.smoke else [])] for n in cfg.chosen}
-    if "quality" in args:
-        run = quality_run(cfg)
-        if run is None:
-            log.warning("quality: no finished run (make demo, then make bench RUN=runs/demo/run); skipped")
-            del args["quality"]
-        else:
-            args["quality"] += ["--run-dir", run]
+    if "quality" in args and cfg.quality_run_dir:
+        args["quality"] += ["--run-dir", cfg.quality_run_dir]
 
     # 2. Each benchmark in turn, timed; a failure stops the run (the JSON files so far stay).
     seconds = {}
@@ -174,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. The report, from whatever JSON is in the out dir.
     write_report(out, cfg.md)
     log.info("benchmarks took %s", ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) or "nothing (report only)")
-    return {"seconds": seconds, "out_dir": str(out), "md": cfg.md}
+    return {"seconds": seconds, "out_dir": str(out), "md": str(cfg.md)}
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.benchlib import BenchConfig, artifact, counted_flops, goal, matmul_tflops, photo_table, ratio, \
-    repeat_interleaved, start, table, work_dir, write_result
+    repeat_interleaved, start, table, timed, work_dir, write_result
 from common.config import field
 from models import export_onnx
 from serving.launch import run_server
@@ -68,8 +68,8 @@ class ServeBenchConfig(BenchConfig):
     def __post_init__(self):
         if self.smoke:
             self.preset, self.concurrency, self.duration_s, self.repeats = "tiny", "1,4", 0.5, 1
-            self.overload_concurrency, self.forward_repeats, self.warmup_s, self.table_rows = 16, 1, 0.0, "tiny:16"
-            self.matmul_size = 256
+            self.overload_concurrency, self.forward_repeats, self.warmup_s, self.matmul_size = 16, 1, 0.0, 256
+            self.table_rows = "tiny:16"
         self.levels = [int(c) for c in self.concurrency.split(",")]
         self.lo, self.hi = str(min(self.levels)), str(16 if 16 in self.levels else max(self.levels))  # goal levels
         self.tables = {p: int(n) for p, n in (x.split(":") for x in self.table_rows.split(","))}
@@ -91,17 +91,13 @@ def table_scorer(cfg: ServeBenchConfig, preset: str) -> dict:
     from models.clip_regressor import load_model
     from serving import predict
 
-    # 1. The artifact, the two tables (over the preprocess benchmark's pool), and predict's defaults.
+    # 1. The artifact, the two tables (over the preprocess benchmark's pool), and predict at its defaults.
     model_dir, n = artifact(cfg.out_dir, preset), cfg.tables[preset]
     tables = {k: photo_table(cfg.out_dir, 8 if cfg.smoke else 200, k) for k in (n, 2 * n)}
     defaults = predict.PredictConfig(model=str(model_dir), input=str(tables[2 * n]), out="")
-    out = work_dir(cfg.out_dir, "predict") / f"{preset}.csv"
-
-    def seconds(rows: int) -> float:
-        t0 = time.perf_counter()
-        predict.main(["--model", str(model_dir), "--input", str(tables[rows]), "--out", str(out), "--show", "0",
-                      "--no-progress"])
-        return time.perf_counter() - t0
+    args = ["--model", str(model_dir), "--out", str(work_dir(cfg.out_dir, "predict") / f"{preset}.csv"), "--show", "0",
+            "--no-progress"]
+    seconds = lambda rows: timed(lambda: predict.main([*args, "--input", str(tables[rows])]))  # noqa: E731
 
     # 2. The ceiling's batches: rows N..2N-1 of the big table, through predict's own Dataset and collate.
     lm = load_model(model_dir)
@@ -111,10 +107,7 @@ def table_scorer(cfg: ServeBenchConfig, preset: str) -> dict:
 
     def forward_pps() -> float:
         lm.explain_batch(batches[0])  # a first pass at a new shape is far slower
-        t0 = time.perf_counter()
-        for b in batches:
-            lm.explain_batch(b)
-        return n / (time.perf_counter() - t0)
+        return n / timed(lambda: [lm.explain_batch(b) for b in batches])
 
     pps = repeat_interleaved({"predict": lambda: n / max(seconds(2 * n) - seconds(n), 1e-9), "forward": forward_pps},
                              cfg.repeats, 2)
@@ -133,8 +126,6 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
     from data_preprocessing.posts import prepare_post
     from models.clip_regressor import load_model
 
-    load = lambda: load_model(model_dir, runtime=PROBES[name][0])  # noqa: E731
-
     def prepare(lm) -> dict:  # what the server does per post before the forward pass
         return lm.batcher([prepare_post(image, caption, dict.fromkeys(lm.prepare.features.names, ""), lm.prepare)])
 
@@ -142,14 +133,10 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
         t_end = time.perf_counter() + warmup_s
         while time.perf_counter() < t_end:
             fn()
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            out.append(round((time.perf_counter() - t0) * 1000, 2))
-        return out
+        return [round(timed(fn) * 1000, 2) for _ in range(n)]
 
-    def measure(lm) -> dict:
+    def measure() -> dict:
+        lm = load_model(model_dir, runtime=PROBES[name][0])
         b1 = prepare(lm)
         b16 = {k: torch.cat([v] * 16) for k, v in b1.items()}
         b1_ms, b16_ms = ms(lambda: lm.explain_batch(b1), repeats), ms(lambda: lm.explain_batch(b16), max(1, repeats // 3))
@@ -165,9 +152,9 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
         return out
 
     if name != "worker":
-        return measure(load())
+        return measure()
     with ThreadPoolExecutor(1) as pool:  # one worker thread, like the server's inference executor
-        return pool.submit(lambda: measure(load())).result()
+        return pool.submit(measure).result()
 
 
 def probe_in_own_process(name: str, args: tuple) -> dict:
@@ -177,8 +164,7 @@ def probe_in_own_process(name: str, args: tuple) -> dict:
 
 
 def merge_rounds(rounds: list[dict]) -> dict:
-    """One probe's rounds as one: the median of the rounds' timings (``b1_ms_values``: each round's), the best
-    matmul peak, the rest as the first round measured it."""
+    """One probe's rounds as one: the rounds' median timings (and each round's b1_ms), the best matmul peak."""
     med = lambda k: round(statistics.median(r[k] for r in rounds), 2)  # noqa: E731
     out = {**rounds[0], "b1_ms_values": [r["b1_ms"] for r in rounds],
            **{k: med(k) for k in ("b1_ms", "b16_per_post_ms", "prepare_ms")}}
@@ -250,8 +236,8 @@ def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path, pro
                 servers[r]["reported_runtime"] = (json.load(fh)["model"]["runtime"] or {}).get("name")
         rounds = []
         for c in cfg.levels:
-            probe = (lambda: rounds.append(probe_round())) if str(c) == cfg.lo else (lambda: None)
-            for r, s in measure_level(urls, body_path, c, cfg.duration_s, cfg.repeats, probe).items():
+            probe = {"before_repeat": lambda: rounds.append(probe_round())} if str(c) == cfg.lo else {}
+            for r, s in measure_level(urls, body_path, c, cfg.duration_s, cfg.repeats, **probe).items():
                 servers[r]["levels"][str(c)] = s
                 log.info("%s c=%d: %s req/s, p50 %s ms, status %s", r, c, s["rps"], s["p50_ms"], s["status"])
         s = measure_level({"torch": urls["torch"]}, body_path, cfg.overload_concurrency, cfg.duration_s, 1)["torch"]

@@ -25,9 +25,8 @@ from common.config import field
 
 @dataclass
 class TrainBenchConfig(BenchConfig):
-    presets: str = field("tiny:32x40,b32:8x3", help="CLIP shape:batch size x timed steps, comma-separated "
-                         "(models/tiny_clip.py presets; 32 is train_torch's default batch, b32's is small for CPU; "
-                         "40 tiny steps of an epoch's 50: 15 took 4 s and varied 10%% run to run)")
+    presets: str = field("tiny:32x40,b32:8x3", help="CLIP shape:batch size x timed steps, comma-separated (32 is "
+                         "train_torch's default batch; 40 tiny steps of an epoch's 50: 15 varied 10%% run to run)")
     posts: int = field(2000, help="demo posts generated (the train split is ~80%% of them)")
     repeats: int = field(3, help="interleaved repeats per variant (median reported)")
     warmup_steps: int = field(2, help="untimed steps first (worker start-up, first allocations)")
@@ -44,8 +43,8 @@ class TrainBenchConfig(BenchConfig):
 
 
 def pixel_bytes(p2: Phase2, batch: dict) -> dict:
-    """Bytes of one batch's pixels: the Collator's uint8 tensor, and the float32 normalised one the
-    model computes from it (what the loader carried before the uint8 change)."""
+    """A batch's pixel bytes: uint8 as the Collator makes them, float32 as the model normalises them (and as
+    the loader carried them before)."""
     pv = batch["pixel_values"]
     normalised = p2.model.normalize_pixels(pv.to(p2.accelerator.device))
     return {"shape": list(pv.shape), "dtype": str(pv.dtype), "bytes": pv.nbytes, "float32_bytes": normalised.nbytes,
@@ -58,9 +57,8 @@ def bench_preset(cfg: TrainBenchConfig, records_dir: Path, preset: str) -> dict:
     # 1. Phase 2 as train_torch builds it: one model, step and optimizer for every variant.
     bs, steps = cfg.shapes[preset]
     p2 = Phase2(clip_checkpoint(cfg.out_dir, preset), records_dir, Accelerator(cpu=True), bs)
-    need = (cfg.warmup_steps + steps) * bs
-    if len(p2.train) < need:
-        raise SystemExit(f"error: {len(p2.train)} train posts < {need} needed; raise --posts")
+    if len(p2.train) < (cfg.warmup_steps + steps) * bs:
+        raise SystemExit(f"error: {len(p2.train)} train posts < {(cfg.warmup_steps + steps) * bs} needed; raise --posts")
 
     # 2. The ceiling: the project loader's first batches (epoch 0), collated in memory. Then interleaved
     #    repeats, a fresh loader each time (its workers stop when it goes).

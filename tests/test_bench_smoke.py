@@ -102,11 +102,13 @@ def test_load_summary_counts_unanswered_requests_as_errors():
 
 
 def test_quality_is_skipped_without_a_finished_run(tmp_path):
-    from bench.run_all import RunAllConfig, quality_run
+    from bench import quality_bench
 
-    assert quality_run(RunAllConfig(quality_run_dir=str(tmp_path))) is None
+    out = tmp_path / "out"
+    assert quality_bench.main(["--run-dir", str(tmp_path), "--out-dir", str(out)]) is None
+    assert not (out / "quality.json").exists()
     (tmp_path / "metrics.json").write_text("{}")
-    assert quality_run(RunAllConfig(quality_run_dir=str(tmp_path))) == str(tmp_path)
+    assert quality_bench.finished_run(quality_bench.QualityBenchConfig(run_dir=str(tmp_path))) == tmp_path
 
 
 @pytest.fixture(scope="module")
