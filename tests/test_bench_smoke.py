@@ -13,6 +13,8 @@ import pytest
 from bench.benchlib import goal
 
 BENCHMARKS = {"preprocess", "train_datapath", "quality", "serving"}
+OVERHEAD = ("serving overhead, RUNTIME={runtime}: p50 at concurrency 1 / its raw forward at batch 1 (median of the "
+            "repeats' ratios, each to the round just before it)")
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 MACHINE = ("cpu_model", "cpus_usable", "ram_gib", "torch", "transformers", "date_utc", "git_commit")
 
@@ -86,10 +88,26 @@ def test_thread_ratio_pairs_the_probes_of_each_round():
 
     # The bench at 6bfdce3: a slow first round for both, then drift. The ratio of the medians is 166/135 = 1.23;
     # the rounds' ratios are 1.0, 0.97 and 1.23.
-    main, worker = {"b1_ms_values": [190.38, 134.96, 134.97]}, {"b1_ms_values": [189.97, 131.25, 165.82]}
+    main, worker = [190.38, 134.96, 134.97], [189.97, 131.25, 165.82]
     assert paired_ratio(worker, main) == 0.998
+    assert paired_ratio([189.97, None, 165.82], main) is None  # a repeat without a figure: not measured
     with pytest.raises(ValueError):  # a probe missing a round must not pair the wrong rounds
-        paired_ratio({"b1_ms_values": [1.0]}, main)
+        paired_ratio([1.0], main)
+
+
+def test_overhead_pairs_each_repeat_with_the_probe_round_before_it():
+    from bench.serve_bench import ServeBenchConfig, goals
+
+    # Host speed drifts: round 2 ran slow for the probe and the server alike. Pooled, the p50 is 165 against a
+    # median forward of 120 (1.375); repeat by repeat the server adds a tenth (1.1).
+    probe = {"b1_ms_values": [100.0, 200.0, 120.0], "gflop_per_post": 1.0, "b16_per_post_ms": 10.0,
+             "fp32_matmul_gflops": 150.0}
+    fwd = {k: probe for k in ("main", "worker", "onnx", "int8", "auto")}
+    level = {"p50_ms_repeats": [110.0, 220.0, 132.0], "p50_ms": 165.0, "rps": 8.0, "errors": 0}
+    servers = {r: {"reported_runtime": r, "levels": {"1": level, "16": level}} for r in ("torch", "onnx", "int8", "auto")}
+    overload = {"non_503_failures": 0, "status": {"503": 1}, "requests": 1}
+    measured = {g["goal"]: g["measured"] for g in goals(ServeBenchConfig(concurrency="1,16"), fwd, servers, overload)}
+    assert {measured[OVERHEAD.format(runtime=r)] for r in servers} == {1.1}
 
 
 def test_a_forward_probe_round_precedes_each_repeat_of_a_level_on_every_server(monkeypatch):
@@ -192,8 +210,9 @@ def test_goal_figures_are_the_ratios_of_the_measurements(smoke):
         mem["large"]["peak_tree_rss_mib"] / mem["small"]["peak_tree_rss_mib"], 3)
     s, fwd = r["serving"], r["serving"]["forward"]
     for runtime, probe in (("torch", "main"), ("onnx", "onnx"), ("int8", "int8"), ("auto", "auto")):
-        assert measured[f"serving overhead, RUNTIME={runtime}: p50 at concurrency 1 / its raw forward at batch 1"] \
-            == round(s["servers"][runtime]["levels"]["1"]["p50_ms"] / fwd[probe]["b1_ms"], 3)
+        p50, b1 = s["servers"][runtime]["levels"]["1"]["p50_ms_repeats"], fwd[probe]["b1_ms_values"]
+        assert len(p50) == len(b1) == 1  # smoke: one repeat, after one probe round
+        assert measured[OVERHEAD.format(runtime=runtime)] == round(p50[0] / b1[0], 3)
     assert measured["raw forward at batch 1, worker thread doing all torch work / main thread (median of the "
                     "rounds' ratios)"] == round(fwd["worker"]["b1_ms"] / fwd["main"]["b1_ms"], 3)  # smoke: 1 round
     rps = {k: d["levels"]["4"]["rps"] for k, d in s["servers"].items()}  # smoke levels: 1, 4
