@@ -5,11 +5,12 @@ the raw forward on those posts batched by predict's own ``TableRows`` and ``Batc
 (``LoadedModel.explain_batch``) at batch 1 and 16, each variant in a fresh process, in a round before each of the
 servers' repeats at the lowest concurrency: a shared machine's speed can drift by tens of percent between minutes, so
 each ratio of two of them is the median over rounds of the round's ratio (the overhead: a repeat's p50 to the round
-just before it). Per RUNTIME on the main thread, and torch on a worker thread (libgomp gives each thread its own OpenMP team; with more teams than
-CPUs each parallel region pays a futex wake). Torch's batch-16 FLOPs at the CPU's measured fp32 matmul peak bound what
-any fp32 runtime can gain. The servers: ``serving.launch.run_server`` per RUNTIME (torch, onnx, the opt-in int8, and
-auto, which picks per batch size and never int8) driven by ``hey`` (one multipart POST /predict of a 640x480 JPEG per
-request), levels interleaved across servers up to MAX_QUEUE (so no 503); last, overload.
+just before it). Per RUNTIME on the main thread, and torch on a worker thread (libgomp gives each thread its own
+OpenMP team; with more teams than CPUs each parallel region pays a futex wake). Torch's batch-16 FLOPs at the CPU's
+measured fp32 matmul peak bound what any fp32 runtime can gain. The servers: ``serving.launch.run_server`` per RUNTIME
+(torch, onnx, the opt-in int8, and auto, which picks per batch size and never int8) driven by ``hey`` (one multipart
+POST /predict of a 640x480 JPEG per request), levels interleaved across servers up to MAX_QUEUE (so no 503); last,
+overload.
 """
 
 from __future__ import annotations
@@ -303,7 +304,8 @@ def tables(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict, scor
     return [table(["runtime", "thread", "forward at batch 1, ms", "per post at batch 16, ms", "prepare, ms",
                    "batch 1 / main thread (median of the rounds' ratios)", "OS threads"], model,
                   f"torch threads {main['torch_threads']}; medians of {cfg.repeats} rounds, each a fresh process per "
-                  "probe; batch 1 per round (ms): " + "; ".join(f"{k} {f['b1_ms_values']}" for k, f in fwd.items()) + "."),
+                  "probe; batch 1 per round (ms): "
+                  + "; ".join(f"{k} {f['b1_ms_values']}" for k, f in fwd.items()) + "."),
             table(["torch's forward at batch 16 (fp32, main thread)", "value"], [
                 [f"GFLOP per post (FlopCounterMode: matmuls and convolutions; {main['text_tokens']} text tokens)",
                  main["gflop_per_post"]], ["GFLOP/s achieved", ceil["achieved_gflops"]],
