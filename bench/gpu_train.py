@@ -51,6 +51,16 @@ class GpuTrainConfig(BenchConfig):
             raise ValueError("sizes and counts must be >= 1")
 
 
+def train_flops_per_sample(p2, batch: dict) -> float:
+    """Training FLOPs (forward + backward, no optimizer step) of one batch, per sample."""
+    import torch.nn.functional as F
+
+    step = getattr(p2.step, "_orig_mod", p2.step)  # with --compile, count the eager step's FLOPs (the same math)
+    flops = counted_flops(lambda: p2.accelerator.backward(F.mse_loss(step(batch).float(), batch["target"])))
+    p2.optimizer.zero_grad(set_to_none=True)
+    return flops / len(batch["target"])
+
+
 def measure(cfg: GpuTrainConfig, p2, loader) -> dict:
     """samples/s over whole epochs, after a warm-up one: the project (loader + step), the loader
     alone, and the step over batches already on the device (ceiling)."""
@@ -73,15 +83,9 @@ def measure(cfg: GpuTrainConfig, p2, loader) -> dict:
 def figures(cfg: GpuTrainConfig, p2, sps: dict, batch: dict, data: dict) -> dict:
     """FLOPs per sample, the matmul peak, MFU, ratios, goals, and the BENCHMARKS.md text and tables."""
     import torch
-    import torch.nn.functional as F
 
     cuda, med = torch.cuda.is_available(), {k: v["median"] for k, v in sps.items()}
-    # Training FLOPs (forward + backward) per sample of a real batch (dynamic padding, as training pads); with
-    # --compile, of the eager step (the same math).
-    step = getattr(p2.step, "_orig_mod", p2.step)
-    flops = counted_flops(lambda: p2.accelerator.backward(F.mse_loss(step(batch).float(), batch["target"])))
-    flops /= len(batch["target"])
-    p2.optimizer.zero_grad(set_to_none=True)
+    flops = train_flops_per_sample(p2, batch)  # a real batch: dynamic padding, as training pads
     peak = round(matmul_tflops(cfg.matmul_size, "cuda", torch.bfloat16, iters=20), 1) if cuda else None
     mfu = {f"{k}_vs_{name}": round(med[k] * flops / (t * 1e12), 4) if t else None for k in ("project", "ceiling")
            for name, t in (("datasheet", DATASHEET_BF16_TFLOPS if cuda else None), ("measured_matmul", peak))}

@@ -246,8 +246,8 @@ def measure_servers(cfg: ServeBenchConfig, model_dir: Path, body_path: Path, pro
                 servers[r]["reported_runtime"] = (json.load(fh)["model"]["runtime"] or {}).get("name")
         rounds = []
         for c in cfg.levels:
-            probe = {"before_repeat": lambda: rounds.append(probe_round())} if str(c) == cfg.lo else {}
-            for r, s in measure_level(urls, body_path, c, cfg.duration_s, cfg.repeats, **probe).items():
+            probe = (lambda: rounds.append(probe_round())) if str(c) == cfg.lo else (lambda: None)
+            for r, s in measure_level(urls, body_path, c, cfg.duration_s, cfg.repeats, probe).items():
                 servers[r]["levels"][str(c)] = s
                 log.info("%s c=%d: %s req/s, p50 %s ms, status %s", r, c, s["rps"], s["p50_ms"], s["status"])
         s = measure_level({"torch": urls["torch"]}, body_path, cfg.overload_concurrency, cfg.duration_s, 1)["torch"]
