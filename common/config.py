@@ -99,6 +99,29 @@ def git_commit() -> str | None:
         return None
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def share_modes(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a directory and all it holds) the modes of the user's umask.
+
+    ``tempfile.mkstemp``/``mkdtemp`` create 0600 files and 0700 directories, and safetensors
+    writes 0600 files: renamed into place, an artifact would be unreadable by a server that
+    runs as another user. A plain ``open`` would have given 0644/0755 (umask 022), so this
+    gives the same.
+    """
+    mask = _umask()
+    path = Path(path)
+    entries = [path] + (list(path.rglob("*")) if path.is_dir() else [])
+    for p in entries:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write JSON via a temp file and rename, so readers never see half a file."""
     path = Path(path)
@@ -107,6 +130,7 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     with os.fdopen(fd, "w") as fh:
         json.dump(obj, fh, indent=2, sort_keys=False, default=str)
         fh.write("\n")
+    share_modes(tmp)
     os.replace(tmp, path)
 
 
@@ -128,6 +152,7 @@ def atomic_dir(final: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    share_modes(tmp)
     old = final.with_name(f".{final.name}.old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
