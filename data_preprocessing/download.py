@@ -202,8 +202,10 @@ def _try_once(client: httpx.Client, url: str, dest: Path, cfg: DownloadConfig) -
             _stream_to_cache(response, dest, cfg, deadline)
     except httpx.TooManyRedirects:
         raise DownloadError("download_failed", f"more than {cfg.max_redirects} redirects") from None
-    except httpx.UnsupportedProtocol as e:  # a redirect to ftp:// and the like
-        raise DownloadError("unsupported_url", str(e)) from None
+    except httpx.UnsupportedProtocol as e:  # a redirect to ftp:// and the like, or no host at all ("http://")
+        if e.request.url.scheme and e.request.url.scheme not in SCHEMES:
+            raise DownloadError("unsupported_url", f"redirected to {e.request.url}") from None
+        raise DownloadError("download_failed", f"invalid URL: {e}") from None
     except httpx.TimeoutException as e:
         raise _Retryable(DownloadError("download_timeout", f"{type(e).__name__} after {cfg.timeout_s:g} s")) from None
     except httpx.TransportError as e:  # connection refused or reset, DNS, a broken response
@@ -276,10 +278,10 @@ class _Tally:
 
 def _without_network(url: str, cfg: DownloadConfig) -> Path | DownloadError | None:
     """The result of a URL that needs no request (cached, or a scheme we do not fetch), else None."""
-    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    scheme = url.partition("://")[0].lower() if is_url(url) else ""
     if scheme not in SCHEMES:
-        return DownloadError("unsupported_url", f"scheme {scheme + '://' if scheme else 'missing'} "
-                                                f"(only {' and '.join(SCHEMES)} are downloaded)")
+        what = f"{scheme}:// URL" if scheme else "not a scheme:// URL"
+        return DownloadError("unsupported_url", f"{what} (only {' and '.join(SCHEMES)} are downloaded)")
     dest = cache_path(url, cfg.cache_dir)
     return dest if dest.is_file() else None
 

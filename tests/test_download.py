@@ -29,7 +29,8 @@ HASHED = re.compile(r"[0-9a-f]{64}")
 @pytest.fixture
 def server():
     routes = {"/photo.jpg": static(JPEG, "image/jpeg"), "/photo.png": static(PNG, "image/png"),
-              "/page.html": static(HTML, "text/html"), "/moved": redirect("/target.png"),
+              "/page.html": static(HTML, "text/html"), "/choices": static(HTML, "text/html", status=300), "/moved": redirect("/target.png"),
+              "/to-ftp": redirect("ftp://127.0.0.1/photo.jpg"),
               "/target.png": static(PNG, "image/png"),
               "/busy": failing([429], static(JPEG, "image/jpeg"), headers={"Retry-After": "1"}),
               "/flaky": failing([500, 500], static(JPEG, "image/jpeg")), "/down": failing([503] * 9, static(JPEG, "")),
@@ -68,14 +69,18 @@ def test_images_and_an_html_page_are_cached_as_served_and_a_redirect_is_followed
 def test_each_failure_has_its_reason_and_detail(server, cfg):
     refused = f"http://127.0.0.1:{free_port()}/photo.jpg"  # nothing listens there
     urls = {"404": server.url("/nothing-here.jpg"), "loop": server.url("/loop0"), "ftp": "ftp://127.0.0.1/photo.jpg",
-            "refused": refused, "503": server.url("/down")}
+            "refused": refused, "503": server.url("/down"), "300": server.url("/choices"),
+            "to-ftp": server.url("/to-ftp"), "no-host": "http://"}
     got = run(urls.values(), cfg)
     errors = {k: (got[u].reason, got[u].message) for k, u in urls.items()}
     assert errors["404"] == ("download_failed", "HTTP 404 Not Found")
     assert errors["loop"] == ("download_failed", "more than 5 redirects")
     assert errors["ftp"][0] == "unsupported_url" and "ftp://" in errors["ftp"][1]
+    assert errors["to-ftp"] == ("unsupported_url", "redirected to ftp://127.0.0.1/photo.jpg")
+    assert errors["no-host"][0] == "download_failed" and errors["no-host"][1].startswith("invalid URL")
     assert errors["refused"][0] == "download_failed" and "ConnectError" in errors["refused"][1]
     assert errors["503"] == ("download_failed", "HTTP 503 Service Unavailable")
+    assert errors["300"] == ("download_failed", "HTTP 300 Multiple Choices")  # a 3xx with no Location is no image
     assert all(isinstance(got[u], DownloadError) for u in urls.values())
     # A 404 and a redirect loop are not tried again; the loop stopped after 5 redirects (6 requests); a 503 got 3 tries.
     assert server.hits["/nothing-here.jpg"] == 1 and server.hits["/down"] == 3
