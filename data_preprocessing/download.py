@@ -171,7 +171,8 @@ def _stream_to_cache(response: httpx.Response, dest: Path, cfg: DownloadConfig, 
     """Write the body to a hidden temp name beside ``dest``, then rename it into place."""
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cfg.max_bytes:
-        raise DownloadError("too_large", f"Content-Length {int(declared):,} bytes > --max-image-bytes {cfg.max_bytes:,}")
+        raise DownloadError("too_large",
+                            f"Content-Length {int(declared):,} bytes > --max-image-bytes {cfg.max_bytes:,}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
     # os.open with 0o666: the file gets the user's umask (mkstemp would force 0600).

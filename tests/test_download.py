@@ -29,9 +29,9 @@ HASHED = re.compile(r"[0-9a-f]{64}")
 @pytest.fixture
 def server():
     routes = {"/photo.jpg": static(JPEG, "image/jpeg"), "/photo.png": static(PNG, "image/png"),
-              "/page.html": static(HTML, "text/html"), "/choices": static(HTML, "text/html", status=300), "/moved": redirect("/target.png"),
+              "/page.html": static(HTML, "text/html"), "/choices": static(HTML, "text/html", status=300),
+              "/moved": redirect("/target.png"), "/target.png": static(PNG, "image/png"),
               "/to-ftp": redirect("ftp://127.0.0.1/photo.jpg"),
-              "/target.png": static(PNG, "image/png"),
               "/busy": failing([429], static(JPEG, "image/jpeg"), headers={"Retry-After": "1"}),
               "/flaky": failing([500, 500], static(JPEG, "image/jpeg")), "/down": failing([503] * 9, static(JPEG, "")),
               "/slow": slow(2.0, static(JPEG, "image/jpeg")),
@@ -133,7 +133,8 @@ def test_a_second_run_reads_the_cache_with_the_server_stopped(server, cfg):
 
 def test_a_run_killed_mid_download_leaves_no_file_under_the_cache_name(server, cfg):
     url = server.url("/stalls")
-    code = ("import sys; from pathlib import Path; from data_preprocessing.download import DownloadConfig, download_all; "
+    code = ("import sys; from pathlib import Path; "
+            "from data_preprocessing.download import DownloadConfig, download_all; "
             "list(download_all([sys.argv[1]], DownloadConfig(cache_dir=Path(sys.argv[2])), progress=False))")
     proc = subprocess.Popen([sys.executable, "-c", code, url, str(cfg.cache_dir)], cwd=REPO_ROOT)
     try:  # wait until the first quarter of the body is on disk (the server then stalls), and kill the run
