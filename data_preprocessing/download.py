@@ -64,7 +64,8 @@ def default_cache_dir() -> Path:
 
 
 def is_url(cell: str) -> bool:
-    """True for any ``scheme://...`` cell (http, https, ftp, file, ...); False for a local path."""
+    """True for any ``scheme://...`` cell (http, https, ftp, file, ...); False for a local path.
+    The cell is taken as written: the table reader strips it first."""
     return bool(_URL_RE.match(cell))
 
 
@@ -87,14 +88,14 @@ class DownloadConfig:
     backoff_s: float = field(0.5, help="wait before the second try; doubled before each later one")
 
     def __post_init__(self):
-        object.__setattr__(self, "cache_dir", Path(self.cache_dir))  # a str from a flag
-        checks = {"--download-workers": self.workers >= 1, "--download-timeout": self.timeout_s > 0,
-                  "--max-image-bytes": self.max_bytes >= 1, "tries": self.tries >= 1,
-                  "max_redirects": self.max_redirects >= 0, "backoff_s": self.backoff_s >= 0}
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} out of range: workers and tries >= 1, timeout > 0, "
-                             f"max bytes >= 1, redirects and backoff >= 0 (got {self})")
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())  # a str from a flag
+        # (name as the user sets it, value, lowest allowed, whether the lowest itself is allowed)
+        for name, value, low, inclusive in (
+                ("--download-workers", self.workers, 1, True), ("--download-timeout", self.timeout_s, 0, False),
+                ("--max-image-bytes", self.max_bytes, 1, True), ("tries", self.tries, 1, True),
+                ("max_redirects", self.max_redirects, 0, True), ("backoff_s", self.backoff_s, 0, True)):
+            if value < low or (value == low and not inclusive):
+                raise ValueError(f"{name} must be {'>=' if inclusive else '>'} {low}, got {value}")
 
 
 @dataclass(kw_only=True)
@@ -104,7 +105,8 @@ class DownloadArgs:
     without defaults) and passes ``cfg.download_config()`` on. A subclass that defines its
     own ``__post_init__`` calls ``super().__post_init__()``."""
 
-    image_cache: str = field(help="content cache of downloaded image URLs (a cached URL is never fetched again)",
+    image_cache: str = field(help="content cache of downloaded image URLs (a cached URL is never fetched again); "
+                                  "default under $XDG_CACHE_HOME if set, else ~/.cache",
                              default_factory=lambda: str(default_cache_dir()))
     download_workers: int = field(DownloadConfig.workers, help="concurrent image downloads")
     download_timeout: float = field(DownloadConfig.timeout_s, help="seconds allowed per image request")
@@ -216,10 +218,8 @@ def _try_once(client: httpx.Client, url: str, dest: Path, cfg: DownloadConfig) -
 
 
 def _fetch(client: httpx.Client, url: str, cfg: DownloadConfig) -> Path | DownloadError:
-    """``url``'s cached file, downloading it (with retries) unless it is cached already."""
+    """Download ``url`` into the cache (with retries): its cached file, or why not."""
     dest = cache_path(url, cfg.cache_dir)
-    if dest.is_file():
-        return dest
     for attempt in range(1, cfg.tries + 1):
         try:
             _try_once(client, url, dest, cfg)
@@ -269,6 +269,8 @@ class _Tally:
 
     def close(self) -> None:
         self.bar.close()
+        if not self.counts:  # a table without URLs: nothing to report
+            return
         seconds = time.perf_counter() - self.t0
         failed = {r: self.counts[r] for r in REASONS if self.counts[r]}
         logger.info("image URLs: %d downloaded, %d from the cache, %d failed%s; %d fetches in %.1f s (%.1f/s)",
