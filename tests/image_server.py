@@ -77,15 +77,16 @@ class LoopbackServer:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def stream(self, total: int, chunk: int = 64 * 1024, stall_after: int | None = None) -> Route:
-        """A body of ``total`` bytes, with no Content-Length (ended by closing the connection) unless
-        ``stall_after`` is given: then the Content-Length is announced, and the server stops for 30 s
-        after that many bytes. ``sent`` counts what reached the socket before the client hung up."""
+    def stream(self, total: int, chunk: int = 64 * 1024, declare: bool = False, pause_s: float = 0.0,
+               stall_after: int | None = None) -> Route:
+        """A body of ``total`` bytes in ``chunk``-byte writes, ``pause_s`` apart; with a Content-Length if
+        ``declare``, else ended by closing the connection. After ``stall_after`` bytes the server stops for 30 s.
+        ``sent`` counts what reached the socket before the client hung up."""
         def route(h, n):
             h.send_response(200)
             h.send_header("Content-Type", "image/jpeg")
             h.send_header("Connection", "close")
-            if stall_after is not None:
+            if declare:
                 h.send_header("Content-Length", str(total))
             h.end_headers()
             block = b"\xff" * chunk
@@ -93,6 +94,7 @@ class LoopbackServer:
                 for _ in range(total // chunk):
                     if self.sent[h.path] == stall_after:
                         time.sleep(30)  # a daemon thread: stop() does not wait for it
+                    time.sleep(pause_s)
                     h.wfile.write(block)
                     with self._lock:
                         self.sent[h.path] += chunk

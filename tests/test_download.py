@@ -3,6 +3,7 @@ httpx client: what is cached, each failure's reason, retries, caps, and the cach
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -39,7 +40,9 @@ def server():
     routes.update({f"/loop{i}": redirect(f"/loop{i + 1}") for i in range(20)})
     srv = LoopbackServer(routes)
     srv.routes["/huge"] = srv.stream(200 * 2**20)  # 200 MiB, no Content-Length
-    srv.routes["/stalls"] = srv.stream(512 * 1024, stall_after=128 * 1024)
+    srv.routes["/stalls"] = srv.stream(512 * 1024, declare=True, stall_after=128 * 1024)
+    # 32 KiB every 50 ms for a second: each read comes in time, the whole body does not.
+    srv.routes["/drip"] = srv.stream(640 * 1024, chunk=32 * 1024, declare=True, pause_s=0.05)
     yield srv
     srv.stop()
 
@@ -106,6 +109,13 @@ def test_an_answer_slower_than_the_timeout_is_download_timeout_after_every_try(s
     err = run([url], cfg)[url]
     assert (err.reason, server.hits["/slow"]) == ("download_timeout", cfg.tries)
     assert "ReadTimeout" in err.message
+
+
+def test_a_body_that_drips_past_the_timeout_is_download_timeout(server, cfg):
+    url = server.url("/drip")
+    err = run([url], dataclasses.replace(cfg, tries=1, timeout_s=0.5))[url]
+    assert (err.reason, err.message) == ("download_timeout", "body not complete in 0.5 s")
+    assert cache_files(cfg) == []
 
 
 def test_an_oversized_body_is_cut_off_while_streaming_and_leaves_no_temp_file(server, cfg):
