@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SECTIONS = {"train_datapath": ("1. Training data path", "bench/train_bench.py"),
             "gpu_train": ("1b. Training on GPU (ViT-B/32, bf16)", "bench/gpu_train.py"),
             "preprocess": ("3. Preprocessing", "bench/preprocess_bench.py"),
+            "download": ("3b. Downloading image URLs", "bench/download_bench.py"),
             "serving": ("4. Serving and scoring a table", "bench/serve_bench.py"),
             "quality": ("5. Quality on the demo set", "bench/quality_bench.py")}
 # name -> module of every CPU benchmark, in report order (gpu_train runs by hand on a GPU machine).

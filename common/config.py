@@ -81,6 +81,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     """Configure logging once, in entry points; library modules only call getLogger."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))  # not a line per image download
     if not sys.stderr.isatty():
         # transformers' and huggingface_hub's own bars ("Writing model shards", downloads) follow
         # ours: off a terminal. Read when they are first imported, which entry points do later.

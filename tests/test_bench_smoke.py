@@ -12,7 +12,7 @@ import pytest
 
 from bench.benchlib import goal
 
-BENCHMARKS = {"preprocess", "train_datapath", "quality", "serving"}
+BENCHMARKS = {"preprocess", "download", "train_datapath", "quality", "serving"}
 OVERHEAD = ("serving overhead, RUNTIME={runtime}: p50 at concurrency 1 / its raw forward at batch 1 (median of the "
             "repeats' ratios, each to the round just before it)")
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -176,7 +176,7 @@ def test_report_shows_each_goal_with_the_status_its_figure_implies(smoke):
     _, results, md = smoke
     rows = goal_table(md)
     goals = list(goals_of(results).values())
-    assert len(goals) == 14  # train 1, preprocess 2, serving 8 + table scorer 1, quality 2 (phase 1: no target)
+    assert len(goals) == 15  # train 1, preprocess 2, download 1, serving 8 + table scorer 1, quality 2 (phase 1: none)
     for g in goals:
         ops = {">=": g["measured"] >= g["target"], "<=": g["measured"] <= g["target"], ">": g["measured"] > g["target"],
                "==": g["measured"] == g["target"]} if g["measured"] is not None else {}
@@ -287,6 +287,15 @@ def test_quality_reports_the_runs_own_metrics_and_the_generators_ceiling(smoke):
     assert q["ceiling_r2"]["theoretical"] == demo["r2_ceiling_theoretical"]
     best = max(metrics["baselines"].values(), key=lambda m: m["r2"])["r2"]
     assert q["goals"][0]["measured"] == round(metrics["test"]["r2"] - best, 4)
+
+
+def test_download_share_is_the_median_rate_over_workers_per_latency(smoke):
+    _, r, md = smoke
+    d = r["download"]
+    assert d["ideal_images_per_s"] == 16 / 0.050  # the default 16 workers, 50 ms per answer
+    assert d["goals"][0]["measured"] == round(d["images_per_s"]["median"] / d["ideal_images_per_s"], 3)
+    assert d["tables"][0]["rows"][0][:3] == [48, 16, 50.0]  # smoke: 48 URLs
+    assert "## 3b. Downloading image URLs" in md
 
 
 def test_preprocess_sizes_and_record_bytes(smoke):
