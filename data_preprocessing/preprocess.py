@@ -494,7 +494,9 @@ def account(screened: Screened, kept: np.ndarray, writers: dict[str, RecordWrite
         "kept": int(kept.sum()),
         "rejected": len(rejects),
         "splits": {s: writers[s].count for s in SPLITS},
-        "rejects_by_reason": {r: reason_counts[r] for r in REJECT_REASONS if reason_counts[r]},
+        # Known reasons in check order, then any other (a code this list does not name yet).
+        "rejects_by_reason": {**{r: reason_counts[r] for r in REJECT_REASONS if reason_counts[r]},
+                              **{r: n for r, n in reason_counts.items() if r not in REJECT_REASONS}},
     }
     assert counts["kept"] + counts["rejected"] == n_rows, counts
     assert sum(counts["splits"].values()) == counts["kept"], counts
