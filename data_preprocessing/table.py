@@ -306,17 +306,25 @@ def first_undecodable_byte(path: Path, encoding: str) -> int | None:
     return None
 
 
-def _capped_lines(fh: IO[str], limit: int, where: list[int]) -> Iterator[str]:
-    """The file's lines, never reading more than ``limit`` characters of one into memory.
+@dataclass
+class _Cursor:
+    """Where reading is, for messages: the physical line and the data row (-1: the header)."""
 
-    ``where[0]`` counts the lines handed out (for messages); a longer line raises
-    ``_LineTooLong`` after reading only ``limit + 1`` characters of it.
-    """
+    line: int = 0
+    row: int = -1
+
+    def row_name(self) -> str:
+        return "the header" if self.row < 0 else f"row {self.row}"
+
+
+def _capped_lines(fh: IO[str], limit: int, at: _Cursor) -> Iterator[str]:
+    """The file's lines, never reading more than ``limit`` characters of one into memory:
+    a longer line raises ``_LineTooLong`` after reading only ``limit + 1`` characters of it."""
     while True:
         line = fh.readline(limit + 1)
         if not line:
             return
-        where[0] += 1
+        at.line += 1
         if len(line) > limit and not line.endswith(("\n", "\r")):
             raise _LineTooLong()
         yield line
@@ -328,26 +336,20 @@ class _LineTooLong(Exception):
 
 def _read(path: Path, fmt: str, encoding: str, columns: ColumnMap, opts: ReadOptions) -> PostsTable:
     line_limit = opts.max_cell_chars * LINE_CELLS
-    lineno = [0]
-    # The data row being read (-1: the header), shared with the reader for messages.
-    at = [-1 if fmt == "csv" else 0]
+    at = _Cursor(row=-1 if fmt == "csv" else 0)  # JSONL has no header
     with open(path, newline="", encoding=encoding) as fh:
-        lines = _capped_lines(fh, line_limit, lineno)
+        lines = _capped_lines(fh, line_limit, at)
         reader = _read_csv if fmt == "csv" else _read_jsonl
         try:
             return reader(path, lines, encoding, columns, opts, at)
         except _LineTooLong:
-            raise TableError(f"{path.name}: {_row_name(at[0])} (line {lineno[0]}) is longer than {line_limit:,} "
+            raise TableError(f"{path.name}: {at.row_name()} (line {at.line}) is longer than {line_limit:,} "
                              f"characters ({LINE_CELLS} x --max-cell-chars {opts.max_cell_chars:,}); is a quote "
                              "left open?") from None
 
 
-def _row_name(row: int) -> str:
-    return "the header" if row < 0 else f"row {row}"
-
-
 def _read_csv(path: Path, lines: Iterator[str], encoding: str, columns: ColumnMap, opts: ReadOptions,
-              at: list[int]) -> PostsTable:
+              at: _Cursor) -> PostsTable:
     wanted = columns.wanted()
     first = next(lines, "")
     old_limit = csv.field_size_limit(opts.max_cell_chars)  # module-wide: restored below
@@ -358,7 +360,7 @@ def _read_csv(path: Path, lines: Iterator[str], encoding: str, columns: ColumnMa
         reader = csv.reader(itertools.chain([first], lines), delimiter=sep)
         header = next(reader, [])
         present = _check_columns(path, header, columns, dialect, first)
-        at[0] = 0
+        at.row = 0
         where = {c: header.index(c) for c in wanted if c in present}
         image_at = [where[c] for c in columns.image]
         images, cells = [], {c: [] for c in where if c not in columns.image or c in columns.keep}
@@ -370,11 +372,11 @@ def _read_csv(path: Path, lines: Iterator[str], encoding: str, columns: ColumnMa
             for c, col in cells.items():
                 i = where[c]
                 col.append(values[i] if i < n else None)  # a short row: missing
-            at[0] += 1
+            at.row += 1
     except csv.Error as e:
         line = reader.line_num if reader is not None else 1
         if "field larger than field limit" in str(e):
-            raise TableError(f"{path.name}: {_row_name(at[0])} (line {line}) has a cell longer than "
+            raise TableError(f"{path.name}: {at.row_name()} (line {line}) has a cell longer than "
                              f"--max-cell-chars {opts.max_cell_chars:,} characters") from None
         raise TableError(f"could not parse {path} as CSV (line {line}): {e}") from None
     finally:
@@ -397,7 +399,7 @@ def sniff_delimiter(header_line: str, wanted: Iterable[str]) -> str:
 
 
 def _read_jsonl(path: Path, lines: Iterator[str], encoding: str, columns: ColumnMap, opts: ReadOptions,
-                at: list[int]) -> PostsTable:
+                at: _Cursor) -> PostsTable:
     wanted = columns.wanted()
     seen: dict[str, None] = {}  # insertion-ordered union of keys, for the error message
     images, cells = [], {c: [] for c in wanted if c not in columns.image or c in columns.keep}
@@ -414,12 +416,12 @@ def _read_jsonl(path: Path, lines: Iterator[str], encoding: str, columns: Column
         for c in wanted:
             v = obj.get(c)
             if isinstance(v, str) and len(v) > opts.max_cell_chars:
-                raise TableError(f"{path.name}: row {at[0]} (line {lineno}) has a cell longer than "
+                raise TableError(f"{path.name}: {at.row_name()} (line {lineno}) has a cell longer than "
                                  f"--max-cell-chars {opts.max_cell_chars:,} characters ({_short(c)})")
         images.append(next((s for c in columns.image if (s := _text(obj.get(c)).strip())), ""))
         for c, col in cells.items():
             col.append(obj.get(c))
-        at[0] += 1
+        at.row += 1
     dialect = Dialect("jsonl", encoding)
     present = _check_columns(path, list(seen), columns, dialect)
     return PostsTable(path, columns, dialect, list(seen), images, {c: v for c, v in cells.items() if c in present})
