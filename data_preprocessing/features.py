@@ -6,8 +6,10 @@ steps, both owned here so preprocessing, training and serving agree:
 
 1. ``FeatureColumn.parse``: a raw cell -> a typed value, or ``FeatureError``.
    - numeric: a finite number inside the column's bounds, ``None`` when the cell is
-     empty (missing). Text, booleans, NaN, inf or a value outside the bounds raise
-     ``FeatureError("invalid_feature")``: a rejected row in preprocessing, a 422 in serving.
+     empty (missing). A spreadsheet's thousands separators are read without them
+     (``"13,579"`` and ``"13 579"`` -> 13579; ``THOUSANDS_RE``). Text, booleans, NaN, inf
+     or a value outside the bounds raise ``FeatureError("invalid_feature")``: a rejected
+     row in preprocessing, a 422 in serving.
    - categorical: the value as a stripped string, ``None`` when empty.
    Parsing is idempotent (a parsed value parses to itself), so a value parsed once in
    preprocessing's parent process can be handed to ``prepare_post`` again unchanged.
@@ -27,6 +29,7 @@ The encoded width is derived from the schema (``FeatureSchema.width``), never ha
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
@@ -38,6 +41,10 @@ FEATURE_REASON = "invalid_feature"  # rejects.csv reason and serving's 422 reaso
 SKEW_FOR_LOG = 1.0  # sample skewness above which a non-negative column is log1p'd
 CLIP_Z = 10.0  # standardised values are clipped here: one absurd input cannot swamp the head
 MAX_CATEGORIES = 50  # more frequent categories get their own slot; the rest share "unknown"
+# A number as spreadsheets format it: groups of three digits after a comma or a space
+# ("13,579", "1 234 567.5"). Only this exact shape: "1,5" (a decimal comma) or "12,34"
+# stay invalid rather than being guessed at.
+THOUSANDS_RE = re.compile(r"^\d{1,3}([, ]\d{3})+(\.\d+)?$")
 
 Value = float | str | None  # a parsed feature value; None = missing
 
@@ -83,8 +90,12 @@ class FeatureColumn:
             return str(raw).strip()
         if isinstance(raw, bool):  # JSON true/false are ints in Python, but not numbers here
             raise FeatureError(self.name, f"{raw!r} is not a number")
+        if isinstance(raw, str):
+            raw = raw.strip()
+            if THOUSANDS_RE.match(raw):
+                raw = raw.replace(",", "").replace(" ", "")
         try:
-            x = float(raw.strip() if isinstance(raw, str) else raw)
+            x = float(raw)
         except (TypeError, ValueError, OverflowError):
             raise FeatureError(self.name, f"{str(raw)[:50]!r} is not a number") from None
         if not math.isfinite(x):

@@ -2,9 +2,11 @@
 
     python data_preprocessing/preprocess.py --input data/demo/posts.csv --out data/processed
 
-Input: a ``.csv`` (header row) or ``.jsonl``/``.ndjson`` (one JSON object per line)
-table with an image path, a caption and an engagement label per post. Image paths are
-absolute or relative to the folder that holds the input file.
+Input: a ``.csv`` (header row; comma, semicolon or tab, sniffed) or ``.jsonl``/``.ndjson``
+(one JSON object per line) table with an image path, a caption and an engagement label per
+post, read by ``data_preprocessing.table`` (dialect, encoding, columns, the cell cap). Image
+paths are absolute or relative to the folder that holds the input file; ``--image-col`` may
+name several columns, and the first non-empty cell wins.
 
 Output, in ``--out DIR``:
 
@@ -16,8 +18,12 @@ Output, in ``--out DIR``:
 * ``rejects.csv``: ``row,image_path,reason,detail`` for every row not kept, sorted by
   row. ``row`` is the 0-based index of the data row (the header and blank lines are
   not counted), the same number a record carries in ``"row"``; ``image_path`` is the
-  value as written in the table.
-* ``meta.json``: counts, source file hash, cleaning version, the ``prepare`` config
+  value as written in the table. Cells a spreadsheet would run as formulas are escaped.
+* ``fingerprints.npz``: per split, the uint64 fingerprint (``table.post_fingerprint``:
+  image file bytes + raw caption) of each record, in record order. Training copies the
+  train and val ones into the model, so the table scorer can mark posts it was fit on.
+* ``meta.json``: counts, source file hash, the table schema (``table``: columns and
+  dialect; training copies it into the model), cleaning version, the ``prepare`` config
   (resize policy, pixel cap, feature schema fitted on the train split), feature and label
   statistics, config, timing and git commit. It is written last, and any earlier
   outputs in DIR are removed when a run starts, so a DIR holding ``meta.json`` is always
@@ -31,11 +37,12 @@ Row policies. A row gets the first reason that applies, in this order:
 3. ``invalid_feature``: a cell of a ``--numeric-cols`` column that is text, a boolean,
    NaN, inf or outside the column's ``MIN:MAX`` bounds (the detail names the column). An
    empty cell is a missing value, kept; so is an empty categorical cell.
-4. ``duplicate``: the same resolved image path *and* the same raw caption as an earlier
-   row that passed 1-2. The first copy is kept and later ones are rejected (whatever
-   their labels), because copies could land in different splits and leak test posts
-   into training. A missing caption and an empty one count as the same caption.
-5. Image: the ``prepare.ImageError`` codes (``not_found``, ``empty_file``,
+4. ``duplicate``: the same resolved image path (or URL) *and* the same raw caption as an
+   earlier row that passed 1-3. The first copy is kept and later ones are rejected
+   (whatever their labels), because copies could land in different splits and leak test
+   posts into training. A missing caption and an empty one count as the same caption.
+5. ``unsupported_url``: the image cell is a URL (``table.resolve_image_sources``).
+6. Image: the ``prepare.ImageError`` codes (``not_found``, ``empty_file``,
    ``unsupported_format``, ``corrupt``, ``truncated``, ``too_many_pixels``), decided by
    ``prepare.load_image``.
 
@@ -52,21 +59,20 @@ and return bytes; the parent only appends them to the split files, and at most a
 window of posts is in flight. What grows with the table is the parent's copy of its three
 columns (about 1 KB a row).
 
-Errors (missing input, missing column, empty table, more than ``--max-reject-frac``
-rejected) exit with status 1 and one ``error: ...`` line. ``main(argv)`` returns 0 on
+Errors (missing input, missing columns, an undecodable file, a cell over
+``--max-cell-chars``, empty table, more than ``--max-reject-frac`` rejected) exit with
+status 1 and one ``error: ...`` line. ``main(argv)`` returns 0 on
 success; ``meta.json["timing"]`` (posts/s, wall and CPU seconds) is what benchmarks read.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import gc
 import hashlib
 import io
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import pickle
@@ -79,7 +85,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -92,15 +98,17 @@ from data_preprocessing.features import FEATURE_REASON, FeatureColumn, FeatureEr
 from data_preprocessing.posts import RECORD_FORMAT_VERSION, PrepareConfig, Record, prepare_post
 from data_preprocessing.prepare import CLEANING_VERSION, MAX_PIXELS, ImageError, ResizePolicy
 from data_preprocessing.records import META_NAME, SPLITS, RecordWriter, record_bytes
+from data_preprocessing.table import (FINGERPRINTS_NAME, LABEL_REASONS, REJECTS_NAME, URL_REASON, ColumnMap,
+                                      PostsTable, ReadOptions, TableError, encoding_field, file_fingerprint,
+                                      image_source, max_cell_chars_field, parse_label, read_table,
+                                      resolve_image_sources, save_fingerprints, sep_field, split_names,
+                                      write_rejects)
 
 logger = logging.getLogger(__name__)
 
-LABEL_REASONS = ("missing_label", "non_numeric_label", "non_finite_label", "negative_label")
 # Every reason rejects.csv can hold, in the order the checks run (module docstring).
-REJECT_REASONS = ("missing_path", *LABEL_REASONS, FEATURE_REASON, "duplicate",
+REJECT_REASONS = ("missing_path", *LABEL_REASONS, FEATURE_REASON, "duplicate", URL_REASON,
                   *(r for r in ImageError.REASONS if r != "missing_path"))
-REJECTS_NAME = "rejects.csv"
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
 RECORD_FORMAT = "pickle stream + int64 offset index"
 
 
@@ -118,12 +126,16 @@ class PreprocessConfig:
     input: str = field(help="posts table: .csv, or .jsonl/.ndjson with one JSON object per line")
     out: str = field(help="output directory for {train,val,test}.pkl/.idx, rejects.csv and meta.json")
     image_col: str = field("image_path",
-                           help="column with the image path (absolute, or relative to the input file's folder)")
+                           help="column with the image path (absolute, or relative to the input file's folder); "
+                                "several, comma-separated, take the first non-empty cell (thumbnail_url,media_url)")
     text_col: str = field("description", help="column with the raw caption")
     label_col: str = field("engagement", help="column with the engagement label (a count, >= 0)")
     numeric_cols: str = field("", help="extra numeric feature columns, comma-separated; NAME or NAME:MIN:MAX "
                                        "(a bound may be empty), e.g. followers:0:,posted_hour:0:23")
     categorical_cols: str = field("", help="extra categorical feature columns, comma-separated, e.g. platform")
+    sep: str = sep_field()
+    encoding: str = encoding_field()
+    max_cell_chars: int = max_cell_chars_field()
     val_frac: float = field(0.1, help="fraction of rows assigned to the validation split")
     test_frac: float = field(0.1, help="fraction of rows assigned to the test split")
     seed: int = field(0, help="seed of the row shuffle that assigns splits")
@@ -158,108 +170,21 @@ class PreprocessConfig:
             raise ValueError(f"--resize-shortest-edge must be >= 0, got {self.resize_shortest_edge}")
         if self.max_pixels < 1:
             raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
-        self.feature_columns()  # a malformed spec fails here, before any work
+        self.table_columns()  # a malformed spec fails here, before any work
+        ReadOptions.of(self)
 
     def feature_columns(self) -> tuple[FeatureColumn, ...]:
-        cols = parse_column_specs(self.numeric_cols, self.categorical_cols)
-        taken = {self.image_col, self.text_col, self.label_col} & {c.name for c in cols}
-        if taken:
-            raise ValueError(f"feature columns {sorted(taken)} are also the image, text or label column")
-        return cols
+        return parse_column_specs(self.numeric_cols, self.categorical_cols)
+
+    def table_columns(self) -> ColumnMap:
+        """The column mapping: raises ValueError for a column named for two roles."""
+        return ColumnMap(split_names(self.image_col), self.text_col, self.label_col,
+                         {c.name: f"--{c.kind}-cols" for c in self.feature_columns()})
 
 
 # ---------------------------------------------------------------------------------------
-# Reading the table
+# Splits and provenance
 # ---------------------------------------------------------------------------------------
-
-
-def read_table(path: Path, wanted: dict[str, str], optional: tuple[str, ...] = ()) -> dict[str, list]:
-    """The ``wanted`` columns of a CSV or JSONL posts table, as raw cells (str/None/JSON).
-
-    ``wanted`` maps each column name to the option that named it, for the error message.
-    Only these columns are kept, so memory per row is a few short strings whatever else
-    the table holds. A column in ``optional`` that the table lacks is left out of the
-    result instead of being an error (serving/predict.py's label).
-    """
-    suffix = path.suffix.lower()
-    cols: dict[str, list] = {c: [] for c in wanted}
-    if suffix == ".csv":
-        csv.field_size_limit(sys.maxsize)  # long captions are data, not an error
-        # utf-8-sig: a BOM from Excel would otherwise become part of the first column name.
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, [])
-            wanted = {c: f for c, f in wanted.items() if c in header or c not in optional}
-            cols = {c: [] for c in wanted}
-            _check_columns(path, header, wanted)
-            where = {c: header.index(c) for c in wanted}
-            try:
-                for cells in reader:
-                    if not cells:  # csv yields [] for a blank line; it is not a row
-                        continue
-                    for c, i in where.items():
-                        cols[c].append(cells[i] if i < len(cells) else None)  # short row: missing
-            except csv.Error as e:
-                raise SystemExit(f"error: could not parse {path} as CSV (line {reader.line_num}): {e}") from None
-        return cols
-    if suffix in JSONL_SUFFIXES:
-        seen: dict[str, None] = {}  # insertion-ordered union of keys, for the error message
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"error: {path} line {lineno} is not valid JSON: {e}") from None
-                if not isinstance(obj, dict):
-                    raise SystemExit(f"error: {path} line {lineno} is not a JSON object")
-                seen.update(dict.fromkeys(obj))
-                for c in wanted:
-                    cols[c].append(obj.get(c))
-        cols = {c: v for c, v in cols.items() if c in seen or c not in optional}
-        _check_columns(path, list(seen), {c: f for c, f in wanted.items() if c in cols})
-        return cols
-    raise SystemExit(f"error: unsupported input type {suffix!r} for {path} (expected .csv, .jsonl or .ndjson)")
-
-
-def _check_columns(path: Path, columns: list[str], wanted: dict[str, str]) -> None:
-    for col, flag in wanted.items():
-        if col not in columns:
-            raise SystemExit(f"error: column {col!r} ({flag}) not found in {path.name}; "
-                             f"available columns: {', '.join(map(repr, columns)) or '(none)'}")
-
-
-def parse_label(value) -> tuple[float | None, str | None, str]:
-    """``(label, None, "")`` for a usable label, else ``(None, reason, detail)``."""
-    if value is None:
-        return None, "missing_label", "no label"
-    if isinstance(value, bool):  # JSON true/false: an int subclass, but not a count
-        return None, "non_numeric_label", f"label {value!r} is not a number"
-    if isinstance(value, (int, float)):
-        try:
-            x = float(value)
-        except OverflowError:  # a JSON integer past float range
-            return None, "non_finite_label", f"label {value!r} overflows a float"
-    else:
-        s = str(value).strip()
-        if s == "":
-            return None, "missing_label", "empty label"
-        try:
-            x = float(s)
-        except ValueError:
-            return None, "non_numeric_label", f"label {s[:50]!r} is not a number"
-    if not math.isfinite(x):
-        return None, "non_finite_label", f"label {value!r} is not finite"
-    if x < 0:
-        return None, "negative_label", f"label {value!r} is negative"
-    return x, None, ""
-
-
-def resolve_image_path(raw: str, base_dir: Path) -> str:
-    """Absolute, normalised path of an image cell (relative paths hang off ``base_dir``)."""
-    p = Path(raw).expanduser()
-    return os.path.normpath(p if p.is_absolute() else base_dir / p)
 
 
 def assign_splits(n_rows: int, val_frac: float, test_frac: float, seed: int) -> np.ndarray:
@@ -292,22 +217,34 @@ def sha256_file(path: Path) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def prepare_record(task: tuple, cfg: PrepareConfig) -> tuple:
+class Prepared(NamedTuple):
+    """What a worker sends back for one post: its pickled record, or why it was rejected."""
+
+    row: int
+    payload: bytes | None  # the pickled record; None for a reject
+    reason: str | None = None
+    detail: str = ""
+    fingerprint: int | None = None  # table.post_fingerprint of a kept post
+
+
+def prepare_record(task: tuple, cfg: PrepareConfig) -> Prepared:
     """Prepare and pickle one post with ``posts.prepare_post``, the server's own function.
 
-    ``task`` is ``(row, image path or bytes, raw caption, label, feature cells)``. Returns
-    ``(row, payload_bytes, None, "")`` or ``(row, None, reason, detail)`` for a reject.
+    ``task`` is ``(row, image path or bytes, raw caption, label, feature cells)``. A kept
+    post's fingerprint hashes the image file's bytes and the raw caption (the file is read
+    a second time: it is in the page cache, and the decoder wants the path).
     """
     row, path, raw_text, label, features = task
     try:
         post = prepare_post(path, raw_text, features, cfg)
+        fingerprint = file_fingerprint(path, raw_text)
     except (ImageError, FeatureError) as e:
-        return row, None, e.reason, e.message
+        return Prepared(row, None, e.reason, e.message)
     except Exception as e:  # noqa: BLE001 - a decoder failing on a damaged header is a bad image, not a crash
-        return row, None, "corrupt", f"could not open image: {type(e).__name__}: {e}"
+        return Prepared(row, None, "corrupt", f"could not open image: {type(e).__name__}: {e}")
     record = Record(image=post.image, text=post.text, sentiment=post.sentiment, features=post.features,
                     label=float(label), row=int(row))
-    return row, record_bytes(record), None, ""
+    return Prepared(row, record_bytes(record), fingerprint=fingerprint)
 
 
 def warm_up(cfg: PrepareConfig) -> None:
@@ -321,9 +258,8 @@ def warm_up(cfg: PrepareConfig) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (side, side), (128, 64, 32)).save(buf, "JPEG")
     features = dict.fromkeys(cfg.features.names)  # all missing: valid for every column
-    _, payload, reason, detail = prepare_record((-1, buf.getvalue(), "warm up \U0001F60D #tag @user", 0.0,
-                                                 features), cfg)
-    assert payload is not None, f"warm-up post rejected: {reason}: {detail}"
+    done = prepare_record((-1, buf.getvalue(), "warm up \U0001F60D #tag @user", 0.0, features), cfg)
+    assert done.payload is not None, f"warm-up post rejected: {done.reason}: {done.detail}"
 
 
 class OrderedPool:
@@ -400,16 +336,6 @@ def label_statistics(labels: np.ndarray, split: np.ndarray, kept: np.ndarray) ->
     return out
 
 
-def write_rejects(path: Path, rejects: list[tuple]) -> None:
-    """Write ``rejects.csv`` sorted by row, via a temp file and rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["row", "image_path", "reason", "detail"])
-        w.writerows(sorted(rejects, key=lambda r: r[0]))
-    os.replace(tmp, path)
-
-
 def _clear_outputs(out_dir: Path) -> None:
     """Remove a previous run's outputs, meta.json first, so no stale meta survives a failure."""
     (out_dir / META_NAME).unlink(missing_ok=True)
@@ -417,6 +343,7 @@ def _clear_outputs(out_dir: Path) -> None:
         (out_dir / f"{split}.pkl").unlink(missing_ok=True)
         (out_dir / f"{split}.idx").unlink(missing_ok=True)
     (out_dir / REJECTS_NAME).unlink(missing_ok=True)
+    (out_dir / FINGERPRINTS_NAME).unlink(missing_ok=True)
 
 
 def format_summary(counts: dict) -> str:
@@ -454,36 +381,36 @@ class Screened:
     split: np.ndarray  # (n_rows,) int8 index into SPLITS
     labels: np.ndarray  # (n_rows,) float64, NaN where rejected
     features: dict[str, list]  # column -> (n_rows,) parsed values (None = missing or rejected row)
-    todo: list[tuple[int, str]]  # (row, resolved image path) for the rows the workers load
+    todo: list[tuple[int, str]]  # (row, local image path) for the rows the workers load
     rejects: list[tuple[int, str, str, str]]  # (row, raw image path, reason, detail)
 
 
-def screen_rows(table: dict[str, list], cfg: PreprocessConfig, columns: tuple[FeatureColumn, ...],
-                base_dir: Path) -> Screened:
-    """Split every row, and reject those whose path, label, features or caption already rule
-    them out (in the order of the module docstring)."""
-    images, captions, raw_labels = table[cfg.image_col], table[cfg.text_col], table[cfg.label_col]
-    n_rows = len(images)
+def screen_rows(table: PostsTable, cfg: PreprocessConfig, columns: tuple[FeatureColumn, ...]) -> Screened:
+    """Split every row, and reject those whose path, label, features, caption or image
+    source already rule them out (in the order of the module docstring)."""
+    images, captions, raw_labels = table.images, table.captions, table.labels
+    n_rows = len(table)
     out = Screened(assign_splits(n_rows, cfg.val_frac, cfg.test_frac, cfg.seed), np.full(n_rows, np.nan),
                    {c.name: [None] * n_rows for c in columns}, [], [])
     first_seen: dict[tuple[str, str], int] = {}
+    sources = []
     for row in range(n_rows):
-        raw_path = "" if images[row] is None else str(images[row]).strip()
+        raw_path = images[row]
         if raw_path == "":
             out.rejects.append((row, raw_path, "missing_path", "no image path given"))
             continue
         label, reason, detail = parse_label(raw_labels[row])
         if reason is None:
             try:
-                values = {c.name: c.parse(table[c.name][row]) for c in columns}
+                values = {c.name: c.parse(table.cells[c.name][row]) for c in columns}
             except FeatureError as e:
                 reason, detail = e.reason, e.message
         if reason is not None:
             out.rejects.append((row, raw_path, reason, detail))
             continue
-        resolved = resolve_image_path(raw_path, base_dir)
+        source = image_source(raw_path, table.path.parent)
         caption = captions[row]
-        key = (resolved, "" if caption is None else str(caption))
+        key = (source, "" if caption is None else str(caption))
         if key in first_seen:
             out.rejects.append((row, raw_path, "duplicate", f"same image and caption as row {first_seen[key]}"))
             continue
@@ -491,20 +418,26 @@ def screen_rows(table: dict[str, list], cfg: PreprocessConfig, columns: tuple[Fe
         out.labels[row] = label
         for name, v in values.items():
             out.features[name][row] = v
-        out.todo.append((row, resolved))
+        sources.append((row, source))
+    # URL cells become local files here (the download seam), or rejects.
+    out.todo, unresolved = resolve_image_sources(sources)
+    for row, reason, detail in unresolved:
+        out.rejects.append((row, images[row], reason, detail))
+        out.labels[row] = np.nan
     return out
 
 
-def write_splits(screened: Screened, table: dict[str, list], cfg: PreprocessConfig, prep: PrepareConfig,
-                 out_dir: Path) -> tuple[dict[str, RecordWriter], np.ndarray, dict]:
+def write_splits(screened: Screened, table: PostsTable, cfg: PreprocessConfig, prep: PrepareConfig,
+                 out_dir: Path) -> tuple[dict[str, RecordWriter], np.ndarray, dict[str, list[int]], dict]:
     """Load, clean, resize and pickle the screened rows in workers; the parent appends bytes.
 
-    Returns the (still open) writers, the (n_rows,) kept mask and the timing of this step.
-    Image rejects are appended to ``screened.rejects``.
+    Returns the (still open) writers, the (n_rows,) kept mask, each split's record
+    fingerprints in record order and the timing of this step. Image rejects are appended
+    to ``screened.rejects``.
     """
     from tqdm.auto import tqdm
 
-    todo, images, captions = screened.todo, table[cfg.image_col], table[cfg.text_col]
+    todo, images, captions = screened.todo, table.images, table.captions
     warm_up(prep)
     workers = min(cfg.workers, max(len(todo), 1))  # no idle workers for a tiny table
     # ~32 tasks per worker keeps the last, uneven stretch short; 16 posts per task is
@@ -513,22 +446,24 @@ def write_splits(screened: Screened, table: dict[str, list], cfg: PreprocessConf
     tasks = ((row, path, captions[row], screened.labels[row], {n: v[row] for n, v in screened.features.items()})
              for row, path in todo)
     writers = {s: RecordWriter(out_dir, s) for s in SPLITS}
+    fingerprints: dict[str, list[int]] = {s: [] for s in SPLITS}
     kept = np.zeros(len(images), dtype=bool)
     record_bytes_total = 0
     t_proc = time.perf_counter()
     cpu_parent0, cpu_children0 = _cpu_times()
     try:
         with OrderedPool(partial(prepare_record, cfg=prep), workers, chunksize) as pool:
-            for row, payload, reason, detail in tqdm(pool.imap(tasks), total=len(todo), desc="preprocess",
-                                                     unit="post", disable=bar_disabled(cfg.progress),
-                                                     dynamic_ncols=True):
-                if payload is None:
-                    screened.rejects.append((row, images[row], reason, detail))
-                    screened.labels[row] = np.nan
+            for done in tqdm(pool.imap(tasks), total=len(todo), desc="preprocess", unit="post",
+                             disable=bar_disabled(cfg.progress), dynamic_ncols=True):
+                if done.payload is None:
+                    screened.rejects.append((done.row, images[done.row], done.reason, done.detail))
+                    screened.labels[done.row] = np.nan
                     continue
-                writers[SPLITS[screened.split[row]]].write_bytes(payload)
-                record_bytes_total += len(payload)
-                kept[row] = True
+                split = SPLITS[screened.split[done.row]]
+                writers[split].write_bytes(done.payload)
+                fingerprints[split].append(done.fingerprint)
+                record_bytes_total += len(done.payload)
+                kept[done.row] = True
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -547,7 +482,7 @@ def write_splits(screened: Screened, table: dict[str, list], cfg: PreprocessConf
         "cores_busy": round((cpu_parent + cpu_workers) / process_s, 2) if process_s > 0 else None,
         "workers": workers, "chunksize": chunksize, "record_bytes": record_bytes_total,
     }
-    return writers, kept, timing
+    return writers, kept, fingerprints, timing
 
 
 def account(screened: Screened, kept: np.ndarray, writers: dict[str, RecordWriter]) -> dict:
@@ -559,7 +494,9 @@ def account(screened: Screened, kept: np.ndarray, writers: dict[str, RecordWrite
         "kept": int(kept.sum()),
         "rejected": len(rejects),
         "splits": {s: writers[s].count for s in SPLITS},
-        "rejects_by_reason": {r: reason_counts[r] for r in REJECT_REASONS if reason_counts[r]},
+        # Known reasons in check order, then any other (a code this list does not name yet).
+        "rejects_by_reason": {**{r: reason_counts[r] for r in REJECT_REASONS if reason_counts[r]},
+                              **{r: n for r, n in reason_counts.items() if r not in REJECT_REASONS}},
     }
     assert counts["kept"] + counts["rejected"] == n_rows, counts
     assert sum(counts["splits"].values()) == counts["kept"], counts
@@ -598,20 +535,20 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     columns = cfg.feature_columns()
 
     # 1. Read the table and check its columns before touching the output dir.
-    if not input_path.is_file():
-        raise SystemExit(f"error: input file not found: {input_path}")
-    wanted = {cfg.image_col: "--image-col", cfg.text_col: "--text-col", cfg.label_col: "--label-col",
-              **{c.name: f"--{c.kind}-cols" for c in columns}}
-    table = read_table(input_path, wanted)
-    n_rows = len(table[cfg.image_col])
+    try:
+        table = read_table(input_path, cfg.table_columns(), ReadOptions.of(cfg))
+    except TableError as e:
+        raise SystemExit(f"error: {e}") from None
+    n_rows = len(table)
     if n_rows == 0:
         raise SystemExit(f"error: {input_path} has no data rows")
     policy, policy_source = resolve_policy(cfg)
-    logger.info("read %d rows from %s; resize policy %s (%s); feature columns %s", n_rows, input_path,
-                policy.as_dict(), policy_source, [f"{c.name} ({c.kind})" for c in columns] or "none")
+    logger.info("read %d rows from %s (%s); resize policy %s (%s); feature columns %s", n_rows, input_path,
+                table.dialect.describe(), policy.as_dict(), policy_source,
+                [f"{c.name} ({c.kind})" for c in columns] or "none")
 
     # 2. Decide every row's split, and the rejects that need no image, up front.
-    screened = screen_rows(table, cfg, columns, input_path.parent)
+    screened = screen_rows(table, cfg, columns)
 
     # 3. Prepare the output dir: a previous run's outputs go, meta.json first.
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -619,7 +556,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
 
     # 4. Prepare every post with posts.prepare_post in workers; the parent appends bytes.
     n_screen_rejects = len(screened.rejects)
-    writers, kept, timing = write_splits(screened, table, cfg, PrepareConfig.for_columns(
+    writers, kept, fingerprints, timing = write_splits(screened, table, cfg, PrepareConfig.for_columns(
         policy, cfg.max_pixels, columns), out_dir)
 
     # 5. Account for every row, write rejects.csv, and fail loudly on a bad table.
@@ -638,11 +575,12 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                          f"see {out_dir / REJECTS_NAME}")
     for w in writers.values():
         w.close()
+    save_fingerprints(out_dir / FINGERPRINTS_NAME, fingerprints)
 
     # 6. meta.json last: its presence means the run completed.
     schema = fit_features(columns, screened, kept)
     prep = PrepareConfig(policy, cfg.max_pixels, schema)
-    meta = build_meta(cfg, input_path, counts, prep, policy_source, screened, kept, timing,
+    meta = build_meta(cfg, table, counts, prep, policy_source, screened, kept, timing,
                       time.perf_counter() - t_start)
     meta["feature_stats"] = feature_statistics(schema, screened, kept)
     write_json_atomic(out_dir / META_NAME, meta)
@@ -651,19 +589,18 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     return meta
 
 
-def build_meta(cfg: PreprocessConfig, input_path: Path, counts: dict, prep: PrepareConfig, policy_source: str,
+def build_meta(cfg: PreprocessConfig, table: PostsTable, counts: dict, prep: PrepareConfig, policy_source: str,
                screened: Screened, kept: np.ndarray, timing: dict, elapsed_s: float) -> dict:
     """meta.json: what was read, what was kept, how posts were prepared, and timing."""
     timing = dict(timing)
     workers, chunksize, n_bytes = timing.pop("workers"), timing.pop("chunksize"), timing.pop("record_bytes")
     return {
         "counts": counts,
-        "source": {
-            "path": str(input_path),
-            "sha256": sha256_file(input_path),
-            "format": "jsonl" if input_path.suffix.lower() in JSONL_SUFFIXES else "csv",
-            "columns": {"image": cfg.image_col, "text": cfg.text_col, "label": cfg.label_col},
-        },
+        "source": {"path": str(table.path), "sha256": sha256_file(table.path), "format": table.dialect.format},
+        # The columns and dialect it was read with; training copies this into the model, so
+        # serving/predict.py scores a table of the same shape with no column flags.
+        "table": table.schema(),
+        "fingerprints_file": FINGERPRINTS_NAME,
         "cleaning_version": CLEANING_VERSION,
         "image_size_policy": {**prep.resize.as_dict(), "source": policy_source, "max_pixels": cfg.max_pixels},
         # How a raw post becomes a record; training copies it into the model artifact.

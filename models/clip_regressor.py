@@ -45,6 +45,9 @@ HEAD_FILE = "head.safetensors"
 REFERENCE_FILE = "reference.safetensors"  # train means of each input group (explain.Reference)
 MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "sentiment", "features")
 CONFIG_FILE = "config.json"
+# uint64 fingerprints (data_preprocessing.table.post_fingerprint) of the train and val posts,
+# sorted: the table scorer marks the rows the model was fit or calibrated on.
+FINGERPRINTS_FILE = "fingerprints.npy"
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,14 +405,17 @@ class Predictions:
 
 def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_dir: str | os.PathLike,
                   prepare: PrepareConfig | None = None, extra_config: dict | None = None,
-                  calibration: Calibration | None = None, reference: Reference | None = None) -> Path:
+                  calibration: Calibration | None = None, reference: Reference | None = None,
+                  table: dict | None = None, fingerprints: np.ndarray | None = None) -> Path:
     """Write a self-contained model directory atomically (temp dir, then rename).
 
     Layout: ``clip/`` (CLIPModel.save_pretrained + processor + tokenizer),
     ``head.safetensors`` and ``config.json`` (architecture, target transform, the
-    ``prepare`` config with the feature schema, cleaning version, plus whatever the caller
-    adds: training args, git commit, metrics). ``prepare`` defaults to the processor's own
-    resize policy and no features.
+    ``prepare`` config with the feature schema, cleaning version, the ``table`` schema it
+    was trained on (columns and dialect, from preprocessing's meta.json), plus whatever
+    the caller adds: training args, git commit, metrics). ``prepare`` defaults to the
+    processor's own resize policy and no features. ``fingerprints`` (the train and val
+    posts') go to ``FINGERPRINTS_FILE``, sorted and distinct.
     """
     from safetensors.torch import save_file
 
@@ -428,6 +434,9 @@ def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_
         if reference is not None:
             save_file({k: v.detach().cpu().float().contiguous() for k, v in reference.tensors().items()},
                       str(tmp / REFERENCE_FILE))
+        if fingerprints is not None:
+            fingerprints = np.unique(np.asarray(fingerprints, dtype=np.uint64))
+            np.save(tmp / FINGERPRINTS_FILE, fingerprints, allow_pickle=False)
         config = {
             "format": ARTIFACT_FORMAT,
             "architecture": {
@@ -444,10 +453,31 @@ def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_
             "prepare": prepare.to_dict(),
             "calibration": asdict(calibration) if calibration is not None else None,
             "cleaning_version": CLEANING_VERSION,
+            "table": table,
+            "fingerprints": None if fingerprints is None else {"count": int(fingerprints.size),
+                                                               "posts": "train and val"},
             **(extra_config or {}),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")
     return out_dir
+
+
+def artifact_table(model_dir: str | os.PathLike) -> dict | None:
+    """The table schema the artifact was trained on (``config.json["table"]``: columns and
+    dialect), read without loading the model; None for an artifact that has none.
+    Raises ``FileNotFoundError`` when ``model_dir`` holds no config."""
+    cfg_path = Path(model_dir) / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: {model_dir} is not a model artifact "
+                                "(expected RUN_DIR/model written by training/train_torch.py)")
+    return json.loads(cfg_path.read_text()).get("table")
+
+
+def artifact_fingerprints(model_dir: str | os.PathLike) -> np.ndarray | None:
+    """The sorted uint64 fingerprints of the posts the model was trained and calibrated on,
+    or None when the artifact stores none."""
+    path = Path(model_dir) / FINGERPRINTS_FILE
+    return np.load(path, allow_pickle=False).astype(np.uint64) if path.is_file() else None
 
 
 def artifact_version(model_dir: str | os.PathLike) -> str:

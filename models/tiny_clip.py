@@ -43,6 +43,9 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import atomic_dir, bar_disabled, config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
+from data_preprocessing.table import (ColumnMap, PostsTable, ReadOptions, TableError, encoding_field, image_source,
+                                      max_cell_chars_field, read_table, resolve_image_sources, sep_field,
+                                      split_names)
 
 logger = logging.getLogger(__name__)
 
@@ -396,9 +399,15 @@ class TinyClipConfig:
     seed: int = field(0, help="seed for weights, data split and shuffling")
     vocab_size: int = field(4096, help="upper bound on the BPE vocabulary (small corpora give fewer merges)")
     pretrain_on: str | None = field(
-        None, help="posts.csv (image_path relative to the CSV, description, engagement) to pretrain on "
+        None, help="posts table (CSV or JSONL, read as preprocess.py reads it) to pretrain on "
                    "contrastively; use posts kept apart from the test split (e.g. a demo set made with "
                    "another seed) so test metrics stay honest")
+    image_col: str = field("image_path", help="--pretrain-on: column(s) with the image path (relative to the "
+                                              "table's folder), comma-separated; the first non-empty cell wins")
+    text_col: str = field("description", help="--pretrain-on: column with the raw caption")
+    sep: str = sep_field()
+    encoding: str = encoding_field()
+    max_cell_chars: int = max_cell_chars_field()
     pretrain_minutes: float = field(6.0, help="wall-clock safety cap: pretraining stops here even if the "
                                               "epochs are not done (then the result depends on machine speed)")
     pretrain_epochs: int = field(20, help="pretraining epochs; the LR schedule runs over these, so a run that "
@@ -421,6 +430,20 @@ class TinyClipConfig:
             raise ValueError("--batch-size must be >= 2 (contrastive loss needs negatives)")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError("--heldout-fraction must be in (0, 1)")
+        self.table_columns()
+        ReadOptions.of(self)
+
+    def table_columns(self) -> ColumnMap:
+        """Image and caption columns; pretraining reads no label."""
+        return ColumnMap(split_names(self.image_col), self.text_col, label=None)
+
+
+def read_pretrain_table(cfg: TinyClipConfig) -> PostsTable:
+    """The ``--pretrain-on`` table through ``data_preprocessing.table`` (one ``error:`` line if unreadable)."""
+    try:
+        return read_table(Path(cfg.pretrain_on).resolve(), cfg.table_columns(), ReadOptions.of(cfg))
+    except TableError as e:
+        raise SystemExit(f"error: --pretrain-on: {e}") from None
 
 
 @dataclasses.dataclass
@@ -429,45 +452,44 @@ class Post:
     caption: str  # clean_text(description)
 
 
-def load_posts(csv_path: Path, image_processor) -> tuple[list[Post], dict]:
+def load_posts(table: PostsTable, image_processor) -> tuple[list[Post], dict]:
     """Decode every usable post once (pre-resized, so they are small); also return counts."""
-    import pandas as pd
     from tqdm.auto import tqdm
 
     from data_preprocessing.prepare import ImageError, ResizePolicy, clean_text, load_image, pre_resize
 
-    df = pd.read_csv(csv_path)
-    missing = {"image_path", "description"} - set(df.columns)
-    if missing:
-        raise ValueError(f"{csv_path}: missing columns {sorted(missing)}")
     policy = ResizePolicy.from_image_processor(image_processor)
-    posts, rejects = [], Counter()
-    for rel, desc in tqdm(zip(df["image_path"], df["description"]), total=len(df), desc="decode images",
-                          unit="img", disable=bar_disabled()):
+    rejects = Counter()
+    todo = []  # (row, image source, cleaned caption) of the rows worth decoding
+    for row, (raw, desc) in enumerate(zip(table.images, table.captions)):
         caption = clean_text(desc)
         if not caption:
             rejects["empty_caption"] += 1
-            continue
+        elif not raw:
+            rejects["missing_path"] += 1
+        else:  # a relative path hangs off the table's folder, not the working directory
+            todo.append((row, image_source(raw, table.path.parent), caption))
+    local, unresolved = resolve_image_sources([(row, src) for row, src, _ in todo])  # URL cells: the download seam
+    rejects.update(reason for _, reason, _ in unresolved)
+    captions = {row: caption for row, _, caption in todo}
+    posts = []
+    for row, path in tqdm(local, desc="decode images", unit="img", disable=bar_disabled()):
         try:
-            # image_path is relative to the CSV, not to the working directory.
-            im = load_image(csv_path.parent / str(rel) if isinstance(rel, str) and rel.strip() else "")
+            im = load_image(path)
         except ImageError as e:
             rejects[e.reason] += 1
             continue
-        posts.append(Post(pre_resize(im, policy), caption))
-    counts = {"rows": int(len(df)), "usable": len(posts), "rejected": dict(rejects)}
-    logger.info("posts: %d rows, %d usable, rejected %s", len(df), len(posts), dict(rejects) or "none")
+        posts.append(Post(pre_resize(im, policy), captions[row]))
+    counts = {"rows": len(table), "usable": len(posts), "rejected": dict(rejects)}
+    logger.info("posts: %d rows, %d usable, rejected %s", len(table), len(posts), dict(rejects) or "none")
     return posts, counts
 
 
-def caption_texts(csv_path: Path) -> list[str]:
+def caption_texts(table: PostsTable) -> list[str]:
     """The cleaned, non-empty captions of a posts table: the tokenizer's training text."""
-    import pandas as pd
-
     from data_preprocessing.prepare import clean_text
 
-    captions = (clean_text(d) for d in pd.read_csv(csv_path, usecols=["description"])["description"])
-    return [c for c in captions if c]
+    return [c for c in (clean_text(d) for d in table.captions) if c]
 
 
 @dataclasses.dataclass
@@ -753,20 +775,20 @@ def main(argv: list[str] | None = None) -> Path:
 
     from transformers import CLIPModel, CLIPProcessor
 
-    csv_path = Path(cfg.pretrain_on).resolve()
+    table = read_pretrain_table(cfg)
     with atomic_dir(out) as tmp:
         # 2b. Tokenizer from the table's captions, then the same random init that
-        # build_tiny_clip(texts=caption_texts(csv)) gives, so "before" is reproducible.
-        texts = caption_texts(csv_path)
+        # build_tiny_clip(texts=caption_texts(table)) gives, so "before" is reproducible.
+        texts = caption_texts(table)
         build_info = _write_checkpoint(tmp, cfg.preset, cfg.seed, texts, cfg.vocab_size)
         model = CLIPModel.from_pretrained(tmp)
         processor = CLIPProcessor.from_pretrained(tmp)
 
         # 3. Decode, resize/crop and tokenize every post once; split off a held-out set.
         t_decode = time.perf_counter()
-        posts, counts = load_posts(csv_path, processor.image_processor)
+        posts, counts = load_posts(table, processor.image_processor)
         if len(posts) < 4:
-            raise SystemExit(f"--pretrain-on {csv_path}: only {len(posts)} usable posts, need >= 4")
+            raise SystemExit(f"--pretrain-on {table.path}: only {len(posts)} usable posts, need >= 4")
         train_posts, held_posts = split_posts(posts, cfg)
         train, heldout = encode_posts(processor, train_posts), encode_posts(processor, held_posts)
         del posts, train_posts, held_posts  # the PIL images; the tensors hold what training needs
@@ -785,7 +807,7 @@ def main(argv: list[str] | None = None) -> Path:
         model.save_pretrained(tmp)
         seconds = {"decode": round(decode_s, 2), "train": run["train_seconds"],
                    "total": round(time.perf_counter() - t_start, 2)}
-        data = {"source": str(csv_path), "tokenizer_texts": len(texts), **counts, "train": len(train),
+        data = {"source": str(table.path), "table": table.schema(), "tokenizer_texts": len(texts), **counts, "train": len(train),
                 "heldout": len(heldout)}
         write_json_atomic(tmp / "pretrain.json", pretrain_record(cfg, data, build_info, seconds, run, before))
     logger.info("wrote %s in %.1fs", out, time.perf_counter() - t_start)

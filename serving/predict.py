@@ -3,23 +3,33 @@
     python serving/predict.py --model RUN_DIR/model --input posts.csv --out predictions.csv
     torchrun --nproc_per_node 2 serving/predict.py ...        # or accelerate launch: same output
 
-Input: the table formats and column flags of ``preprocess.py`` (CSV or JSONL; image paths
-relative to the table's folder), plus every feature column the model was trained with. The
-label column is optional: when the table has it, the metrics are printed and written too.
+Input: a table read by ``data_preprocessing.table`` as preprocessing reads it (CSV with a
+sniffed delimiter, or JSONL; image paths relative to the table's folder). The columns
+default to those of the table the model was trained on (the artifact's ``table`` schema),
+so a table of the same shape needs no column flags; ``--image-col``/``--text-col``/
+``--label-col`` override them. Every feature column of the model must be there. The
+label column is optional: when the table has it, the metrics are printed and written
+too. The columns are checked before the model is loaded, so a wrong table fails at once.
 
 Each post goes through ``posts.prepare_post`` with the model's own ``PrepareConfig`` and
 the model's ``PostBatcher``: exactly the preparation of training and of ``/predict``. Rows
 are read once (a few short strings a row), prepared and batched in DataLoader workers while
 the model runs, and written as they come, so memory does not grow with the images.
 
-Output ``--out``, one line per kept row, in row order: ``row``, ``label`` (when present),
-``pred_engagement`` (label units), ``pred_score`` (model scale), ``low_L``/``high_L`` for
-each conformal level ``L``, and ``contrib_<group>`` for image, caption, sentiment and each
-feature column (model scale; they sum to ``pred_score - reference_score``). Rows that
-cannot be scored go to ``OUT.rejects.csv`` with preprocessing's reason codes
-(``missing_path``, ``invalid_feature``, the image codes); a bad label is no reject here, it
-only leaves the row out of the metrics. ``kept + rejected == rows read``, and the exit
-status follows preprocessing: 1 when more than ``--max-reject-frac`` of the rows are rejected.
+Output ``--out``, one line per kept row, in row order: ``row``, the ``--keep-cols`` input
+columns, ``seen_in_training`` (``true`` when the post's fingerprint, image bytes + raw
+caption, is one of the model's train or val posts; empty when the model stores none),
+``label`` (when present), ``pred_engagement`` (label units), ``pred_score`` (model
+scale), ``low_L``/``high_L`` for each conformal level ``L``, and ``contrib_<group>`` for
+image, caption, sentiment and each feature column (model scale; they sum to
+``pred_score - reference_score``). Metrics and interval coverage are computed on the
+labelled rows that are *not* seen in training, and ``OUT.metrics.json`` holds both
+counts. Rows that cannot be scored go to ``OUT.rejects.csv`` with preprocessing's reason
+codes (``missing_path``, ``invalid_feature``, ``unsupported_url``, the image codes); a
+bad label is no reject here, it only leaves the row out of the metrics. ``kept +
+rejected == rows read``, and the exit status follows preprocessing: 1 when more than
+``--max-reject-frac`` of the rows are rejected. Cells a spreadsheet would run as formulas
+are escaped in both CSVs.
 
 Several processes: fixed batches of consecutive rows are dealt out round-robin, each rank
 writes its part, and rank 0 merges them by row. A batch holds the same rows whatever the
@@ -46,12 +56,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.config import bar_disabled, config_dict, field, parse_config, setup_logging, write_json_atomic
 from data_preprocessing.features import FeatureError
-from data_preprocessing.posts import prepare_post
+from data_preprocessing.posts import artifact_feature_names, prepare_post
 from data_preprocessing.prepare import ImageError
-from data_preprocessing.preprocess import parse_label, read_table, resolve_image_path, write_rejects
+from data_preprocessing.table import (ColumnMap, PostsTable, ReadOptions, TableError, encoding_field,
+                                      file_fingerprint, image_source, max_cell_chars_field, parse_label,
+                                      read_table, resolve_image_sources, safe_csv_writer, sep_field, split_names,
+                                      write_rejects)
 from models.runtime import RUNTIMES
 
 log = logging.getLogger(__name__)
+
+# Column names of a table the model records none for (an artifact from before schemas).
+DEFAULT_COLUMNS = ColumnMap(("image_path",), "description", "engagement")
+SEEN_COLUMN = "seen_in_training"
+FIXED_OUTPUT = ("row", SEEN_COLUMN, "label", "pred_engagement", "pred_score", "reference_score")
 
 
 @dataclass
@@ -61,9 +79,16 @@ class PredictConfig:
     model: str = field(help="model artifact directory (RUN_DIR/model)")
     input: str = field(help="posts table: .csv, or .jsonl/.ndjson")
     out: str = field(help="predictions CSV to write (rejects go to OUT.rejects.csv, metrics to OUT.metrics.json)")
-    image_col: str = field("image_path", help="column with the image path")
-    text_col: str = field("description", help="column with the raw caption")
-    label_col: str = field("engagement", help="label column; optional: used for metrics when the table has it")
+    image_col: str | None = field(None, help="column(s) with the image path, comma-separated (the first non-empty "
+                                             "cell wins); default: the training table's")
+    text_col: str | None = field(None, help="column with the raw caption; default: the training table's")
+    label_col: str | None = field(None, help="label column; optional: used for metrics when the table has it; "
+                                             "default: the training table's")
+    keep_cols: str = field("", help="input columns to copy into the output next to row, comma-separated, "
+                                    "e.g. post_id,caption")
+    sep: str = sep_field()
+    encoding: str = encoding_field()
+    max_cell_chars: int = max_cell_chars_field()
     rows_of: str | None = field(None, help="score only the rows of a preprocess.py split: DATA_DIR:SPLIT, "
                                            "e.g. runs/demo/data:test")
     batch_size: int = field(16, help="posts per forward pass")
@@ -80,27 +105,59 @@ class PredictConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.num_workers < 0 or not 0 <= self.max_reject_frac <= 1:
             raise ValueError("--batch-size >= 1, --num-workers >= 0 and --max-reject-frac in [0, 1]")
+        taken = [c for c in split_names(self.keep_cols)
+                 if c in FIXED_OUTPUT or c.startswith(("low_", "high_", "contrib_"))]
+        if taken:
+            raise ValueError(f"--keep-cols {taken}: these names are output columns of the scorer")
+        ReadOptions.of(self)
+
+
+def table_columns(cfg: PredictConfig) -> ColumnMap:
+    """The columns to read: the artifact's training table (or the defaults), the flags over
+    them, the model's feature columns and ``--keep-cols``. Reads config.json only."""
+    from models.clip_regressor import artifact_table
+
+    try:
+        schema = artifact_table(cfg.model)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --model: {e}") from None
+    base = ColumnMap.from_schema(schema) if schema else DEFAULT_COLUMNS
+    features = {n: "a feature column of the model" for n in artifact_feature_names(cfg.model)}
+    try:
+        return ColumnMap(split_names(cfg.image_col) if cfg.image_col else base.image, cfg.text_col or base.text,
+                         cfg.label_col or base.label, features, split_names(cfg.keep_cols), label_optional=True)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 class TableRows(Dataset):
-    """Row ``i`` of the table -> ``(row, Post)`` or ``(row, (reason, detail))``, in a worker."""
+    """Row ``i`` -> ``(row, Post, seen)`` or ``(row, (reason, detail), None)``, in a worker.
 
-    def __init__(self, rows: list[tuple], prep):
-        self.rows, self.prep = rows, prep  # (row, resolved path or "", raw caption, raw feature cells)
+    ``seen``: whether the post's fingerprint is one of ``fingerprints`` (the model's train
+    and val posts, sorted); None when the model stores none.
+    """
+
+    def __init__(self, rows: list[tuple], prep, fingerprints: np.ndarray | None):
+        self.rows, self.prep, self.fingerprints = rows, prep, fingerprints  # rows: (row, path, caption, features)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
         row, path, caption, features = self.rows[i]
-        if path == "":
-            return row, ("missing_path", "no image path given")
         try:
-            return row, prepare_post(path, caption, features, self.prep)
+            post = prepare_post(path, caption, features, self.prep)
         except (ImageError, FeatureError) as e:
-            return row, (e.reason, e.message)
+            return row, (e.reason, e.message), None
         except Exception as e:  # noqa: BLE001 - a decoder failing on a damaged header is a bad image
-            return row, ("corrupt", f"could not open image: {type(e).__name__}: {e}")
+            return row, ("corrupt", f"could not open image: {type(e).__name__}: {e}"), None
+        return row, post, self.seen(file_fingerprint(path, caption))
+
+    def seen(self, fingerprint: int) -> bool | None:
+        if self.fingerprints is None:
+            return None
+        i = int(np.searchsorted(self.fingerprints, np.uint64(fingerprint)))
+        return i < len(self.fingerprints) and int(self.fingerprints[i]) == fingerprint
 
 
 class Batches:
@@ -110,31 +167,35 @@ class Batches:
         self.batcher = batcher
 
     def __call__(self, items):
-        good = [(row, p) for row, p in items if not isinstance(p, tuple)]
-        rejects = [(row, *p) for row, p in items if isinstance(p, tuple)]
-        batch = self.batcher([p for _, p in good]) if good else None
-        return [row for row, _ in good], batch, rejects
+        good = [(row, p, seen) for row, p, seen in items if not isinstance(p, tuple)]
+        rejects = [(row, *p) for row, p, _ in items if isinstance(p, tuple)]
+        batch = self.batcher([p for _, p, _ in good]) if good else None
+        return [row for row, _, _ in good], [seen for _, _, seen in good], batch, rejects
 
 
-def read_rows(cfg: PredictConfig, prep) -> tuple[list[tuple], list | None, list]:
-    """(rows for TableRows, raw labels or None, raw image cells) of the table."""
-    path = Path(cfg.input).expanduser().resolve()
-    if not path.is_file():
-        raise SystemExit(f"error: input file not found: {path}")
-    names = prep.features.names
-    wanted = {cfg.image_col: "--image-col", cfg.text_col: "--text-col", cfg.label_col: "--label-col",
-              **{n: "a feature column of the model" for n in names}}
-    table = read_table(path, wanted, optional=(cfg.label_col,))
-    images = table[cfg.image_col]
-    keep = range(len(images))
-    if cfg.rows_of:
-        keep = sorted(split_rows(cfg.rows_of))
-    rows = []
+def read_input(cfg: PredictConfig, columns: ColumnMap) -> PostsTable:
+    """The table, its columns checked (one ``error:`` line when any is missing)."""
+    try:
+        table = read_table(Path(cfg.input).expanduser().resolve(), columns, ReadOptions.of(cfg))
+    except TableError as e:
+        raise SystemExit(f"error: {e}") from None
+    log.info("read %d rows from %s (%s)", len(table), table.path, table.dialect.describe())
+    return table
+
+
+def read_rows(cfg: PredictConfig, table: PostsTable) -> tuple[list[tuple], list[tuple], int]:
+    """(rows for TableRows, ``(row, reason, detail)`` rejects decided without an image,
+    the number of rows to account for)."""
+    keep = sorted(split_rows(cfg.rows_of)) if cfg.rows_of else range(len(table))
+    sources, rejects = [], []
     for r in keep:
-        raw = "" if images[r] is None else str(images[r]).strip()
-        rows.append((r, resolve_image_path(raw, path.parent) if raw else "", table[cfg.text_col][r],
-                     {n: table[n][r] for n in names}))
-    return rows, table.get(cfg.label_col), images
+        if table.images[r]:
+            sources.append((r, image_source(table.images[r], table.path.parent)))
+        else:
+            rejects.append((r, "missing_path", "no image path given"))
+    local, unresolved = resolve_image_sources(sources)  # URL cells: the download seam
+    rows = [(r, path, table.captions[r], table.feature_cells(r)) for r, path in local]
+    return rows, rejects + unresolved, len(keep)
 
 
 def split_rows(spec: str) -> set[int]:
@@ -145,36 +206,53 @@ def split_rows(spec: str) -> set[int]:
     return {rec.row for rec in RecordReader(Path(data_dir) / f"{split}.pkl")}
 
 
-def columns(loaded) -> list[str]:
+def columns(loaded, keep: tuple[str, ...]) -> list[str]:
     levels = list((loaded.calibration.half_widths if loaded.calibration else {}))
     groups = ["image", "caption", "sentiment", *loaded.prepare.features.names] if loaded.reference else []
-    return (["row", "label", "pred_engagement", "pred_score"] + [f"{e}_{lv}" for lv in levels for e in ("low", "high")]
+    return (["row", *keep, SEEN_COLUMN, "label", "pred_engagement", "pred_score"]
+            + [f"{e}_{lv}" for lv in levels for e in ("low", "high")]
             + [f"contrib_{g}" for g in groups] + (["reference_score"] if groups else []))
 
 
-def score_rows(cfg: PredictConfig, loaded, rows: list[tuple], labels, accelerator, part: Path) -> list[tuple]:
+def keep_cell(value):
+    """An input cell as the output carries it: text as is, a JSON number as a number."""
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def seen_cell(seen: bool | None) -> str:
+    return "" if seen is None else ("true" if seen else "false")
+
+
+def score_rows(cfg: PredictConfig, loaded, rows: list[tuple], table: PostsTable, fingerprints, accelerator,
+               part: Path) -> list[tuple]:
     """Score this rank's batches into ``part`` (CSV without header); returns its rejects."""
     from tqdm.auto import tqdm
 
     batches = [list(range(i, min(i + cfg.batch_size, len(rows)))) for i in range(0, len(rows), cfg.batch_size)]
     mine = batches[accelerator.process_index::accelerator.num_processes]
-    loader = DataLoader(TableRows(rows, loaded.prepare), batch_sampler=mine, collate_fn=Batches(loaded.batcher),
-                        num_workers=cfg.num_workers)
+    loader = DataLoader(TableRows(rows, loaded.prepare, fingerprints), batch_sampler=mine,
+                        collate_fn=Batches(loaded.batcher), num_workers=cfg.num_workers)
     rejects, levels = [], list((loaded.calibration.half_widths if loaded.calibration else {}))
+    labels, keep = table.labels, table.columns.keep
     with open(part, "w", newline="") as fh:
-        w = csv.writer(fh)
-        for row_ids, batch, bad in tqdm(loader, desc="score", unit="batch",
-                                        disable=bar_disabled(cfg.progress and accelerator.is_main_process)):
+        w = safe_csv_writer(fh)
+        for row_ids, seen, batch, bad in tqdm(loader, desc="score", unit="batch",
+                                              disable=bar_disabled(cfg.progress and accelerator.is_main_process)):
             rejects += bad
             if batch is None:
                 continue
             out = loaded.explain_batch(batch)
             for j, r in enumerate(row_ids):
                 label = parse_label(labels[r])[0] if labels is not None else None
-                line = [r, "" if label is None else repr(label), repr(float(out.engagement[j])), repr(float(out.score[j]))]
-                line += [repr(float(x[j])) for lv in levels for x in out.intervals[lv]]
+                line = [r, *(keep_cell(table.cells[c][r]) for c in keep), seen_cell(seen[j]),
+                        "" if label is None else label, float(out.engagement[j]), float(out.score[j])]
+                line += [float(x[j]) for lv in levels for x in out.intervals[lv]]
                 if out.contributions is not None:
-                    line += [repr(float(c)) for c in out.contributions[j]] + [repr(out.reference_score)]
+                    line += [float(c) for c in out.contributions[j]] + [float(out.reference_score)]
                 w.writerow(line)
     return rejects
 
@@ -184,9 +262,10 @@ def merge_parts(parts: list[Path], out: Path, header: list[str]) -> None:
     handles = [open(p, newline="") for p in parts]
     try:
         with open(out, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(header)
-            w.writerows(heapq.merge(*(csv.reader(h) for h in handles), key=lambda line: int(line[0])))
+            safe_csv_writer(fh).writerow(header)  # --keep-cols names come from the user's table
+            # The parts' cells were escaped when written, and are copied as they are: escaping
+            # again would turn a negative number (read back as text) into a string.
+            csv.writer(fh).writerows(heapq.merge(*(csv.reader(h) for h in handles), key=lambda line: int(line[0])))
     finally:
         for h in handles:
             h.close()
@@ -194,15 +273,19 @@ def merge_parts(parts: list[Path], out: Path, header: list[str]) -> None:
         p.unlink()
 
 
-def summarize(cfg: PredictConfig, out: Path, loaded, n_rows: int, rejects: list) -> dict:
-    """Counts, and metrics and interval coverage where labels exist; printed and written."""
+def summarize(cfg: PredictConfig, out: Path, loaded, n_rows: int, rejects: list, fingerprints) -> dict:
+    """Counts, and metrics and interval coverage where labels exist on posts the model did
+    not see in training or validation; printed and written."""
     from models.clip_regressor import regression_metrics
 
     with open(out, newline="") as fh:
         kept = list(csv.DictReader(fh))
     summary = {"rows_read": n_rows, "kept": len(kept), "rejected": len(rejects)}
     assert summary["kept"] + summary["rejected"] == n_rows, summary
-    labelled = [r for r in kept if r.get("label")]
+    n_seen = sum(r[SEEN_COLUMN] == "true" for r in kept)
+    labelled = [r for r in kept if r.get("label") and r[SEEN_COLUMN] != "true"]
+    summary["rows_seen_in_training"] = None if fingerprints is None else n_seen
+    summary["rows_in_metrics"] = len(labelled)
     if labelled:
         z = loaded.target.to_model_scale(torch.tensor([float(r["label"]) for r in labelled], dtype=torch.float64))
         pred = np.array([float(r["pred_score"]) for r in labelled])
@@ -211,6 +294,11 @@ def summarize(cfg: PredictConfig, out: Path, loaded, n_rows: int, rejects: list)
                                                   for r in labelled]))
                                for lv in (loaded.calibration.half_widths if loaded.calibration else {})}
     print(f"rows read {n_rows}: scored {len(kept)}, rejected {len(rejects)}")
+    if fingerprints is None:
+        print(f"metrics on {len(labelled)} labelled rows; the model stores no fingerprints of its training posts, "
+              "so some of these may be posts it was trained on")
+    else:
+        print(f"metrics on {len(labelled)} unseen rows; {n_seen} rows were in training or validation")
     if labelled:
         m = summary["metrics_model_scale"]
         print(f"metrics ({len(labelled)} labelled posts, {loaded.target.kind} scale): r2 {m['r2']:.4f} "
@@ -240,43 +328,47 @@ def print_extremes(kept: list[dict], n: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # 1. parse args, one accelerator for devices and processes
-    from accelerate import Accelerator
-
-    from models.clip_regressor import load_model
-
+    # 1. parse args; the table's columns from the artifact's config.json and the flags
     setup_logging()
     cfg = parse_config(PredictConfig, argv)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     log.info("config: %s", json.dumps(config_dict(cfg)))
-    # 2. the model and its preparation config, then the table's rows
+    cols = table_columns(cfg)
+    # 2. the table, its columns checked before the model loads (which takes seconds)
+    table = read_input(cfg, cols)
+    rows, early_rejects, n_rows = read_rows(cfg, table)
+    # 3. one accelerator for devices and processes; the model and its training fingerprints
+    from accelerate import Accelerator
+
+    from models.clip_regressor import artifact_fingerprints, load_model
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     loaded = load_model(cfg.model, device=accelerator.device, runtime=cfg.runtime)
-    rows, labels, images = read_rows(cfg, loaded.prepare)
+    fingerprints = artifact_fingerprints(cfg.model)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # 3. every rank scores its batches; rank 0 merges parts and rejects
+    # 4. every rank scores its batches; rank 0 merges parts and rejects
     part = out.with_name(f".{out.name}.part{accelerator.process_index}")
-    rejects = score_rows(cfg, loaded, rows, labels, accelerator, part)
+    rejects = score_rows(cfg, loaded, rows, table, fingerprints, accelerator, part)
     with open(part.with_suffix(part.suffix + ".rejects.json"), "w") as fh:
         json.dump(rejects, fh)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return 0
     parts = [out.with_name(f".{out.name}.part{r}") for r in range(accelerator.num_processes)]
-    all_rejects = []
+    all_rejects = list(early_rejects)
     for p in parts:
         rj = p.with_suffix(p.suffix + ".rejects.json")
         all_rejects += [tuple(x) for x in json.loads(rj.read_text())]
         rj.unlink()
-    merge_parts(parts, out, columns(loaded))
+    merge_parts(parts, out, columns(loaded, cols.keep))
     # rejects.csv as preprocessing writes it: row, image path as written, reason, detail
     write_rejects(out.with_name(out.name + ".rejects.csv"),
-                  [(r, "" if images[r] is None else images[r], reason, detail) for r, reason, detail in all_rejects])
-    # 4. account for every row; metrics where labels exist
-    summary = summarize(cfg, out, loaded, len(rows), all_rejects)
+                  [(r, table.images[r], reason, detail) for r, reason, detail in all_rejects])
+    # 5. account for every row; metrics where labels exist, on the posts not seen in training
+    summary = summarize(cfg, out, loaded, n_rows, all_rejects, fingerprints)
     write_json_atomic(out.with_name(out.name + ".metrics.json"), summary)
-    if summary["rejected"] > cfg.max_reject_frac * len(rows) or summary["kept"] == 0:
-        raise SystemExit(f"error: {summary['rejected']} of {len(rows)} rows rejected (> --max-reject-frac "
+    if summary["rejected"] > cfg.max_reject_frac * n_rows or summary["kept"] == 0:
+        raise SystemExit(f"error: {summary['rejected']} of {n_rows} rows rejected (> --max-reject-frac "
                          f"{cfg.max_reject_frac:.0%}); see {out.name}.rejects.csv")
     return 0
 

@@ -15,7 +15,8 @@ from data_preprocessing.features import (FeatureColumn, FeatureError, FeatureSch
                                          parse_column_specs)
 from data_preprocessing.posts import PrepareConfig, Record, parse_features
 from data_preprocessing.records import SPLITS, RecordReader
-from tests.test_preprocess import read_rejects, write_images
+from tests.test_preprocess import read_rejects
+from tests.tiny_posts import write_images
 
 FOLLOWERS = FeatureColumn("followers", "numeric", 0.0, None)
 HOUR = FeatureColumn("posted_hour", "numeric", 0.0, 23.0)
@@ -25,6 +26,8 @@ PLATFORM = FeatureColumn("platform", "categorical")
 @pytest.mark.parametrize("raw, expected", [
     ("12", 12.0), (" 1e3 ", 1000.0), (7, 7.0), (2.5, 2.5), ("", None), ("  ", None), (None, None),
     (float("nan"), None),  # pandas' own missing marker
+    # a spreadsheet's thousands separators
+    ("13,579", 13579.0), (" 1,234,567.25 ", 1234567.25), ("13 579", 13579.0), ("999,000", 999000.0),
 ])
 def test_numeric_parse(raw, expected):
     assert FOLLOWERS.parse(raw) == expected
@@ -34,6 +37,9 @@ def test_numeric_parse(raw, expected):
 @pytest.mark.parametrize("raw, why", [
     ("12k", "is not a number"), ("inf", "is not finite"), ("nan", "is not finite"), (True, "is not a number"),
     ("-1", "outside the allowed range [0, inf]"), (float("inf"), "is not finite"),
+    # only groups of exactly three digits are thousands: a decimal comma is not guessed at
+    ("1,5", "is not a number"), ("12,34", "is not a number"), ("1234,567", "is not a number"),
+    ("13,579,", "is not a number"), ("1,234.5.6", "is not a number"), ("1, 234", "is not a number"),
 ])
 def test_numeric_parse_rejects(raw, why):
     with pytest.raises(FeatureError) as e:
@@ -207,3 +213,20 @@ def test_validation_script_passes_on_featured_data(featured, capsys):
     import test_preprocessing
 
     assert test_preprocessing.main(["--data", str(featured)]) == 0
+
+
+def test_thousands_separators_go_through_preprocessing(tmp_path):
+    """A spreadsheet export: followers formatted "13,579" are numbers, not invalid_feature."""
+    from tests.tiny_posts import write_table
+
+    names = write_images(tmp_path / "images", 4)
+    followers = ["13,579", "1 204 000", "950", "12,34"]
+    posts = write_table(tmp_path / "posts.csv", ["image_path", "description", "engagement", "followers"],
+                        [[f"images/{n}", f"post {i}", i, f] for i, (n, f) in enumerate(zip(names, followers))])
+    out = tmp_path / "out"
+    assert preprocess.main(["--input", str(posts), "--out", str(out), "--workers", "1", "--numeric-cols",
+                            "followers:0:", "--val-frac", "0", "--test-frac", "0", "--max-reject-frac", "0.5",
+                            "--no-progress"]) == 0
+    assert read_rejects(out) == {3: "invalid_feature"}
+    recs = {r.row: r.features["followers"] for r in RecordReader(out / "train.pkl")}
+    assert recs == {0: 13579.0, 1: 1204000.0, 2: 950.0}

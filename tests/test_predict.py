@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from serving import predict
-from tests.test_preprocess import write_images
+from tests.tiny_posts import write_images, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,21 +36,17 @@ ROWS = [  # image, caption, followers, platform, engagement; None image -> missi
 ]
 
 
-def write_table(root: Path) -> Path:
+def write_rows(root: Path) -> Path:
     """ROWS as ``root/posts.csv`` with their images."""
     names = write_images(root / "images", 5, size=(300, 240))
-    with open(root / "posts.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image_path", "description", "followers", "platform", "engagement"])
-        for img, cap, fol, plat, likes in ROWS:
-            path = "" if img is None else (f"images/{names[img]}" if isinstance(img, int) else f"images/{img}")
-            w.writerow([path, cap, fol, plat, likes])
-    return root / "posts.csv"
+    return write_table(root / "posts.csv", ["image_path", "description", "followers", "platform", "engagement"],
+                       [["" if img is None else (f"images/{names[img]}" if isinstance(img, int) else f"images/{img}"),
+                         cap, fol, plat, likes] for img, cap, fol, plat, likes in ROWS])
 
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> Path:
-    return write_table(tmp_path_factory.mktemp("predict_table"))
+    return write_rows(tmp_path_factory.mktemp("predict_table"))
 
 
 def _read(path: Path) -> list[dict]:
@@ -104,8 +100,11 @@ def test_matches_load_model_on_the_same_posts(one_process, model_dir, table):
 def test_missing_feature_column_is_a_clear_error(model_dir, tmp_path):
     posts = tmp_path / "p.csv"
     posts.write_text("image_path,description\nx.jpg,hi\n")
-    with pytest.raises(SystemExit, match="column 'followers' \\(a feature column of the model\\) not found"):
+    with pytest.raises(SystemExit) as e:
         predict.main(["--model", str(model_dir), "--input", str(posts), "--out", str(tmp_path / "o.csv")])
+    # Both feature columns at once; the label is optional when scoring.
+    assert e.value.code.startswith("error: p.csv: 2 columns not found: 'followers' (a feature column of the "
+                                   "model), 'platform' (a feature column of the model).")
 
 
 @pytest.mark.parametrize("rows, n, want", [(7, 2, ["top 2", 6, 5, "bottom 2", 1, 0]),
@@ -138,3 +137,103 @@ def test_two_processes_give_the_same_output(model_dir, table, tmp_path):
     assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
     assert _read(tmp_path / "two.csv.rejects.csv") == _read(tmp_path / "one.csv.rejects.csv")
     assert len(_read(tmp_path / "two.csv")) == 4
+
+
+# ---------------------------------------------------------------------------------------
+# A model trained on a table with its own column names: remembered, and honest metrics
+# ---------------------------------------------------------------------------------------
+
+OWN_HEADER = ["post_id", "photo", "caption", "likes"]
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory, model_dir):
+    """A semicolon table with its own column names, preprocessed and trained for one epoch
+    (starting from the tiny CLIP inside the session's artifact: no second build)."""
+    from data_preprocessing import preprocess
+    from models.clip_regressor import CLIP_SUBDIR
+    from training import train_torch
+
+    root = tmp_path_factory.mktemp("own")
+    names = write_images(root / "images", 34)
+    rows = [[f"p{i}", f"images/{n}", f"=1+{i} formula-looking caption" if i == 5 else f"post number {i} #fun", 3 * i]
+            for i, n in enumerate(names[:30])]
+    table = write_table(root / "train.csv", OWN_HEADER, rows, sep=";")
+    assert preprocess.main(["--input", str(table), "--out", str(root / "data"), "--image-col", "photo",
+                            "--text-col", "caption", "--label-col", "likes", "--val-frac", "0.2",
+                            "--test-frac", "0.2", "--workers", "1", "--no-progress"]) == 0
+    from data_preprocessing.records import RecordReader
+
+    in_train = RecordReader(root / "data" / "train.pkl")[0].row
+    clip = model_dir / CLIP_SUBDIR
+    assert train_torch.main(["--data", str(root / "data"), "--out", str(root / "run"), "--clip-model", str(clip),
+                             "--frozen-epochs", "1", "--finetune-epochs", "0", "--batch-size", "8",
+                             "--eval-batch-size", "16", "--num-workers", "0", "--head-hidden", "32"]) == 0
+    # To score: every training-table row, four new posts, and a copy of a train post (same image
+    # and caption, another id).
+    new = [[f"n{i}", f"images/{n}", f"a new post {i}", 7 * i] for i, n in enumerate(names[30:])]
+    scored = write_table(root / "score.csv", OWN_HEADER, rows + new + [["copy", *rows[in_train][1:]]], sep=";")
+    return root, scored
+
+
+def test_a_table_of_the_training_shape_needs_no_column_flags(own_run, capsys):
+    from data_preprocessing.records import RecordReader
+
+    root, scored = own_run
+    out = root / "scored.csv"
+    assert predict.main(["--model", str(root / "run" / "model"), "--input", str(scored), "--out", str(out),
+                         "--keep-cols", "post_id,caption", "--num-workers", "0", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    with open(scored, newline="") as fh:
+        table = list(csv.DictReader(fh, delimiter=";"))
+    got = _read(out)
+    assert list(got[0])[:5] == ["row", "post_id", "caption", "seen_in_training", "label"]
+    assert [r["post_id"] for r in got] == [t["post_id"] for t in table]  # carried through, in row order
+    assert got[5]["caption"] == "'=1+5 formula-looking caption"  # escaped: text to a spreadsheet
+    assert all(float(r[k]) == float(r[k]) for r in got for k in r if k.startswith(("pred_", "contrib_", "low_")))
+
+    fitted = {rec.row for split in ("train", "val") for rec in RecordReader(root / "data" / f"{split}.pkl")}
+    seen = {int(r["row"]) for r in got if r["seen_in_training"] == "true"}
+    assert seen == fitted | {34}  # the train and val posts, and the copy of a train post
+    summary = json.loads(out.with_name("scored.csv.metrics.json").read_text())
+    n_unseen = len(table) - len(seen)
+    assert (summary["rows_seen_in_training"], summary["rows_in_metrics"]) == (len(seen), n_unseen)
+    assert f"metrics on {n_unseen} unseen rows; {len(seen)} rows were in training or validation" in printed
+    unseen = [r for r in got if r["seen_in_training"] == "false"]
+    z = np.log1p([float(r["label"]) for r in unseen])
+    residual = z - np.array([float(r["pred_score"]) for r in unseen])
+    r2 = 1 - (residual ** 2).sum() / ((z - z.mean()) ** 2).sum()
+    assert summary["metrics_model_scale"]["r2"] == pytest.approx(r2, rel=1e-6, abs=1e-9)
+
+
+def test_training_records_the_schema_and_the_fingerprints(own_run):
+    from models.clip_regressor import artifact_fingerprints, artifact_table
+
+    root, _ = own_run
+    model = root / "run" / "model"
+    assert artifact_table(model) == {"columns": {"image": ["photo"], "text": "caption", "label": "likes",
+                                                 "features": []},
+                                     "dialect": {"format": "csv", "encoding": "utf-8-sig", "sep": ";"}}
+    saved = np.load(root / "data" / "fingerprints.npz")
+    assert artifact_fingerprints(model).tolist() == sorted(set(saved["train"].tolist() + saved["val"].tolist()))
+    assert not set(saved["test"].tolist()) & set(artifact_fingerprints(model).tolist())
+
+
+def test_missing_columns_fail_before_the_model_loads(own_run, tmp_path):
+    """A model dir with only config.json: loading it fails, so only a check made before the
+    load can answer with the missing columns."""
+    root, scored = own_run
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text((root / "run" / "model" / "config.json").read_text())
+    with pytest.raises((OSError, ValueError, SystemExit)) as e:  # what loading this model does
+        predict.main(["--model", str(broken), "--input", str(scored), "--out", str(tmp_path / "o.csv")])
+    assert "not found: 'caption'" not in str(e.value)
+    table = write_table(tmp_path / "t.csv", ["post_id", "photo", "text", "likes"], [["a", "images/000.jpg", "x", 1]])
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--model", str(broken), "--input", str(table), "--out", str(tmp_path / "o.csv")])
+    assert e.value.code.startswith("error: t.csv: 1 column not found: 'caption' (--text-col).")
+    with pytest.raises(SystemExit) as e:  # a flag overrides the remembered name
+        predict.main(["--model", str(broken), "--input", str(table), "--out", str(tmp_path / "o.csv"),
+                      "--text-col", "text", "--keep-cols", "post_id,shop"])
+    assert e.value.code.startswith("error: t.csv: 1 column not found: 'shop' (--keep-cols).")

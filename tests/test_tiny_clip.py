@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoProcessor, CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from data_preprocessing.table import ColumnMap, read_table
 from models import tiny_clip
 from models.tiny_clip import (
     PostTensors,
@@ -180,16 +181,22 @@ def posts_csv(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def posts_table(posts_csv):
+    """The posts table as pretraining reads it (data_preprocessing.table, no label)."""
+    return read_table(posts_csv, ColumnMap(label=None))
+
+
+@pytest.fixture(scope="module")
 def pretrained(posts_csv, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrained") / "clip"
     main(["--out", str(out), "--pretrain-on", str(posts_csv), *PRETRAIN_ARGS])
     return out
 
 
-def test_cached_batches_equal_the_processor_on_the_posts(tiny_dir, posts_csv):
+def test_cached_batches_equal_the_processor_on_the_posts(tiny_dir, posts_table):
     # Processing every post once must not change what the model sees in a step.
     processor = CLIPProcessor.from_pretrained(tiny_dir)
-    posts, _ = load_posts(posts_csv, processor.image_processor)
+    posts, _ = load_posts(posts_table, processor.image_processor)
     cached = make_batch(processor, encode_posts(processor, posts), rows=[3, 0, 7, 5])
     direct = processor(text=[posts[i].caption for i in (3, 0, 7, 5)], images=[posts[i].image for i in (3, 0, 7, 5)],
                        return_tensors="pt", padding=True, truncation=True)
@@ -231,9 +238,9 @@ def test_retrieval_ranks_all_posts_and_counts_shared_captions(tiny_dir):
     assert evaluate(Scripted(torch.ones(4, 4), torch.ones(4, 4)), processor, posts, 2)["rank_score"] == 0.5
 
 
-def test_pretrain_keeps_the_best_heldout_epoch(tmp_path, tiny_dir, posts_csv, monkeypatch):
+def test_pretrain_keeps_the_best_heldout_epoch(tmp_path, tiny_dir, posts_table, monkeypatch):
     model, processor = CLIPModel.from_pretrained(tiny_dir), CLIPProcessor.from_pretrained(tiny_dir)
-    posts, _ = load_posts(posts_csv, processor.image_processor)
+    posts, _ = load_posts(posts_table, processor.image_processor)
     cfg = TinyClipConfig(out=str(tmp_path / "unused"), pretrain_epochs=3, batch_size=8, lr=1e-3)
     # Scripted held-out scores: epochs 2 and 3 tie on rank score, epoch 2 has the lower loss.
     scores = iter([(0.6, 1.0), (0.8, 1.5), (0.8, 1.7)])
@@ -254,11 +261,11 @@ def test_pretrain_keeps_the_best_heldout_epoch(tmp_path, tiny_dir, posts_csv, mo
     assert not all(torch.equal(final[k], weights[2][k]) for k in final)  # not the last epoch's
 
 
-def test_pretrain_cap_on_an_epoch_boundary_adds_no_empty_epoch(tmp_path, tiny_dir, posts_csv, monkeypatch):
+def test_pretrain_cap_on_an_epoch_boundary_adds_no_empty_epoch(tmp_path, tiny_dir, posts_table, monkeypatch):
     # The minutes cap passes during epoch 2's evaluation, so epoch 3 stops before its first step.
     # Evaluating and logging that epoch anyway gave a curve row with a NaN train loss (strict JSON refuses it).
     model, processor = CLIPModel.from_pretrained(tiny_dir), CLIPProcessor.from_pretrained(tiny_dir)
-    posts, _ = load_posts(posts_csv, processor.image_processor)
+    posts, _ = load_posts(posts_table, processor.image_processor)
     cfg = TinyClipConfig(out=str(tmp_path / "unused"), pretrain_epochs=5, batch_size=8, pretrain_minutes=1.0)
     clock, evaluated = [0.0], []
 
@@ -276,7 +283,7 @@ def test_pretrain_cap_on_an_epoch_boundary_adds_no_empty_epoch(tmp_path, tiny_di
     assert [row["epoch"] for row in run["curve"]] == [1, 2] and run["best"]["epoch"] == 2
     json.dumps(run, allow_nan=False)  # every figure finite
 
-def test_pretrain_retrieves_above_chance_and_records_its_choice(pretrained, posts_csv):
+def test_pretrain_retrieves_above_chance_and_records_its_choice(pretrained, posts_table):
     record = json.loads((pretrained / "pretrain.json").read_text())
     assert record["data"]["rows"] == 42 and record["data"]["usable"] == 40
     assert record["data"]["rejected"] == {"not_found": 1, "unsupported_format": 1}
@@ -302,7 +309,7 @@ def test_pretrain_retrieves_above_chance_and_records_its_choice(pretrained, post
 
     # The saved weights are the kept epoch's: re-scoring them on the same held-out split matches.
     model, processor = CLIPModel.from_pretrained(pretrained), CLIPProcessor.from_pretrained(pretrained)
-    posts, _ = load_posts(posts_csv, processor.image_processor)
+    posts, _ = load_posts(posts_table, processor.image_processor)
     cfg = TinyClipConfig(**record["config"])
     _, held_posts = split_posts(posts, cfg)
     rescored = evaluate(model, processor, encode_posts(processor, held_posts), cfg.batch_size)
@@ -310,11 +317,11 @@ def test_pretrain_retrieves_above_chance_and_records_its_choice(pretrained, post
         best["heldout_rank_score"], best["heldout_top1"], best["heldout_loss"])
 
 
-def test_pretrain_lowers_contrastive_loss(pretrained, posts_csv, tmp_path):
+def test_pretrain_lowers_contrastive_loss(pretrained, posts_table, tmp_path):
     # The untrained start is reproducible: same tokenizer texts, same seed.
-    before_dir = build_tiny_clip(tmp_path / "before", seed=0, texts=caption_texts(posts_csv))
+    before_dir = build_tiny_clip(tmp_path / "before", seed=0, texts=caption_texts(posts_table))
     processor = CLIPProcessor.from_pretrained(pretrained)
-    posts, _ = load_posts(posts_csv, processor.image_processor)
+    posts, _ = load_posts(posts_table, processor.image_processor)
     batch = make_batch(processor, encode_posts(processor, posts[:16]))
     losses = {}
     for name, path in (("before", before_dir), ("after", pretrained)):
@@ -324,7 +331,7 @@ def test_pretrain_lowers_contrastive_loss(pretrained, posts_csv, tmp_path):
     assert losses["after"] < losses["before"] - 0.05, losses
 
 
-def test_pretrain_is_reproducible_for_a_seed(tmp_path, posts_csv):
+def test_pretrain_is_reproducible_for_a_seed(tmp_path, posts_csv, posts_table):
     # Two epochs of two steps (20 posts train, batches of 10): the second epoch's shuffle counts too.
     args = ["--pretrain-on", str(posts_csv), "--pretrain-epochs", "2", "--batch-size", "10", "--lr", "1e-3",
             "--heldout-fraction", "0.5"]
@@ -334,7 +341,7 @@ def test_pretrain_is_reproducible_for_a_seed(tmp_path, posts_csv):
         weights.append((tmp_path / run / "model.safetensors").read_bytes())
     assert weights[0] == weights[1]
     # ...and the weights did change from the random init, so the equality is not vacuous.
-    init = build_tiny_clip(tmp_path / "init", seed=0, texts=caption_texts(posts_csv))
+    init = build_tiny_clip(tmp_path / "init", seed=0, texts=caption_texts(posts_table))
     assert (init / "model.safetensors").read_bytes() != weights[0]
 
 
@@ -356,3 +363,30 @@ def test_cli_runs_as_script_and_module(tmp_path):
                           str(tmp_path / "nope.csv")], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "no such file" in bad.stderr
+
+
+def test_pretraining_reads_its_table_like_preprocessing(posts_csv, posts_table, tiny_dir, tmp_path):
+    """--image-col/--text-col and a spreadsheet's dialect: the same posts as the plain table."""
+    from common.config import parse_config
+    from tests.tiny_posts import write_table
+
+    processor = CLIPProcessor.from_pretrained(tiny_dir)
+    plain = pd.read_csv(posts_csv)
+    renamed = write_table(tmp_path / "export.csv", ["photo", "caption"],
+                          [[str(posts_csv.parent / p), c] for p, c in zip(plain["image_path"], plain["description"])],
+                          sep=";", encoding="utf-8-sig")
+    cfg = parse_config(TinyClipConfig, ["--out", str(tmp_path / "o"), "--pretrain-on", str(renamed),
+                                        "--image-col", "photo", "--text-col", "caption"])
+    table = tiny_clip.read_pretrain_table(cfg)
+    assert table.dialect.sep == ";" and caption_texts(table) == caption_texts(posts_table)
+    got, counts = load_posts(table, processor.image_processor)
+    want, _ = load_posts(posts_table, processor.image_processor)
+    assert counts["usable"] == len(want) == 40
+    assert [(p.caption, p.image.tobytes()) for p in got] == [(p.caption, p.image.tobytes()) for p in want]
+
+
+def test_pretraining_on_a_table_without_the_columns_is_one_line(posts_csv, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "o"), "--pretrain-on", str(posts_csv), "--text-col", "caption"])
+    assert e.value.code.startswith("error: --pretrain-on: posts.csv: 1 column not found: 'caption' (--text-col).")
+    assert "\n" not in e.value.code and not (tmp_path / "o").exists()  # refused before anything is built

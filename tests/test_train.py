@@ -198,9 +198,9 @@ def test_artifact_round_trip(straight_run, posts):
     with open(straight_run / "predictions_test.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["row"]) for r in rows] == [r.row for r in records]
-    in_memory = np.array([float(r["pred_model_scale"]) for r in rows])
+    in_memory = np.array([float(r["pred_score"]) for r in rows])
     np.testing.assert_allclose(score.numpy(), in_memory, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(likes.numpy(), [float(r["pred_label_units"]) for r in rows], rtol=1e-4)
+    np.testing.assert_allclose(likes.numpy(), [float(r["pred_engagement"]) for r in rows], rtol=1e-4)
     truth = np.log1p([r.label for r in records])
     assert regression_metrics(truth, score.numpy())["r2"] == pytest.approx(_metrics(straight_run)["test"]["r2"],
                                                                            abs=1e-4)

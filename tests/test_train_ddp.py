@@ -54,7 +54,7 @@ def test_two_process_run_writes_a_loadable_artifact(tmp_path):
     loaded = load_model(out / "model")
     assert loaded.config["training"]["num_processes"] == 2
     score, _ = loaded.predict_batch(Collator(loaded.batcher)(records))
-    np.testing.assert_allclose(score.numpy(), [float(r["pred_model_scale"]) for r in rows], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(score.numpy(), [float(r["pred_score"]) for r in rows], rtol=1e-5, atol=1e-5)
 
     # The cache gathered from two shards is the one-process cache: same baselines.
     single = tmp_path / "single"

@@ -1,14 +1,18 @@
-"""A tiny preprocessed dataset for training tests, written straight to record files.
+"""Shared test data: posts tables with their images, and a tiny preprocessed dataset.
 
-Not a test module: ``test_train.py`` and ``test_train_ddp.py`` import it. It writes what
-``data_preprocessing/preprocess.py`` writes (records + meta.json) without decoding JPEGs,
-so a 48-post set takes well under a second.
+Not a test module. ``write_images`` and ``write_table`` write the raw inputs that
+preprocessing, the table scorer and pretraining read (any delimiter and encoding, as a
+spreadsheet saves them). ``write_tiny_posts`` writes what ``data_preprocessing/
+preprocess.py`` writes (records + meta.json) without decoding JPEGs, so a 48-post set
+for ``test_train.py`` and ``test_train_ddp.py`` takes well under a second.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -19,6 +23,36 @@ from data_preprocessing.prepare import CLEANING_VERSION, ResizePolicy
 from data_preprocessing.records import RecordWriter
 
 WORDS = "sunset beach dog pizza coffee city forest gym cat happy love new morning friends".split()
+
+
+def write_images(folder: Path, n: int, size=(48, 36)) -> list[str]:
+    """n small distinct JPEGs ``000.jpg``...: ``size`` (w, h), turned for every third one, so
+    some are portrait and some landscape; returns their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        w, h = size if i % 3 else size[::-1]
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg", quality=90)
+        names.append(f"{i:03d}.jpg")
+    return names
+
+
+def write_table(path: Path, header: Sequence[str], rows: Sequence[Sequence], sep: str = ",",
+                encoding: str = "utf-8") -> Path:
+    """A posts table: ``.jsonl`` as one JSON object per row (None cells left out), anything
+    else as delimited text with ``sep`` in ``encoding`` (``utf-8-sig`` for Excel's BOM)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        with open(path, "w", encoding=encoding) as fh:
+            for row in rows:
+                fh.write(json.dumps({k: v for k, v in zip(header, row) if v is not None}, ensure_ascii=False) + "\n")
+        return path
+    with open(path, "w", newline="", encoding=encoding) as fh:
+        w = csv.writer(fh, delimiter=sep)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
 
 
 FEATURE_COLUMNS = (FeatureColumn("followers", "numeric", 0.0, None), FeatureColumn("platform", "categorical"))

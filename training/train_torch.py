@@ -39,7 +39,6 @@ that ``models.clip_regressor.load_model`` and the server load).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -64,6 +63,7 @@ from common.config import bar_disabled, config_dict, field, git_commit, parse_co
 from common.hub import PretrainedUnavailable, resolve_pretrained
 from data_preprocessing.posts import PrepareConfig, Record
 from data_preprocessing.records import RecordReader, check_cleaning_version, check_record_format, load_meta
+from data_preprocessing.table import load_fingerprints, safe_csv_writer
 from models.clip_regressor import (DEFAULT_CLIP, CLIPRegressor, HeadConfig, PostBatcher, TargetTransform,
                                    regression_metrics, save_artifact)
 from models.explain import Calibration, Reference, coverage
@@ -675,12 +675,14 @@ def log_phase_table(cfg: TrainConfig) -> None:
 
 
 def write_predictions(path: Path, rows: Sequence[int], labels: np.ndarray, scored: dict) -> None:
-    """Per-post test predictions; ``row`` is the post's row in the raw posts table."""
+    """Per-post test predictions; ``row`` is the post's row in the raw posts table. The
+    columns are named as ``serving/predict.py`` names them (``pred_engagement`` in label
+    units, ``pred_score`` on the model scale), plus the label on the model scale."""
     with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["row", "label", "pred_label_units", "target_model_scale", "pred_model_scale"])
-        for row in zip(rows, labels, scored["y_pred"], scored["z_true"], scored["z_pred"]):
-            w.writerow([int(row[0])] + [repr(float(v)) for v in row[1:]])
+        w = safe_csv_writer(fh)
+        w.writerow(["row", "label", "pred_engagement", "pred_score", "target_model_scale"])
+        for row in zip(rows, labels, scored["y_pred"], scored["z_pred"], scored["z_true"]):
+            w.writerow([int(row[0])] + [float(v) for v in row[1:]])
 
 
 def epoch_timings(history: list[dict], cache_timings: dict | None, cfg: TrainConfig) -> dict:
@@ -1002,8 +1004,15 @@ def finish(run: Run, wise: dict | None) -> None:
                               "num_processes": run.accelerator.num_processes, "mixed_precision": run.precision,
                               "data": metrics["data"]},
                  "metrics": {k: metrics[k] for k in ("test", "test_label_units", "test_after_frozen", "baselines")}}
+        # The posts the model was fit (train) and calibrated (val) on, so the table scorer can
+        # mark them; none for data preprocessed before fingerprints existed.
+        seen = load_fingerprints(cfg.data, ("train", "val"))
+        if seen is None:
+            log.warning("%s has no post fingerprints: serving/predict.py will not be able to mark the posts "
+                        "this model was trained on; re-run preprocess.py to get them", cfg.data)
         path = save_artifact(run.model, run.processor, target, run.run_dir / "model", prepare=run.prep,
-                             extra_config=extra, calibration=calibration, reference=reference)
+                             extra_config=extra, calibration=calibration, reference=reference,
+                             table=run.meta.get("table"), fingerprints=seen)
         log.info("wrote %s, metrics.json, plots and predictions in %s", path, run.run_dir)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
