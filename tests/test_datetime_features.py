@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from data_preprocessing.features import (DATETIME_PARTS, FeatureColumn, FeatureError, FeatureSchema, FeatureSpec,
+from data_preprocessing.features import (DATETIME_PARTS, DEFAULT_DATETIME_PARTS, FeatureColumn, FeatureError, FeatureSchema, FeatureSpec,
                                          datetime_parts, parse_column_specs, parse_datetime)
 from data_preprocessing.posts import PrepareConfig, parse_features
 
@@ -110,7 +110,7 @@ def test_hour_23_and_hour_0_are_neighbours():
 def test_fit_and_encode_hour_weekday_time_and_missing():
     days = [datetime(2025, 1, 1, tzinfo=timezone.utc).timestamp() + k * 86400 + 3600 * (k % 24) for k in range(60)]
     train = days + [None] * 20
-    spec = FeatureSpec.fit(POSTED_NY, train)
+    spec = FeatureSpec.fit(FeatureColumn("posted_at", "datetime", timezone=NY, parts=DATETIME_PARTS), train)
     assert spec.transform == "cyclic" and spec.width == 6
     assert spec.input_names() == ["posted_at__hour_sin", "posted_at__hour_cos", "posted_at__weekday_sin",
                                   "posted_at__weekday_cos", "posted_at__time", "posted_at__missing"]
@@ -129,6 +129,15 @@ def test_fit_and_encode_hour_weekday_time_and_missing():
     assert spec.encode([days[-1] + 1e4 * 86400])[0, 4] == pytest.approx(10.0)
 
 
+def test_default_parts_are_hour_and_weekday():
+    assert POSTED_NY.parts == DEFAULT_DATETIME_PARTS == ("hour", "weekday")
+    spec = FeatureSpec.fit(POSTED_NY, [UTC_2330.timestamp(), UTC_2330.timestamp() + 5000.0, None])
+    assert spec.width == 5 and spec.input_names()[-1] == "posted_at__missing"
+    out = spec.encode([UTC_2330.timestamp(), None])
+    np.testing.assert_allclose(out[0, :4], datetime_parts(UTC_2330.timestamp(), NY), atol=1e-6)
+    assert out[1, 4] == 1.0
+
+
 def test_parts_are_configurable_and_saved():
     col = FeatureColumn("posted_at", "datetime", timezone=NY, parts=("weekday",))
     spec = FeatureSpec.fit(col, [UTC_2330.timestamp(), None])
@@ -145,12 +154,12 @@ def test_schema_round_trip_saves_zone_format_and_parts():
     d = json.loads(json.dumps(schema.to_dict()))
     saved = d["features"][1]["column"]
     assert saved == {"name": "posted_at", "kind": "datetime", "min": None, "max": None, "timezone": NY,
-                     "format": "%m/%d/%Y %H:%M", "parts": list(DATETIME_PARTS)}
+                     "format": "%m/%d/%Y %H:%M", "parts": ["hour", "weekday"]}
     # a numeric column's dict is as it was before datetime columns existed
     assert d["features"][0]["column"] == {"name": "followers", "kind": "numeric", "min": 0.0, "max": None}
     assert "impute_inputs" not in d["features"][0]
     again = FeatureSchema.from_dict(d)
-    assert again == schema and again.width == 2 + 6
+    assert again == schema and again.width == 2 + 5
     rows = [{"followers": 3.0, "posted_at": UTC_2330.timestamp()}, {"followers": None, "posted_at": None}]
     np.testing.assert_array_equal(again.encode(rows), schema.encode(rows))
 
@@ -171,6 +180,7 @@ def test_column_specs_with_datetime_zone_and_format():
                                                ("posted_at", "datetime"), ("created", "datetime")]
     assert all(c.timezone == NY and c.format == "%m/%d/%Y %H:%M" for c in cols[2:])
     assert parse_column_specs("", "", "posted_at")[0].timezone == "UTC"  # the default zone
+    assert parse_column_specs("", "", "posted_at", datetime_parts="hour, time")[0].parts == ("hour", "time")
     with pytest.raises(ValueError, match="posted_at"):
         parse_column_specs("posted_at", "", "posted_at")  # named twice
     with pytest.raises(ValueError, match="IANA"):
