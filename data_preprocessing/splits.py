@@ -10,7 +10,9 @@ on, so its test R² does not say what to expect next month or on a new account. 
 * ``time:COL``: rows are ordered by the timestamp in COL (``features.parse_datetime``, with
   the run's ``--timezone`` and ``--datetime-format``), ties by row. The oldest go to train,
   the next ``round(val_frac * m)`` to val and the newest ``round(test_frac * m)`` to test,
-  ``m`` being the rows with a time. Rows that share a timestamp across a boundary all stay
+  ``m`` being the rows with a time that the caller does not already reject (``skip``:
+  e.g. posts whose labels are not final, so the newest *usable* posts form the test
+  split). Rows that share a timestamp across a boundary all stay
   in the earlier split, so every test post is strictly newer than every train and val post
   (and every val post than every train post). A row whose cell is empty or not a time is
   rejected with ``invalid_datetime``.
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -168,9 +170,13 @@ def time_column(rule: SplitRule, columns: Sequence[FeatureColumn], timezone: str
 
 
 def plan_splits(rule: SplitRule, n_rows: int, val_frac: float, test_frac: float, seed: int,
-                cells: Sequence | None = None, time_column: FeatureColumn | None = None) -> SplitPlan:
+                cells: Sequence | None = None, time_column: FeatureColumn | None = None,
+                skip: Collection[int] = ()) -> SplitPlan:
     """Every row's split under ``rule``. ``cells`` is the rule's column (time and group
-    rules); ``time_column`` the datetime column that parses it (its zone and format)."""
+    rules); ``time_column`` the datetime column that parses it (its zone and format).
+    ``skip``: rows the caller rejects anyway; a time split leaves them out of its order and
+    proportions (``UNASSIGNED``, no reject of its own). Random and group splits place every
+    row, since a row's split there never depends on the other rows."""
     if rule.kind == "random":
         return SplitPlan(rule, assign_random(n_rows, val_frac, test_frac, seed), {})
     if cells is None or len(cells) != n_rows:
@@ -181,7 +187,10 @@ def plan_splits(rule: SplitRule, n_rows: int, val_frac: float, test_frac: float,
     if time_column is None or time_column.kind != "datetime":
         raise ValueError(f"--split {rule} needs a datetime column to parse {rule.column!r} with")
     times, bad = parse_times(cells, time_column)
-    return SplitPlan(rule, assign_by_time(times, val_frac, test_frac), bad, times=times)
+    usable = times.copy()
+    usable[list(skip)] = np.nan
+    bad = {r: d for r, d in bad.items() if r not in set(skip)}
+    return SplitPlan(rule, assign_by_time(usable, val_frac, test_frac), bad, times=times)
 
 
 def split_rejects(plan: SplitPlan) -> list[tuple[int, str, str]]:

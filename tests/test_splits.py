@@ -81,6 +81,18 @@ def test_time_split_rejects_rows_without_a_valid_time():
     assert rejects[1][2].startswith("posted_at: 'last tuesday' is not a timestamp")
 
 
+def test_time_split_proportions_are_of_the_rows_not_rejected_anyway():
+    cells = [iso(d) for d in range(12)]
+    cells[5] = "bad"
+    # the two newest posts are rejected before splitting (their labels are still growing)
+    plan = plan_splits(SplitRule("time", "posted_at"), 12, 0.2, 0.2, 0, cells, POSTED, skip={10, 11, 5})
+    # 9 usable rows: 2 to test (round(0.2 * 9)), 2 to val, the oldest 5 to train
+    assert plan.split.tolist() == [TRAIN] * 5 + [UNASSIGNED] + [VAL, VAL, TEST, TEST, UNASSIGNED, UNASSIGNED]
+    assert plan.rejects == {}  # row 5 is the caller's reject, not the split's
+    # random and group splits never depend on other rows: skip changes nothing
+    assert np.array_equal(plan_splits(SplitRule(), 12, 0.2, 0.2, 0, skip={1}).split, assign_random(12, 0.2, 0.2, 0))
+
+
 def test_time_split_reads_naive_cells_in_the_zone():
     # 00:30 Berlin (UTC+1 in winter) on Jan 2 is 23:30 UTC on Jan 1: older than 23:45 UTC
     cells = ["2024-01-02T00:30:00", "2024-01-01T23:45:00+0000", "2024-01-01T23:00:00+0000"]
