@@ -875,7 +875,8 @@ def ceilings_meta(df, n: int, seed: int) -> dict:
         "ceiling_rows": f"the {int(final.sum())} posts at least {LABEL_FINAL_DAYS} days old at as_of",
         **ceilings,
         # the same empirical ceiling with the unfinished posts kept: what they cost
-        "r2_ceiling_all_rows": _r2(np.log1p(df["engagement"].to_numpy()), df["f"].to_numpy()) if n > 1 else float("nan"),
+        "r2_ceiling_all_rows": (_r2(np.log1p(df["engagement"].to_numpy()), df["f"].to_numpy()) if n > 1
+                                else float("nan")),
         "label_stats": {
             "min": int(likes.min()), "median": float(np.median(likes)), "mean": float(likes.mean()),
             "p90": float(np.percentile(likes, 90)), "p99": float(np.percentile(likes, 99)),

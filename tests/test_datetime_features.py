@@ -10,8 +10,9 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from data_preprocessing.features import (DATETIME_PARTS, DEFAULT_DATETIME_PARTS, FeatureColumn, FeatureError, FeatureSchema, FeatureSpec,
-                                         datetime_parts, parse_column_specs, parse_datetime)
+from data_preprocessing.features import (DATETIME_PARTS, DEFAULT_DATETIME_PARTS, FeatureColumn, FeatureError,
+                                         FeatureSchema, FeatureSpec, datetime_parts, parse_column_specs,
+                                         parse_datetime)
 from data_preprocessing.posts import PrepareConfig, parse_features
 
 NY = "America/New_York"
