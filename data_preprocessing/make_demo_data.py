@@ -1,19 +1,26 @@
-"""Generate a synthetic, realistic-looking posts dataset whose engagement has a known law.
+"""Generate a synthetic posts export whose engagement has a known law.
 
 Output of ``python data_preprocessing/make_demo_data.py --out DIR --n N --seed S``::
 
-    DIR/posts.csv      image_path, description, engagement, followers, platform, posted_hour
-                       (the raw posts: exactly these columns; some platform/posted_hour cells empty)
+    DIR/posts.csv      what an API pull looks like, exactly these columns (POST_COLUMNS):
+                       post_id, account_id, posted_at (ISO 8601 UTC, "+0000", over about 18
+                       months before the export), image_path, description, engagement
+                       (= likes + comments), likes, comments, followers, platform (some cells
+                       empty), reach (an outcome: counted after posting, never an input)
     DIR/images/*.jpg   one JPEG per post, 320-1280 px a side, portrait/landscape/square
-    DIR/meta.json      generator version, seed, the label law's coefficients, sigma, R² ceilings
-    DIR/truth.csv      per-post latent attributes, the noiseless f and the noisy y. For
-                       evaluation only: a model must never read it.
+    DIR/meta.json      generator version, seed, the export time (as_of) and time zone, the
+                       label law's coefficients, sigma, R² ceilings, the preprocessing flags
+    DIR/truth.csv      per-post latent attributes, the noiseless f, the noisy y and the final
+                       counts. For evaluation only: a model must never read it.
 
 Each post has an image *topic* (beach, food, pets, city, forest, fitness) drawn with PIL
 shapes, gradients and grain, plus continuous visual attributes (brightness,
 colourfulness, number of salient objects). Its caption is written like a real post
 (hashtags, @mentions, URLs, emoji, ``&amp;``, SHOUTING, line breaks, sometimes empty) and
 names a caption topic that matches the image's topic, names another one, or names none.
+Each post belongs to an account (about ``POSTS_PER_ACCOUNT`` posts each) with its own
+follower count, platform and effect on engagement, and is posted at a uniformly random
+instant in the ``SPAN_DAYS`` before the export time ``AS_OF``.
 
 The label law (coefficients in ``LabelLaw``; ``label_function_doc()`` renders the table,
 which is also saved in meta.json)::
@@ -21,9 +28,21 @@ which is also saved in meta.json)::
     f(post) = base + image_topic[t_img] + brightness + colourfulness + objects
                    + caption_topic[t_cap] + hashtags + call_to_action + length + sentiment
                    + agreement(t_img, t_cap)
-                   + followers + platform + posted_hour         (the account data)
+                   + followers + platform + account                (the account)
+                   + hour + weekday + drift                        (the time of posting)
     y       = f(post) + eps,   eps ~ N(0, sigma^2)          (the log1p scale)
-    likes   = max(0, round(expm1(y)))                       (heavy-tailed counts)
+    final   = max(0, round(expm1(y)))                       (heavy-tailed counts)
+    comments ~ Binomial(final, COMMENT_SHARE), likes = final - comments
+
+``hour`` and ``weekday`` are those of the local time in ``DEMO_TIMEZONE`` (daylight saving
+included), the audience's zone: a model must convert ``posted_at`` (UTC) to see them.
+``drift`` is linear in the years since the middle of the span (engagement falls slowly).
+
+**Unfinished counts.** The export counts likes "so far": a post younger than
+``LABEL_FINAL_DAYS`` at ``AS_OF`` shows only a fraction of its final likes and comments
+(``maturity``, each count thinned binomially). ``engagement`` is the sum of what the
+export shows. ``preprocess.py --as-of AS_OF --min-label-age-days LABEL_FINAL_DAYS`` drops
+exactly those posts (``meta.json["preprocess_flags"]``).
 
 Brightness and colourfulness are *measured* on the rendered image (mean luma and mean
 HSV saturation of a small thumbnail), so the signal is what a 224 px model sees.
@@ -34,16 +53,20 @@ topics are drawn so that neither alone predicts agreement, so a linear model on
 concatenated frozen image/text embeddings cannot fit it, while an MLP on both (or a
 fine-tuned model) can.
 
-The best achievable R² on the log1p scale is ``Var(f) / (Var(f) + sigma^2)``
-(``r2_ceiling_theoretical``); ``r2_ceiling_empirical`` is the R² of predicting
-``log1p(likes)`` with f on the generated set (rounding to counts costs a little), and
-``r2_ceiling_observed`` the same when an empty platform/hour cell's term is replaced by
-its mean (all a model can know). ``r2_ceiling_without_features`` is the best a model that
-ignores the account columns can do: the account terms are drawn independently of the
-image and caption, so it can only predict ``f_content`` plus their mean.
+R² ceilings (log1p scale), all on the posts whose counts are final (the rows a run with the
+maturity filter keeps): ``r2_ceiling_theoretical`` is ``Var(f) / (Var(f) + sigma^2)``;
+``r2_ceiling_empirical`` the R² of predicting ``log1p(engagement)`` with f (rounding to
+counts costs a little); ``r2_ceiling_observed`` the same when an empty platform cell's term
+is replaced by its mean (all a model can know); ``r2_ceiling_new_accounts`` also without the
+account effect (what a model can do for an account it never saw: a ``group:account_id``
+split); ``r2_ceiling_without_features`` the best a model that ignores every column but the
+image and caption can do (f_content plus the mean of the other terms, which are drawn
+independently of the content). ``r2_ceiling_all_rows`` is the empirical ceiling when the
+unfinished posts are kept: what they cost.
 
-Every post is generated from its own ``numpy`` Generator seeded by ``(seed, index)``, so
-the output is byte-for-byte the same for a seed whatever ``--workers`` is.
+Every post is generated from its own ``numpy`` Generator seeded by ``(seed, index)``, and
+every account from one seeded by ``(seed, ACCOUNT_STREAM, account)``, so the output is
+byte-for-byte the same for a seed whatever ``--workers`` is.
 """
 
 from __future__ import annotations
@@ -55,7 +78,9 @@ import multiprocessing as mp
 import os
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,14 +93,29 @@ from data_preprocessing.prepare import HASHTAG_RE, sentiment
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "2"  # 2: account-data columns (followers, platform, posted_hour)
+GENERATOR_VERSION = "3"  # 3: an export: ids, posted_at, likes/comments/reach, time and account terms
 JPEG_QUALITY = 90  # fixed, with no EXIF and no optimiser pass, so bytes depend on pixels only
 MIN_SIDE, MAX_SIDE = 320, 1280
 THUMB = 64  # side of the square thumbnail brightness/colourfulness are measured on
 TOPICS = ("beach", "food", "pets", "city", "forest", "fitness")
 POSTS_CSV, META_JSON, TRUTH_CSV, IMAGES_DIR = "posts.csv", "meta.json", "truth.csv", "images"
-POST_COLUMNS = ("image_path", "description", "engagement", "followers", "platform", "posted_hour")
-FEATURE_TERMS = ("followers", "platform", "posted_hour")  # LabelLaw terms that come from account data
+POST_COLUMNS = ("post_id", "account_id", "posted_at", "image_path", "description", "engagement", "likes",
+                "comments", "followers", "platform", "reach")
+OUTCOME_COLUMNS = ("likes", "comments", "reach")  # counted after posting, like the label: never inputs
+# LabelLaw terms that come from the table's other columns, not from the image or caption
+FEATURE_TERMS = ("followers", "platform", "account", "hour", "weekday", "drift")
+# The export: posts span ~18 months before AS_OF; the audience (and the label law) lives in
+# DEMO_TIMEZONE, whose daylight saving moves a UTC hour's local hour twice a year.
+AS_OF = datetime(2025, 6, 30, 12, 0, tzinfo=timezone.utc)
+SPAN_DAYS = 548
+DEMO_TIMEZONE = "America/New_York"
+LABEL_FINAL_DAYS = 7  # counts still grow until a post is this many days old
+MATURITY_AT_0 = 0.3  # the share of its final counts a brand-new post shows; linear up to 1 at LABEL_FINAL_DAYS
+POSTS_PER_ACCOUNT = 10
+COMMENT_SHARE = 0.05  # the share of engagement that is comments
+REACH_PER_ENGAGEMENT = 12.0  # reach ~ this * engagement, log-normal scatter REACH_SD
+REACH_SD = 0.3
+ACCOUNT_STREAM = 2 ** 32  # accounts' seed streams: spawn_key (ACCOUNT_STREAM, k), apart from posts' (index,)
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,14 +150,20 @@ class LabelLaw:
     sentiment_coef: float = 0.9  # * VADER compound of the raw caption, in [-1, 1]
     agree_bonus: float = 0.8  # caption topic == image topic
     mismatch_penalty: float = 0.8  # caption names another topic (subtracted)
-    # Account data, the table's other columns. Reach first: likes scale with followers
-    # (a power law, i.e. linear in log followers), then the platform's audience habits
-    # and the time of day (an evening peak).
+    # The account: likes scale with followers (a power law, i.e. linear in log followers),
+    # then the platform's audience habits, then what else makes an account do well (its
+    # own effect, N(0, account_sd), the same for all its posts).
     followers_coef: float = 0.9  # * (log1p(followers) - followers_center)
     followers_center: float = 8.0
     platform: tuple = (("instagram", 0.3), ("tiktok", 0.5), ("facebook", -0.3), ("x", -0.6))
-    hour_amp: float = 0.4  # * cos(2 pi (hour - hour_peak) / 24)
-    hour_peak: int = 19
+    account_sd: float = 0.3
+    # The time of posting, in the audience's local time: an evening peak, a weekend peak,
+    # and a slow decline over the months (engagement rates fall as feeds fill up).
+    hour_amp: float = 0.6  # * cos(2 pi (local hour - hour_peak) / 24), hour with minutes
+    hour_peak: float = 19.0
+    weekday_amp: float = 0.35  # * cos(2 pi (weekday - weekday_peak) / 7), Monday = 0
+    weekday_peak: float = 5.0  # Saturday
+    drift_per_year: float = -0.3  # * years since the middle of the span
     sigma: float = 0.7  # sd of the Gaussian noise on the log1p scale
 
     def terms(self, a: dict) -> dict[str, float]:
@@ -143,11 +189,14 @@ class LabelLaw:
             "agreement": agreement,
             "followers": self.followers_coef * (math.log1p(a["followers"]) - self.followers_center),
             "platform": dict(self.platform)[a["platform"]],
-            "posted_hour": self.hour_amp * math.cos(2 * math.pi * (a["posted_hour"] - self.hour_peak) / 24),
+            "account": a["account_effect"],
+            "hour": self.hour_amp * math.cos(2 * math.pi * (a["local_hour"] - self.hour_peak) / 24),
+            "weekday": self.weekday_amp * math.cos(2 * math.pi * (a["weekday"] - self.weekday_peak) / 7),
+            "drift": self.drift_per_year * a["years"],
         }
 
     def content_f(self, a: dict) -> float:
-        """f without the account-data terms: all that the image and caption can explain."""
+        """f without the terms of the table's other columns: all the image and caption explain."""
         return float(sum(v for k, v in self.terms(a).items() if k not in FEATURE_TERMS))
 
     def f(self, a: dict) -> float:
@@ -180,15 +229,22 @@ def label_function_doc(law: LabelLaw = LAW) -> str:
          f"same {law.agree_bonus:+.2f}, other {-law.mismatch_penalty:+.2f}, none +0.00"),
         ("followers", "the account's follower count (column followers)",
          f"{law.followers_coef:+.2f} * (log1p(x) - {law.followers_center:.1f})"),
-        ("platform", "column platform (empty in some rows)", ", ".join(f"{p} {v:+.2f}" for p, v in law.platform)),
-        ("posted hour", "column posted_hour, 0-23 (empty in some rows)",
-         f"{law.hour_amp:+.2f} * cos(2 pi (x - {law.hour_peak}) / 24)"),
+        ("platform", "the account's platform (column platform, empty in some rows)",
+         ", ".join(f"{p} {v:+.2f}" for p, v in law.platform)),
+        ("account", "the account (column account_id), the same for all its posts",
+         f"N(0, {law.account_sd:.2f}^2) per account"),
+        ("hour", f"local hour of posted_at in {DEMO_TIMEZONE}, with minutes",
+         f"{law.hour_amp:+.2f} * cos(2 pi (x - {law.hour_peak:g}) / 24)"),
+        ("weekday", f"local day of week of posted_at in {DEMO_TIMEZONE}, Monday = 0",
+         f"{law.weekday_amp:+.2f} * cos(2 pi (x - {law.weekday_peak:g}) / 7)"),
+        ("drift", "years from the middle of the span to posted_at", f"{law.drift_per_year:+.2f} * x"),
         ("noise", "eps ~ N(0, sigma^2) on log1p scale", f"sigma = {law.sigma:.2f}"),
     ]
-    lines = ["| term | input | contribution to log1p(likes) |", "|---|---|---|"]
+    lines = ["| term | input | contribution to log1p(engagement) |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines.append("")
-    lines.append("likes = max(0, round(expm1(f + eps)))")
+    lines.append("final engagement = max(0, round(expm1(f + eps))) = likes + comments; posts younger than "
+                 f"{LABEL_FINAL_DAYS} days at the export show only part of it")
     return "\n".join(lines)
 
 
@@ -598,11 +654,12 @@ def make_caption(rng, topic: str) -> tuple[str, dict]:
 # ---------------------------------------------------------------------------------------
 
 P_EMPTY, P_MATCH, P_OTHER = 0.04, 0.55, 0.30  # the rest of the captions name no topic
-# Account data: followers ~ log-normal (median ~3,000, a heavy tail into the millions);
-# platform and posting hour are sometimes missing from a scrape (empty cells).
+# Accounts: followers ~ log-normal (median ~3,000, a heavy tail into the millions); a
+# scrape sometimes leaves a post's platform cell empty.
 FOLLOWERS_LOG_MEAN, FOLLOWERS_LOG_SD = 8.0, 1.3
 PLATFORM_PROBS = (0.45, 0.30, 0.15, 0.10)  # in LabelLaw.platform's order
-P_MISSING_PLATFORM, P_MISSING_HOUR = 0.03, 0.05
+P_MISSING_PLATFORM = 0.03
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S+0000"  # what Instagram's Graph API writes
 
 
 def _post_rng(seed: int, index: int) -> np.random.Generator:
@@ -610,9 +667,38 @@ def _post_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
 
 
-def _make_post(args: tuple[int, int, str]) -> dict:
+def n_accounts_for(n: int) -> int:
+    return max(1, math.ceil(n / POSTS_PER_ACCOUNT))
+
+
+def account(seed: int, k: int) -> dict:
+    """Account ``k``'s id, followers, platform and effect: from its own stream, so every post
+    of it (in any worker) sees the same account."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(ACCOUNT_STREAM, k)))
+    platforms = [p for p, _ in LAW.platform]
+    return {
+        "account_id": f"acct_{k:04d}",
+        "followers": int(round(math.exp(rng.normal(FOLLOWERS_LOG_MEAN, FOLLOWERS_LOG_SD)))),
+        "platform": platforms[int(rng.choice(len(platforms), p=PLATFORM_PROBS))],
+        "account_effect": float(rng.normal(0.0, LAW.account_sd)),
+    }
+
+
+def posting_time(u: float) -> dict:
+    """The post's time from a uniform draw ``u``: UTC instant (whole seconds), its local hour
+    and weekday in DEMO_TIMEZONE, years from the middle of the span, and age at AS_OF."""
+    posted = AS_OF - timedelta(seconds=round(u * SPAN_DAYS * 86400))
+    local = posted.astimezone(ZoneInfo(DEMO_TIMEZONE))
+    age_days = (AS_OF - posted).total_seconds() / 86400
+    return {"posted_at": posted.strftime(TIME_FORMAT),
+            "local_hour": local.hour + local.minute / 60 + local.second / 3600, "weekday": local.weekday(),
+            "years": (SPAN_DAYS / 2 - age_days) / 365.25, "age_days": age_days,
+            "maturity": min(1.0, MATURITY_AT_0 + (1 - MATURITY_AT_0) * age_days / LABEL_FINAL_DAYS)}
+
+
+def _make_post(args: tuple[int, int, str, int]) -> dict:
     """Generate post ``index``: write its JPEG under ``images_dir``, return its truth row."""
-    seed, index, images_dir = args
+    seed, index, images_dir, n_accounts = args
     rng = _post_rng(seed, index)
     # 1. image: topic and latent knobs, then the measured visual attributes
     t_img = TOPICS[int(rng.integers(len(TOPICS)))]
@@ -635,50 +721,56 @@ def _make_post(args: tuple[int, int, str]) -> dict:
             t_cap = ""
         caption, extra = make_caption(rng, t_cap)
     a = {
-        "image_path": rel_path, "image_topic": t_img, "caption_topic": t_cap,
+        "post_id": f"post_{index:06d}", "image_path": rel_path, "image_topic": t_img, "caption_topic": t_cap,
         "width": img.width, "height": img.height, "n_objects": n_objects,
         "brightness": brightness, "colourfulness": colourfulness,
         "n_hashtags": len(HASHTAG_RE.findall(caption)), "cta": extra["cta"],
         "n_words": len(caption.split()), "sentiment": sentiment(caption)["compound"],
     }
     # 3. label: the law plus noise, drawn after the content so it never shifts its streams;
-    # the account data is drawn after the noise, so posts and noise match version 1's.
+    # then who posted it and when, and the counts the export shows
     eps = float(rng.normal(0.0, LAW.sigma))
-    a.update(_account_data(rng))
+    a.update(account(seed, int(rng.integers(n_accounts))))
+    a["platform_missing"] = bool(rng.random() < P_MISSING_PLATFORM)
+    a.update(posting_time(float(rng.random())))
     a["f"] = LAW.f(a)
     a["f_content"] = LAW.content_f(a)
     a["y"] = a["f"] + eps
-    a["engagement"] = max(0, int(round(math.expm1(a["y"]))))
+    a.update(_counts(rng, a["y"], a["maturity"]))
     a["description"] = caption
     return a
 
 
-def _account_data(rng) -> dict:
-    """Followers, platform and posting hour, and which of them the table leaves empty."""
-    platforms = [p for p, _ in LAW.platform]
-    return {
-        "followers": int(round(math.exp(rng.normal(FOLLOWERS_LOG_MEAN, FOLLOWERS_LOG_SD)))),
-        "platform": platforms[int(rng.choice(len(platforms), p=PLATFORM_PROBS))],
-        "posted_hour": int(rng.integers(0, 24)),
-        "platform_missing": bool(rng.random() < P_MISSING_PLATFORM),
-        "posted_hour_missing": bool(rng.random() < P_MISSING_HOUR),
-    }
+def _counts(rng, y: float, maturity: float) -> dict:
+    """Final engagement from y, split into likes and comments; reach; and what the export
+    shows: each count thinned to ``maturity`` (1 for a post old enough)."""
+    final = max(0, int(round(math.expm1(y))))
+    comments_final = int(rng.binomial(final, COMMENT_SHARE))
+    reach_final = max(final, int(round(math.expm1(y + math.log(REACH_PER_ENGAGEMENT) + rng.normal(0.0, REACH_SD)))))
+    likes, comments, reach = (int(rng.binomial(c, maturity)) for c in (final - comments_final, comments_final,
+                                                                       reach_final))
+    return {"engagement_final": final, "likes": likes, "comments": comments, "engagement": likes + comments,
+            "reach": reach}
 
 
 def _observed_f(df) -> np.ndarray:
-    """The best prediction from what the table shows: a missing cell's term is its mean."""
-    terms = {"platform": np.array([dict(LAW.platform)[p] for p in df["platform"]]),
-             "posted_hour": LAW.hour_amp * np.cos(2 * np.pi * (df["posted_hour"] - LAW.hour_peak) / 24)}
-    f = df["f"].to_numpy().copy()
+    """The best prediction from what the table shows: a missing platform cell's term is its mean."""
+    term = np.array([dict(LAW.platform)[p] for p in df["platform"]])
     mean_platform = float(np.dot(PLATFORM_PROBS, [v for _, v in LAW.platform]))
-    for name, mean in (("platform", mean_platform), ("posted_hour", 0.0)):  # a cosine over a day averages 0
-        miss = df[f"{name}_missing"].to_numpy()
-        f[miss] += mean - terms[name][miss]
+    f = df["f"].to_numpy().copy()
+    miss = df["platform_missing"].to_numpy()
+    f[miss] += mean_platform - term[miss]
     return f
 
 
 def _r2(y: np.ndarray, pred: np.ndarray) -> float:
     return float(1.0 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2))
+
+
+TRUTH_COLUMNS = ("post_id", "account_id", "image_path", "image_topic", "caption_topic", "width", "height",
+                 "n_objects", "brightness", "colourfulness", "n_hashtags", "cta", "n_words", "sentiment",
+                 "followers", "platform", "platform_missing", "account_effect", "posted_at", "local_hour", "weekday",
+                 "years", "age_days", "maturity", "f", "f_content", "y", "engagement_final", "engagement")
 
 
 def make_posts(out_dir: str | os.PathLike, n: int = 2000, seed: int = 0, workers: int = 0,
@@ -703,7 +795,7 @@ def make_posts(out_dir: str | os.PathLike, n: int = 2000, seed: int = 0, workers
 
     # 1. generate posts in parallel; imap keeps index order, so rows never depend on workers
     workers = workers or os.cpu_count() or 1
-    jobs = [(seed, i, str(images)) for i in range(n)]
+    jobs = [(seed, i, str(images), n_accounts_for(n)) for i in range(n)]
     bar = dict(total=n, desc="posts", unit="post", disable=bar_disabled(progress))
     if workers == 1 or n < 8:
         rows = [_make_post(j) for j in tqdm(jobs, **bar)]
@@ -712,16 +804,12 @@ def make_posts(out_dir: str | os.PathLike, n: int = 2000, seed: int = 0, workers
         with mp.get_context("spawn").Pool(min(workers, n)) as pool:
             rows = list(tqdm(pool.imap(_make_post, jobs, chunksize=8), **bar))
 
-    # 2. posts.csv holds only what a real scrape would; truth.csv holds the latents
+    # 2. posts.csv holds only what a real export would; truth.csv holds the latents
     df = pd.DataFrame(rows)
     table = df[list(POST_COLUMNS)].astype(object)
     table.loc[df["platform_missing"], "platform"] = ""  # what a scrape leaves empty
-    table.loc[df["posted_hour_missing"], "posted_hour"] = ""
     table.to_csv(out / POSTS_CSV, index=False, lineterminator="\n")
-    truth_cols = ["image_path", "image_topic", "caption_topic", "width", "height", "n_objects", "brightness",
-                  "colourfulness", "n_hashtags", "cta", "n_words", "sentiment", "followers", "platform",
-                  "posted_hour", "platform_missing", "posted_hour_missing", "f", "f_content", "y", "engagement"]
-    df[truth_cols].to_csv(out / TRUTH_CSV, index=False, lineterminator="\n")  # floats at full repr
+    df[list(TRUTH_COLUMNS)].to_csv(out / TRUTH_CSV, index=False, lineterminator="\n")  # floats at full repr
 
     # 3. ceilings on the log1p scale and label statistics
     meta = ceilings_meta(df, n, seed)
@@ -729,21 +817,53 @@ def make_posts(out_dir: str | os.PathLike, n: int = 2000, seed: int = 0, workers
     return meta
 
 
-def ceilings_meta(df, n: int, seed: int) -> dict:
-    """meta.json: the generator's settings, the R² ceilings on the log1p scale, label stats."""
-    f = df["f"].to_numpy()
-    likes = df["engagement"].to_numpy()
+def preprocess_flags() -> list[str]:
+    """The preprocess.py flags this table is meant to be read with."""
+    return ["--numeric-cols", "followers:0:", "--categorical-cols", "platform", "--datetime-cols", "posted_at",
+            "--timezone", DEMO_TIMEZONE, "--split", "time:posted_at", "--as-of", AS_OF.isoformat(),
+            "--min-label-age-days", str(LABEL_FINAL_DAYS)]
+
+
+def _ceilings(df) -> dict:
+    """The R² ceilings of the module docstring on the rows of ``df`` (log1p scale)."""
+    f, f_content = df["f"].to_numpy(), df["f_content"].to_numpy()
+    y = np.log1p(df["engagement"].to_numpy())
     var_f = float(np.var(f))
-    # A model that ignores the account columns can at best predict f_content plus the
-    # mean of the account terms (they are drawn independently of the content).
-    f_blind = df["f_content"].to_numpy() + float(np.mean(f - df["f_content"].to_numpy()))
+    ok = len(df) > 1
+    observed = _observed_f(df)
+    return {
+        "r2_ceiling_theoretical": var_f / (var_f + LAW.sigma ** 2),
+        "r2_ceiling_empirical": _r2(y, f) if ok else float("nan"),
+        # What the table shows: an empty platform cell hides its term.
+        "r2_ceiling_observed": _r2(y, observed) if ok else float("nan"),
+        # An account never seen: its effect (mean 0) is unknown too.
+        "r2_ceiling_new_accounts": _r2(y, observed - df["account_effect"].to_numpy()) if ok else float("nan"),
+        "r2_ceiling_without_features_theoretical": float(np.var(f_content)) / (var_f + LAW.sigma ** 2),
+        "r2_ceiling_without_features": _r2(y, f_content + float(np.mean(f - f_content))) if ok else float("nan"),
+    }
+
+
+def ceilings_meta(df, n: int, seed: int) -> dict:
+    """meta.json: the generator's settings, the export, the R² ceilings, label stats."""
+    final = df["age_days"].to_numpy() >= LABEL_FINAL_DAYS
+    likes = df.loc[final, "engagement"].to_numpy()
+    ceilings = _ceilings(df[final])
     return {
         "n": n,
         "seed": seed,
         "generator_version": GENERATOR_VERSION,
         "files": {"posts": POSTS_CSV, "images": IMAGES_DIR, "truth": TRUTH_CSV},
         "columns": list(POST_COLUMNS),
-        "feature_columns": {"numeric": ["followers", "posted_hour"], "categorical": ["platform"]},
+        "feature_columns": {"numeric": ["followers"], "categorical": ["platform"], "datetime": ["posted_at"]},
+        "outcome_columns": list(OUTCOME_COLUMNS),
+        "label": {"column": "engagement", "is": "likes + comments"},
+        "as_of": AS_OF.isoformat(),
+        "timezone": DEMO_TIMEZONE,
+        "span_days": SPAN_DAYS,
+        "label_final_after_days": LABEL_FINAL_DAYS,
+        "n_accounts": n_accounts_for(n),
+        "n_unfinished": int((~final).sum()),
+        "preprocess_flags": preprocess_flags(),
         "topics": list(TOPICS),
         "caption_topic_probs": {"empty": P_EMPTY, "same_as_image": P_MATCH, "other_topic": P_OTHER,
                                 "no_topic": round(1 - P_EMPTY - P_MATCH - P_OTHER, 10)},
@@ -751,13 +871,12 @@ def ceilings_meta(df, n: int, seed: int) -> dict:
         "coefficients": {k: (dict(v) if isinstance(v, tuple) else v)
                          for k, v in dataclasses.asdict(LAW).items()},
         "sigma": LAW.sigma,
-        "var_f": var_f,
-        "r2_ceiling_theoretical": var_f / (var_f + LAW.sigma ** 2),
-        "r2_ceiling_empirical": _r2(np.log1p(likes), f) if n > 1 else float("nan"),
-        # What the table shows: missing platform/hour cells hide their terms.
-        "r2_ceiling_observed": _r2(np.log1p(likes), _observed_f(df)) if n > 1 else float("nan"),
-        "r2_ceiling_without_features_theoretical": float(np.var(df["f_content"])) / (var_f + LAW.sigma ** 2),
-        "r2_ceiling_without_features": _r2(np.log1p(likes), f_blind) if n > 1 else float("nan"),
+        "var_f": float(np.var(df.loc[final, "f"])),
+        "ceiling_rows": f"the {int(final.sum())} posts at least {LABEL_FINAL_DAYS} days old at as_of",
+        **ceilings,
+        # the same empirical ceiling with the unfinished posts kept: what they cost
+        "r2_ceiling_all_rows": (_r2(np.log1p(df["engagement"].to_numpy()), df["f"].to_numpy()) if n > 1
+                                else float("nan")),
         "label_stats": {
             "min": int(likes.min()), "median": float(np.median(likes)), "mean": float(likes.mean()),
             "p90": float(np.percentile(likes, 90)), "p99": float(np.percentile(likes, 99)),
@@ -765,7 +884,7 @@ def ceilings_meta(df, n: int, seed: int) -> dict:
             "log1p_mean": float(np.log1p(likes).mean()), "log1p_std": float(np.log1p(likes).std()),
             "log1p_p01": float(np.percentile(np.log1p(likes), 1)),
             "log1p_p99": float(np.percentile(np.log1p(likes), 99)),
-        },
+        } if likes.size else {},
         "label_function_doc": label_function_doc(),
     }
 
@@ -803,10 +922,14 @@ def main(argv=None) -> dict:
                       overwrite=cfg.overwrite)
     # 3. report: the ceiling any model can reach on this data
     logger.info("label stats: %s", meta["label_stats"])
-    print(f"best achievable R^2 (log1p scale): theoretical {meta['r2_ceiling_theoretical']:.4f}, "
-          f"empirical {meta['r2_ceiling_empirical']:.4f}, from the table's cells "
-          f"{meta['r2_ceiling_observed']:.4f}; ignoring followers/platform/posted_hour "
-          f"{meta['r2_ceiling_without_features']:.4f} (n={cfg.n}, sigma={LAW.sigma})")
+    print(f"best achievable R^2 (log1p scale, {meta['ceiling_rows']}): theoretical "
+          f"{meta['r2_ceiling_theoretical']:.4f}, empirical {meta['r2_ceiling_empirical']:.4f}, from the table's "
+          f"cells {meta['r2_ceiling_observed']:.4f}, for accounts never seen {meta['r2_ceiling_new_accounts']:.4f}; "
+          f"ignoring every column but image and caption {meta['r2_ceiling_without_features']:.4f}; with the "
+          f"{meta['n_unfinished']} unfinished posts kept {meta['r2_ceiling_all_rows']:.4f} (n={cfg.n}, "
+          f"sigma={LAW.sigma})")
+    print(f"export time {meta['as_of']}, audience zone {meta['timezone']}; preprocess with: "
+          + " ".join(meta["preprocess_flags"]))
     return meta
 
 
