@@ -48,6 +48,7 @@ CONFIG_FILE = "config.json"
 # uint64 fingerprints (data_preprocessing.table.post_fingerprint) of the train and val posts,
 # sorted: the table scorer marks the rows the model was fit or calibrated on.
 FINGERPRINTS_FILE = "fingerprints.npy"
+VOCAB_FILES = ("tokenizer.json", "vocab.json")  # token data: "auto_map" there may be a token, not a setting
 
 
 # ---------------------------------------------------------------------------------------
@@ -492,6 +493,75 @@ def artifact_version(model_dir: str | os.PathLike) -> str:
     return digest.hexdigest()[:12]
 
 
+class UnsafeArtifact(ValueError):
+    """An artifact that would make ``load_model`` read outside its directory or run its code."""
+
+
+def artifact_path(model_dir: str | os.PathLike, relative, key: str) -> Path:
+    """``model_dir / relative`` resolved, for a path that config.json names under ``key``.
+
+    Refused unless it stays inside ``model_dir`` once ``..``, absolute paths and symlinks are
+    resolved: the loader reads its own directory and nothing else.
+    """
+    root = Path(model_dir).resolve()
+    if not isinstance(relative, str) or not relative:
+        raise UnsafeArtifact(f"{key} in {root / CONFIG_FILE} must be a relative path inside {root}, "
+                             f"not {relative!r}")
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise UnsafeArtifact(f"{key}={relative!r} in {root / CONFIG_FILE} resolves to {path}, outside the "
+                             f"model directory {root}; load_model reads nothing outside MODEL_DIR")
+    return path
+
+
+def check_contained(model_dir: str | os.PathLike) -> None:
+    """Refuse an artifact with a symlink, at any depth, that resolves outside ``model_dir``
+    (``clip/model.safetensors`` or ``onnx/embed.onnx`` pointing elsewhere, say)."""
+    root = Path(model_dir).resolve()
+    for folder, dirs, files in os.walk(root):  # followlinks=False: a linked folder is checked, not entered
+        for name in dirs + files:
+            entry = Path(folder) / name
+            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                raise UnsafeArtifact(f"{entry} is a symlink to {entry.resolve()}, outside the model "
+                                     f"directory {root}; load_model reads nothing outside MODEL_DIR")
+
+
+def refuse_custom_code(clip_dir: Path) -> None:
+    """Refuse a CLIP folder whose configs ask for custom code (an ``auto_map`` at any depth, as
+    transformers reads it in processor_config.json, tokenizer_config.json or config.json).
+
+    ``trust_remote_code=False`` already keeps transformers from running it; this names the file,
+    where transformers would fail, or quietly load its own class, with advice to trust the code.
+    """
+    def has_auto_map(node) -> bool:
+        if isinstance(node, dict):
+            return "auto_map" in node or any(has_auto_map(v) for v in node.values())
+        return isinstance(node, list) and any(has_auto_map(v) for v in node)
+
+    for f in sorted(clip_dir.glob("*.json")):
+        if f.name in VOCAB_FILES:
+            continue
+        if has_auto_map(json.loads(f.read_text())):
+            raise UnsafeArtifact(f"{f} asks for custom code (auto_map); load_model never runs code from an "
+                                 "artifact: save the CLIP with a built-in transformers class")
+
+
+def load_clip(model_dir: Path, clip_subdir) -> tuple:
+    """The artifact's CLIPModel and CLIPProcessor, from ``clip_subdir`` (config.json's
+    ``architecture.clip_subdir``) inside ``model_dir``, without running or fetching anything."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    clip_dir = artifact_path(model_dir, clip_subdir, "architecture.clip_subdir")
+    if not clip_dir.is_dir():
+        raise FileNotFoundError(f"architecture.clip_subdir={clip_subdir!r}: {clip_dir} is not a directory")
+    refuse_custom_code(clip_dir)
+    # Never run code from the artifact (transformers would prompt on a terminal, or run it
+    # when told to), never fetch from the hub, never unpickle: weights come from safetensors.
+    no_code = {"trust_remote_code": False, "local_files_only": True}
+    clip = CLIPModel.from_pretrained(clip_dir, use_safetensors=True, **no_code)
+    return clip, CLIPProcessor.from_pretrained(clip_dir, **no_code)
+
+
 def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
                runtime: str = "torch") -> LoadedModel:
     """Rebuild a saved artifact from its directory alone (no defaults from code).
@@ -502,12 +572,12 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
     head and the contributions run in fp32 torch either way.
     """
     from safetensors.torch import load_file
-    from transformers import CLIPModel, CLIPProcessor
 
     from data_preprocessing.prepare import CLEANING_VERSION
 
     model_dir = Path(model_dir)
     cfg_path = model_dir / CONFIG_FILE
+    check_contained(model_dir)
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: {model_dir} is not a model artifact "
                                 "(expected RUN_DIR/model written by training/train_torch.py)")
@@ -519,9 +589,7 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
                          f"but this code cleans with {CLEANING_VERSION!r}; serving would feed it "
                          "differently cleaned captions")
     arch = config["architecture"]
-    clip_dir = model_dir / arch["clip_subdir"]
-    clip = CLIPModel.from_pretrained(clip_dir)
-    processor = CLIPProcessor.from_pretrained(clip_dir)
+    clip, processor = load_clip(model_dir, arch["clip_subdir"])
     prepare = PrepareConfig.from_dict(config["prepare"])
     model = CLIPRegressor(clip, HeadConfig(**arch["head"]), n_features=prepare.features.width,
                           image_processor=processor.image_processor)

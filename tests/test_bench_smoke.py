@@ -12,7 +12,7 @@ import pytest
 
 from bench.benchlib import goal
 
-BENCHMARKS = {"preprocess", "download", "train_datapath", "quality", "serving"}
+BENCHMARKS = {"preprocess", "download", "train_datapath", "quality", "serving", "hostile"}
 OVERHEAD = ("serving overhead, RUNTIME={runtime}: p50 at concurrency 1 / its raw forward at batch 1 (median of the "
             "repeats' ratios, each to the round just before it)")
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -140,6 +140,57 @@ def test_quality_is_skipped_without_a_finished_run(tmp_path):
     assert quality_bench.finished_run(quality_bench.QualityBenchConfig(run_dir=str(tmp_path))) == tmp_path
 
 
+def test_hostile_inputs_are_the_ones_the_issue_names():
+    import io
+
+    from PIL import Image
+
+    from bench.hostile_bench import grey16_png, hostile_captions, strip_png
+
+    strip = strip_png(20_000)
+    assert Image.open(io.BytesIO(strip)).size == (20_000, 2) and len(strip) <= 256  # 208 bytes with zlib 1.2
+    grey = Image.open(io.BytesIO(grey16_png(40)))  # the header only: no 40 MP decode here
+    assert grey.mode == "I;16" and grey.size[0] * grey.size[1] == pytest.approx(40e6, rel=1e-3)
+    assert grey.size[0] / grey.size[1] == pytest.approx(4 / 3, rel=1e-3)
+    captions = hostile_captions(2200)
+    assert {k: len(v) <= 2200 for k, v in captions.items()} == dict.fromkeys(captions, True)
+    assert captions["emoji 😸"] == "😸" * 2200 and captions["negations 'no '"] == "no " * 733
+
+
+def test_a_server_that_never_answers_is_a_timeout_not_a_hang():
+    """The hostile benchmark runs against code that may stall: every request must end by its deadline."""
+    import socket
+
+    import httpx
+
+    from bench.hostile_bench import send
+
+    with socket.socket() as listener:  # accepts (the kernel does) and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with httpx.Client(timeout=0.3) as client:
+            answer = send(client, url, b"png", "caption", "a.png", "image/png")
+    assert (answer["status"], answer["reason"]) == ("ReadTimeout", None) and answer["s"] >= 0.3
+
+
+def test_server_memory_is_the_kernels_count_and_its_peak_resets():
+    import os
+    import subprocess
+
+    from bench.hostile_bench import memory_mib, reset_peak
+
+    block = bytearray(200 * 2**20)  # 200 MiB, touched
+    raised = memory_mib(os.getpid())
+    del block
+    reset_peak(os.getpid())
+    after = memory_mib(os.getpid())
+    assert raised["VmHWM"] - after["VmHWM"] > 150 and after["VmHWM"] == pytest.approx(after["VmRSS"], abs=20)
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    assert memory_mib(exited.pid) is None
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     if shutil.which("hey") is None:
@@ -176,7 +227,8 @@ def test_report_shows_each_goal_with_the_status_its_figure_implies(smoke):
     _, results, md = smoke
     rows = goal_table(md)
     goals = list(goals_of(results).values())
-    assert len(goals) == 15  # train 1, preprocess 2, download 1, serving 8 + table scorer 1, quality 2 (phase 1: none)
+    # train 1, preprocess 2, download 1, serving 8 + table scorer 1, quality 2 (phase 1: no target), hostile 4
+    assert len(goals) == 19
     for g in goals:
         ops = {">=": g["measured"] >= g["target"], "<=": g["measured"] <= g["target"], ">": g["measured"] > g["target"],
                "==": g["measured"] == g["target"]} if g["measured"] is not None else {}
@@ -304,3 +356,20 @@ def test_preprocess_sizes_and_record_bytes(smoke):
     assert (p["memory"]["small"]["posts"], p["memory"]["large"]["posts"]) == (24, 96)  # no row rejected
     # 640x480 at full size vs pre-resized to a 224 px shortest edge (298x224): the pixel ratio, give or take headers.
     assert p["record_bytes"]["full_over_resized"] == pytest.approx(640 * 480 / (298 * 224), rel=0.01)
+
+
+def test_hostile_goals_are_the_measurements_beside_them(smoke):
+    _, r, _ = smoke
+    h, measured = r["hostile"], {k: g["measured"] for k, g in goals_of({"hostile": r["hostile"]}).items()}
+    strip, burst = h["strip"], h["burst"]
+    name = f"a {strip['bytes']}-byte 400x2 PNG (to be refused)"
+    assert measured[f"{name}: seconds to its answer"] == strip["answer"]["s"]
+    growth = round(strip["peak_mib"] - strip["rss_before_mib"], 1)
+    assert measured[f"{name}: server RSS growth (peak - before)"] == growth
+    hostile = {k: v for k, v in h["captions"].items() if k != "normal caption"}
+    worst = max(v["ms"] for v in hostile.values())
+    assert [v for k, v in measured.items() if k.startswith("preparing the worst caption of 220 characters")] == [worst]
+    assert {v["chars"] for v in hostile.values()} <= {219, 220}  # smoke: a tenth of MAX_CAPTION_CHARS
+    assert measured["peak server RSS during 4 concurrent uploads of a 1 MP 16-bit PNG"] == round(
+        burst["peak_mib"] / 1024, 3)
+    assert sum(burst["status"].values()) == burst["uploads"] == 4 and burst["peak_mib"] >= burst["rss_before_mib"]
