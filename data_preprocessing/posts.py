@@ -140,7 +140,13 @@ def prepare_post(image: ImageSource, raw_text: object, raw_features: Mapping[str
     Features are parsed first: they are cheap, and a bad cell should not cost a decode.
     """
     features = parse_features(raw_features, cfg.features)
-    im = pre_resize(load_image(image, max_pixels=cfg.max_pixels), cfg.resize)
+    # The model's resize edge goes to load_image: a 2-pixel-high image is refused before
+    # the processor would enlarge it to 224 rows of 224 * 10,000 pixels.
+    im = pre_resize(load_image(image, max_pixels=cfg.max_pixels, min_edge=cfg.resize.shortest_edge), cfg.resize)
+    if type(im) is not Image.Image:
+        # Not resized, so still the decoded file's own object (a JpegImageFile...), whose
+        # class the safe unpickler refuses: records hold a plain Image.
+        im = im.copy()
     # EXIF/ICC/dpi are not used downstream, cost bytes, and may hold classes the safe
     # unpickler refuses (e.g. TIFF rationals), so a prepared image carries no info.
     im.info = {}
