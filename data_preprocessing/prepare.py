@@ -221,7 +221,15 @@ ImageSource = Union[str, os.PathLike, bytes, BinaryIO]
 # I, F, LA, ...) is stored at 4.
 _DECODED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# Bytes per pixel that converting a decoded mode to RGB holds besides the decoded image:
+# the RGB result (4) by default, none for RGB, through RGBA (8) for a palette that may
+# be transparent, the 8-bit step (1) and the result for 16-bit images.
+_CONVERT_BYTES_PER_PIXEL = {"RGB": 0, "P": 8, "PA": 8, "RGBa": 8, "La": 8,
+                            **{mode: 5 for mode in _SIXTEEN_BIT_MODES}}
 _STRIP_PIXELS = 1 << 20  # 16-bit images are scaled to 8 bits this many pixels at a time
+_STRIP_BYTES_PER_PIXEL = 16  # the most a strip's numpy temporaries take ("I": 4 + 4 + 4 + 4)
+_WEBP_BYTES_PER_PIXEL = 12  # libwebp's RGBA canvas, the frame it hands Pillow, its reader
+_DECODER_BYTES = 16 << 20  # decoder state and buffers, whatever the size (measured: 1-5 MiB)
 # What a single-scan JPEG is decoded with in place of its end marker (module docstring):
 # enough for libjpeg's bit-buffer look-ahead (57 bits) after the last block, no marker.
 _JPEG_PADDING = bytes(64)
@@ -316,15 +324,18 @@ def _open(data: bytes) -> Image.Image:
 
 
 def _decode_bytes(width: int, height: int, fmt: str, mode: str) -> int:
-    """Peak bytes ``load_image`` needs for an image (measured in tests/test_prepare.py).
-
-    The decoded image, the RGB result (4 B/px) and one transient image of up to 4 B/px
-    (the 8-bit step of a 16-bit image, an EXIF rotation, or the copy that detaches the
-    result from its file); WEBP adds libwebp's RGBA canvas and the frame it hands Pillow.
+    """An upper bound of the bytes ``load_image`` adds at its peak (measured in
+    tests/test_prepare_hostile.py): the decoded image, plus the largest of what comes
+    next: an EXIF rotation's copy of it, the conversion to RGB, or (WEBP) libwebp's
+    buffers; plus a 16-bit strip's temporaries and the decoder's own buffers. 40 MP
+    measured / estimated, MiB: RGB JPEG 154 / 321 (306 when EXIF rotates it), RGBA PNG
+    306 / 321, 16-bit PNG 274 / 299, lossless WEBP 613 / 626.
     """
     pixels = width * height
-    codec = 8 if fmt == "WEBP" else 0
-    return pixels * (_DECODED_BYTES_PER_PIXEL.get(mode, 4) + 4 + 4 + codec)
+    decoded = _DECODED_BYTES_PER_PIXEL.get(mode, 4)
+    after = max(decoded, _CONVERT_BYTES_PER_PIXEL.get(mode, 4), _WEBP_BYTES_PER_PIXEL if fmt == "WEBP" else 0)
+    strips = _STRIP_BYTES_PER_PIXEL * min(pixels, _STRIP_PIXELS) if mode in _SIXTEEN_BIT_MODES else 0
+    return pixels * (decoded + after) + strips + _DECODER_BYTES
 
 
 def _check_jpeg_header(data: bytes) -> JpegLayout:
@@ -411,8 +422,10 @@ def _to_8bit(im: Image.Image) -> Image.Image:
         if im.mode == "F":  # float data stays float32: rint(v / scale)
             out[top:top + rows] = np.clip(np.rint(strip / np.float32(scale)), 0, 255)
         else:  # floor((v + 128) / 257) == round(v / 257) for integers: no ties
-            v = np.clip(strip, 0, 65535).astype(np.uint32)
-            out[top:top + rows] = np.minimum((v + scale // 2) // scale, 255)
+            v = (strip if strip.dtype == np.uint16 else np.clip(strip, 0, 65535)).astype(np.uint32)
+            v += scale // 2
+            v //= scale
+            out[top:top + rows] = np.minimum(v, 255, out=v)
     return Image.fromarray(out)
 
 

@@ -131,29 +131,47 @@ def test_probe_raises_what_load_image_raises(name, data, reason, no_decode):
     assert _reason(data) == reason
 
 
-def test_sixteen_bit_decode_stays_within_its_estimate(tmp_path):
-    # The 16-bit path used float64: a 12 MP 16-bit PNG grew the process by ~300 MB, 25 B/px.
-    path = tmp_path / "grey16.png"
+def _twelve_mp(kind: str, path: Path) -> None:
+    """A 4000x3000 file of ``kind``, cheap to encode (gradients and flat colour)."""
     ramp = (np.arange(4000, dtype=np.uint32) * 65535 // 3999).astype(np.uint16)
-    Image.fromarray(np.broadcast_to(ramp, (3000, 4000)).copy()).save(path)
-    # VmHWM, the peak RSS of this process image: ru_maxrss would carry pytest's own peak
-    # over the fork and exec.
-    child = ("import json, re, sys\n"
-             "from data_preprocessing.prepare import load_image, probe_image\n"
-             "def peak():\n"
-             "    return int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024\n"
-             "data = open(sys.argv[1], 'rb').read()\n"
-             "load_image(open(sys.argv[2], 'rb').read())\n"  # warm the code paths on a small image
-             "before = peak()\n"
-             "im = load_image(data)\n"
-             "print(json.dumps({'grown': peak() - before, 'estimate': probe_image(data).decode_bytes, "
-             "'mode': im.mode}))\n")
-    small = tmp_path / "small.png"
-    Image.fromarray(np.zeros((30, 40), np.uint16)).save(small)
-    out = subprocess.run([sys.executable, "-c", child, str(path), str(small)], cwd=REPO_ROOT, capture_output=True,
-                         text=True, timeout=120, check=True)
+    if kind == "16-bit PNG":
+        Image.fromarray(np.broadcast_to(ramp, (3000, 4000)).copy()).save(path, "PNG")
+    elif kind == "RGBA PNG":
+        Image.new("RGBA", (4000, 3000), (10, 200, 30, 128)).save(path, "PNG")
+    elif kind == "rotated JPEG":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 degrees: exif_transpose copies the image
+        Image.new("RGB", (4000, 3000), (120, 130, 140)).save(path, "JPEG", exif=exif)
+    else:
+        Image.new("RGBA", (4000, 3000), (10, 200, 30, 128)).save(path, "WEBP", lossless=True)
+
+
+# Peak RSS of load_image in a fresh process, from VmHWM (ru_maxrss would carry pytest's
+# own peak over the fork and exec).
+_PEAK_CHILD = """
+import json, re, sys
+from data_preprocessing.prepare import load_image, probe_image
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+data = open(sys.argv[1], "rb").read()
+load_image(open(sys.argv[2], "rb").read())  # warm the code paths on a small image
+before = peak()
+im = load_image(data)
+print(json.dumps({"grown": peak() - before, "estimate": probe_image(data).decode_bytes, "mode": im.mode}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["16-bit PNG", "RGBA PNG", "rotated JPEG", "lossless WEBP"])
+def test_decode_peak_stays_within_decode_bytes(kind, tmp_path):
+    # decode_bytes is what serving admits decodes by, so it must bound the real peak. The
+    # 16-bit path went through float64: a 12 MP 16-bit PNG grew the process by ~300 MB.
+    path, small = tmp_path / "big", tmp_path / "small.png"
+    _twelve_mp(kind, path)
+    Image.new("RGB", (30, 40)).save(small)
+    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(path), str(small)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120, check=True)
     got = json.loads(out.stdout)
-    print(f"12 MP 16-bit PNG: RSS +{got['grown'] / 1e6:.0f} MB, estimate {got['estimate'] / 1e6:.0f} MB")
+    print(f"12 MP {kind}: RSS +{got['grown'] / 2**20:.0f} MiB, decode_bytes {got['estimate'] / 2**20:.0f} MiB")
     assert got["mode"] == "RGB"
     assert got["grown"] < got["estimate"]
 
