@@ -20,18 +20,25 @@ are spelled here and nowhere else::
 
 ``RECORD_FORMAT_VERSION`` 2 added ``features``; version 1 records (no ``features``) load
 as posts without features. ``records.check_record_format`` refuses any other version.
+
+``Record.from_dict`` checks a dict before it trusts it (``Record.problems``): the image is
+an RGB ``PIL.Image`` within the pixel cap and the aspect-ratio limit, ``text`` a str,
+``sentiment`` and ``label`` finite real numbers, ``row`` an int, ``features`` a dict of
+str -> float | str | None. A record file is input like any other.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from PIL import Image
 
 from data_preprocessing.features import FeatureError, FeatureSchema, FeatureSpec, Value
-from data_preprocessing.prepare import (CLEANING_VERSION, MAX_PIXELS, ImageSource, ResizePolicy, clean_text,
-                                        load_image, pre_resize, sentiment)
+from data_preprocessing.prepare import (CLEANING_VERSION, MAX_PIXELS, ImageError, ImageSource, ResizePolicy,
+                                        check_image_size, clean_text, load_image, pre_resize, sentiment)
 
 RECORD_FORMAT_VERSION = 2
 # The on-disk keys, once. Readers accept records without the optional ones.
@@ -67,26 +74,62 @@ class Record(Post):
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Record":
+    def from_dict(cls, d: Mapping[str, Any], max_pixels: int = MAX_PIXELS) -> "Record":
+        """The record an on-disk dict holds; ``ValueError`` says what is wrong with one that is not."""
         missing = [k for k in _REQUIRED_KEYS if k not in d]
         if missing:
             raise ValueError(f"not a record: keys {missing} missing (record format {RECORD_FORMAT_VERSION})")
+        problems = cls.problems(d, max_pixels)
+        if problems:
+            raise ValueError(f"not a record: {'; '.join(problems)}")
         return cls(image=d["image"], text=d["text"], sentiment=d["sentiment"], label=d["label"], row=d["row"],
                    features=dict(d.get(_FEATURES_KEY) or {}))
 
     @staticmethod
-    def problems(d: Any) -> list[str]:
-        """What keeps ``d`` from being an on-disk record (key and type checks, for validation)."""
+    def problems(d: Any, max_pixels: int = MAX_PIXELS) -> list[str]:
+        """What keeps ``d`` from being an on-disk record: its keys and the type of each value."""
         if not isinstance(d, dict):
             return [f"record is a {type(d).__name__}, not a dict"]
         missing = [k for k in _REQUIRED_KEYS if k not in d]
         if missing:
             return [f"record lacks keys {missing}"]
-        extra = sorted(set(d) - set(_REQUIRED_KEYS) - {_FEATURES_KEY})
+        extra = sorted(set(d) - set(_REQUIRED_KEYS) - {_FEATURES_KEY}, key=str)
         problems = [f"record has unknown keys {extra}"] if extra else []
-        if not isinstance(d.get(_FEATURES_KEY, {}), dict):
-            problems.append(f"features is a {type(d[_FEATURES_KEY]).__name__}, not a dict")
-        return problems
+        problems += _image_problems(d["image"], max_pixels)
+        if not isinstance(d["text"], str):
+            problems.append(f"text is a {type(d['text']).__name__}, not a str")
+        for key in ("sentiment", "label"):
+            if not _is_real(d[key]):
+                problems.append(f"{key} is a {type(d[key]).__name__}, not a number")
+            elif not math.isfinite(d[key]):
+                problems.append(f"{key} is not finite")
+        if not isinstance(d["row"], numbers.Integral) or isinstance(d["row"], bool):
+            problems.append(f"row is a {type(d['row']).__name__}, not an int")
+        return problems + _feature_problems(d.get(_FEATURES_KEY, {}))
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _image_problems(im: Any, max_pixels: int) -> list[str]:
+    if not isinstance(im, Image.Image):
+        return [f"image is a {type(im).__name__}, not a PIL.Image"]
+    if im.mode != "RGB":
+        return [f"image mode is {im.mode}, not RGB"]
+    try:
+        check_image_size(im.width, im.height, max_pixels)
+    except ImageError as e:
+        return [f"image {e}"]
+    return []
+
+
+def _feature_problems(features: Any) -> list[str]:
+    if not isinstance(features, dict):
+        return [f"features is a {type(features).__name__}, not a dict"]
+    bad = [k for k, v in features.items()
+           if not isinstance(k, str) or not (v is None or isinstance(v, str) or _is_real(v))]
+    return [f"features hold values that are not float, str or None: {bad[:5]}"] if bad else []
 
 
 @dataclass(frozen=True)
@@ -140,7 +183,13 @@ def prepare_post(image: ImageSource, raw_text: object, raw_features: Mapping[str
     Features are parsed first: they are cheap, and a bad cell should not cost a decode.
     """
     features = parse_features(raw_features, cfg.features)
-    im = pre_resize(load_image(image, max_pixels=cfg.max_pixels), cfg.resize)
+    # The model's resize edge goes to load_image: a 2-pixel-high image is refused before
+    # the processor would enlarge it to 224 rows of 224 * 10,000 pixels.
+    im = pre_resize(load_image(image, max_pixels=cfg.max_pixels, min_edge=cfg.resize.shortest_edge), cfg.resize)
+    if type(im) is not Image.Image:
+        # Not resized, so still the decoded file's own object (a JpegImageFile...), whose
+        # class the safe unpickler refuses: records hold a plain Image.
+        im = im.copy()
     # EXIF/ICC/dpi are not used downstream, cost bytes, and may hold classes the safe
     # unpickler refuses (e.g. TIFF rationals), so a prepared image carries no info.
     im.info = {}

@@ -13,6 +13,16 @@ says which version of that dict a directory holds (``check_record_format``).
 Reading is only ever done through ``RecordReader``/``iter_records``, which use
 ``SafeUnpickler``: a pickle may name only the classes this module writes. Anything else
 (``os.system``, ``subprocess.Popen``, ``builtins.eval``) is refused before it runs.
+
+Every record read is checked, and one that fails is refused with a ``RecordError`` that
+names its file and index:
+
+1. before its pixels exist: the unpickler hands PIL's pickled state (mode, size, bytes)
+   to ``check_image_state`` before PIL builds the image from it, so a 32 MB pickle that
+   declares a 16000x16000 image is refused at 0 bytes, and so is a record whose bytes
+   (the index says how many) exceed what an image within the cap could take;
+2. after: ``posts.Record.from_dict`` checks the mode (RGB), the types and finiteness of
+   the values (``posts.Record.problems``).
 """
 
 from __future__ import annotations
@@ -21,15 +31,21 @@ import io
 import json
 import os
 import pickle
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
+from PIL import Image
 
 from data_preprocessing.posts import RECORD_FORMAT_VERSION, Record
+from data_preprocessing.prepare import MAX_PIXELS, ImageError, check_image_size
 
 SPLITS = ("train", "val", "test")
 META_NAME = "meta.json"
+# A record is its RGB image's bytes (3 a pixel) plus a caption of at most 500 characters,
+# a few numbers and feature values: this much room beyond the image is ample.
+_RECORD_SLACK_BYTES = 1 << 20
 
 # Exactly the globals that pickling an RGB PIL image inside a dict of str/float needs.
 # PIL pickles images via Image.__reduce__ -> (Image.Image, (), state), state holding mode,
@@ -37,16 +53,65 @@ META_NAME = "meta.json"
 _ALLOWED_GLOBALS = {
     ("PIL.Image", "Image"),
 }
+# What unpickling a damaged or hostile record can raise once no global can run code.
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, ValueError, EOFError, TypeError, AttributeError, IndexError,
+                    KeyError)
 
 
 class UnsafePickleError(pickle.UnpicklingError):
     """A record file names a global outside the allowlist; it was not written by us."""
 
 
+class RecordError(ValueError):
+    """A record that fails its checks; the message names the file and the record index."""
+
+
+def check_image_state(state: Any, max_pixels: int) -> None:
+    """Refuse PIL's pickled image state (``[info, mode, size, palette, data]``) unless its
+    size is within ``max_pixels`` and the aspect-ratio limit and its bytes fit its size.
+    Runs before PIL allocates the image; the mode is checked by ``Record.problems``."""
+    if not isinstance(state, list) or len(state) < 5:
+        raise pickle.UnpicklingError("a pickled PIL image has an unexpected state")
+    mode, size, data = state[1], state[2], state[4]
+    if (not isinstance(mode, str) or not isinstance(size, tuple) or len(size) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in size)):
+        raise pickle.UnpicklingError(f"a pickled PIL image has mode {mode!r} and size {size!r}")
+    try:
+        check_image_size(size[0], size[1], max_pixels)
+    except ImageError as e:
+        raise pickle.UnpicklingError(f"the record's image {e}") from None
+    if not isinstance(data, bytes) or len(data) > 4 * size[0] * size[1]:
+        raise pickle.UnpicklingError(f"a pickled {size[0]}x{size[1]} image holds more bytes than its size")
+
+
+@lru_cache(maxsize=8)
+def _checked_image_class(max_pixels: int) -> type:
+    """PIL's ``Image`` as the unpickler builds it, with its state checked first.
+
+    Pickle builds an object as ``cls.__new__(cls)`` then ``obj.__setstate__(state)``; this
+    subclass checks the state, then becomes a plain ``PIL.Image.Image`` and lets PIL
+    build the pixels. What a record holds is an ordinary image.
+    """
+
+    class CheckedImage(Image.Image):
+        def __setstate__(self, state):
+            check_image_state(state, max_pixels)
+            self.__class__ = Image.Image
+            Image.Image.__setstate__(self, state)
+
+    return CheckedImage
+
+
 class SafeUnpickler(pickle.Unpickler):
+    """Unpickles only what a record holds, images checked by ``check_image_state``."""
+
+    def __init__(self, file, max_pixels: int = MAX_PIXELS):
+        super().__init__(file)
+        self.max_pixels = max_pixels
+
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
+            return _checked_image_class(self.max_pixels)
         raise UnsafePickleError(
             f"refusing to load global {module}.{name!s}: record files may only contain "
             f"{sorted('.'.join(g) for g in _ALLOWED_GLOBALS)}. This file was not written by "
@@ -54,8 +119,14 @@ class SafeUnpickler(pickle.Unpickler):
         )
 
 
-def safe_loads(data: bytes):
-    return SafeUnpickler(io.BytesIO(data)).load()
+def safe_loads(data: bytes, max_pixels: int = MAX_PIXELS):
+    return SafeUnpickler(io.BytesIO(data), max_pixels).load()
+
+
+def _refused(path: Path, i: int, e: Exception) -> Exception:
+    """``e`` as raised by reading record ``i`` of ``path``, with both named in its message."""
+    cls = UnsafePickleError if isinstance(e, UnsafePickleError) else RecordError
+    return cls(f"{path}: record {i}: {e}")
 
 
 def record_bytes(record: Record) -> bytes:
@@ -107,8 +178,9 @@ class RecordReader:
     lazily per process, so a reader survives being sent to DataLoader workers.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, max_pixels: int = MAX_PIXELS):
         self.path = Path(path)
+        self.max_pixels = max_pixels
         idx_path = self.path.with_suffix(".idx")
         if not self.path.is_file():
             raise FileNotFoundError(f"no record file {self.path}")
@@ -123,16 +195,32 @@ class RecordReader:
         return len(self.offsets)
 
     def __getitem__(self, i: int) -> Record:
-        return Record.from_dict(self.read_raw(i))
+        i = range(len(self))[i]  # normalises negative indices, raises IndexError
+        raw = self.read_raw(i)
+        try:
+            return Record.from_dict(raw, self.max_pixels)
+        except ValueError as e:
+            raise _refused(self.path, i, e) from None
 
     def read_raw(self, i: int) -> dict:
-        """Record ``i`` as stored: the plain dict, unchecked (for validation)."""
+        """Record ``i`` as stored: the plain dict, its types unchecked (for validation).
+
+        Its image has passed ``check_image_state``; ``RecordError`` otherwise.
+        """
         if self._fh is None or self._pid != os.getpid():
             self._fh = open(self.path, "rb")
             self._pid = os.getpid()
-        i = range(len(self))[i]  # normalises negative indices, raises IndexError
+        i = range(len(self))[i]
+        size = int(self._ends[i] - self.offsets[i])
+        if not 0 < size <= 3 * self.max_pixels + _RECORD_SLACK_BYTES:
+            raise RecordError(f"{self.path}: record {i}: the index gives it {size:,} bytes; a record with an "
+                              f"image of at most {self.max_pixels:,} pixels takes 1 to "
+                              f"{3 * self.max_pixels + _RECORD_SLACK_BYTES:,}")
         self._fh.seek(int(self.offsets[i]))
-        return safe_loads(self._fh.read(int(self._ends[i] - self.offsets[i])))
+        try:
+            return safe_loads(self._fh.read(size), self.max_pixels)
+        except _UNPICKLE_ERRORS as e:
+            raise _refused(self.path, i, e) from None
 
     def __iter__(self) -> Iterator[Record]:
         for i in range(len(self)):
@@ -144,7 +232,7 @@ class RecordReader:
         return state
 
 
-def iter_pickles(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+def iter_pickles(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Iterator[tuple[int, object]]:
     """Yield ``(start byte, object)`` for each pickle in a record file, in order.
 
     A fresh ``SafeUnpickler`` per pickle: one over the whole stream would keep every
@@ -153,17 +241,29 @@ def iter_pickles(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
+        i = 0
         while fh.tell() < size:
             start = fh.tell()
-            yield start, SafeUnpickler(fh).load()
+            try:
+                obj = SafeUnpickler(fh, max_pixels).load()
+            except _UNPICKLE_ERRORS as e:
+                raise _refused(path, i, e) from None
+            yield start, obj
+            i += 1
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[Record]:
-    """Stream the records of a ``.pkl`` file in order, without the index (safe unpickler)."""
-    for _, obj in iter_pickles(path):
+def iter_records(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Iterator[Record]:
+    """Stream the checked records of a ``.pkl`` file in order, without the index."""
+    i = 0
+    for _, obj in iter_pickles(path, max_pixels):
         # Files hold record dicts, or lists of them; both are accepted.
         for d in obj if isinstance(obj, list) else [obj]:
-            yield Record.from_dict(d)
+            try:
+                record = Record.from_dict(d, max_pixels)
+            except ValueError as e:
+                raise _refused(Path(path), i, e) from None
+            yield record
+            i += 1
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:

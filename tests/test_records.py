@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copyreg
 import multiprocessing as mp
 import operator
 import os
@@ -13,7 +14,8 @@ import pytest
 from PIL import Image
 
 from data_preprocessing.posts import Record
-from data_preprocessing.records import RecordReader, RecordWriter, UnsafePickleError, iter_records, safe_loads
+from data_preprocessing.records import (RecordError, RecordReader, RecordWriter, UnsafePickleError, iter_records,
+                                        safe_loads)
 
 
 def _record(i: int) -> Record:
@@ -138,3 +140,87 @@ def test_restricted_unpickler_refuses_a_real_payload(split_file, tmp_path):
     with pytest.raises(UnsafePickleError):
         safe_loads(payload)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Records are checked on read (issue 28, finding 8)
+# ---------------------------------------------------------------------------------------
+
+
+class _DeclaredImage:
+    """Pickles exactly as a PIL image with this state would (``PIL.Image.Image`` rebuilt
+    from ``[info, mode, size, palette, data]``), without building the image here."""
+
+    def __init__(self, mode: str, size: tuple[int, int], data: bytes):
+        self.state = [{}, mode, size, None, data]
+
+    @property
+    def __class__(self):  # what pickle checks __newobj__'s class against
+        return Image.Image
+
+    def __reduce_ex__(self, protocol):
+        return copyreg.__newobj__, (Image.Image,), self.state
+
+
+def _split_of(tmp_path, dicts) -> os.PathLike:
+    w = RecordWriter(tmp_path, "train")
+    for d in dicts:
+        w.write_bytes(pickle.dumps(d, protocol=pickle.HIGHEST_PROTOCOL))
+    w.close()
+    return tmp_path / "train.pkl"
+
+
+def test_huge_mode_1_record_is_refused_before_its_pixels_exist(tmp_path, monkeypatch):
+    # 16000^2 mode "1": 32 MB pickled, 256 MB as a PIL image, 1 GB once converted to RGB.
+    small = pickle.loads(pickle.dumps(_DeclaredImage("1", (16, 16), bytes(32))))
+    assert type(small) is Image.Image and (small.mode, small.size) == ("1", (16, 16))  # a real PIL pickle
+    bomb = _DeclaredImage("1", (16_000, 16_000), bytes(16_000 * 16_000 // 8))
+    path = _split_of(tmp_path, [_record(0).to_dict(), {**_record(1).to_dict(), "image": bomb}])
+    assert path.stat().st_size > 32_000_000
+
+    built = []
+    original = Image.Image.__setstate__
+    monkeypatch.setattr(Image.Image, "__setstate__",
+                        lambda self, state: built.append(state[2]) or original(self, state))
+    reader = RecordReader(path)
+    assert _same(reader[0], _record(0))
+    with pytest.raises(RecordError, match=rf"{path}: record 1: .*too_many_pixels"):
+        reader[1]
+    with pytest.raises(RecordError, match=rf"{path}: record 1: .*too_many_pixels"):
+        list(iter_records(path))
+    assert (16_000, 16_000) not in built  # PIL never allocated it
+
+
+@pytest.mark.parametrize("change,problem", [
+    ({"image": Image.new("1", (8, 8))}, "image mode is 1, not RGB"),
+    ({"image": Image.new("RGB", (2, 60))}, "extreme_aspect_ratio"),
+    ({"image": "not an image"}, "image is a str"),
+    ({"text": 12}, "text is a int, not a str"),
+    ({"sentiment": "0.5"}, "sentiment is a str, not a number"),
+    ({"label": float("nan")}, "label is not finite"),
+    ({"label": True}, "label is a bool, not a number"),
+    ({"row": 1.5}, "row is a float, not an int"),
+    ({"features": ["followers", 3.0]}, "features is a list, not a dict"),
+    ({"features": {"followers": [1.0]}}, "features hold values that are not float, str or None"),
+])
+def test_a_record_of_the_wrong_kind_is_refused_with_its_file_and_index(tmp_path, change, problem):
+    path = _split_of(tmp_path, [_record(i).to_dict() for i in range(2)] + [{**_record(2).to_dict(), **change}])
+    reader = RecordReader(path)
+    assert _same(reader[1], _record(1))
+    with pytest.raises(RecordError, match=rf"{path}: record 2: .*{problem}"):
+        reader[2]
+    with pytest.raises(RecordError, match=rf"{path}: record 2: .*{problem}"):
+        list(iter_records(path))
+
+
+def test_an_int_is_a_number(tmp_path):
+    rec = RecordReader(_split_of(tmp_path, [{**_record(1).to_dict(), "sentiment": 0, "label": 4}]))[0]
+    assert (rec.sentiment, rec.label, rec.row) == (0, 4, 1)
+
+
+def test_an_index_past_the_end_is_refused(split_file):
+    with open(split_file.with_suffix(".idx"), "ab") as fh:
+        fh.write(np.int64(split_file.stat().st_size + 10).tobytes())
+    reader = RecordReader(split_file)
+    with pytest.raises(RecordError, match=r"record 5: the index gives it -10 bytes"):
+        reader[5]
