@@ -13,7 +13,7 @@ The package follows FastAPI's "Bigger Applications" layout:
 | `service.py`    | one request's posts: prepare, queue, predict; `get_service`             |
 | `predictor.py`  | the model: `prepare` (the preprocessing functions), `run_batch`         |
 | `batching.py`   | the micro-batcher                                                       |
-| `middleware.py` | request ID and deadline, access log, metrics, catch-all 500, body limits|
+| `middleware.py` | request ID and deadline, access log, metrics, 500, body limits          |
 | `errors.py`     | `APIError`, the error body, validation errors -> reason codes           |
 | `metrics.py`    | the Prometheus series (`GET /metrics`)                                  |
 | `schemas.py`    | response models                                                         |
@@ -230,8 +230,9 @@ def header_timeout_protocol(timeout_s: float) -> type:
         def _headers_too_slow(self) -> None:
             self._header_timer = None
             if not self.transport.is_closing():
-                log.info("closed a connection from %s: no complete request headers within %gs", self.client,
-                         timeout_s)
+                # debug: a flood of slow connections must not become a flood of log lines
+                log.debug("closed a connection from %s: no complete request headers within %gs", self.client,
+                          timeout_s)
                 self.transport.close()
 
     return HeaderTimeoutH11Protocol
@@ -244,7 +245,7 @@ class ServeConfig:
     host: str = field("127.0.0.1", help="interface to bind (0.0.0.0 to listen on all)")
     port: int = field(8000, help="TCP port")
     log_level: str = field("info", help="uvicorn log level", choices=("critical", "error", "warning", "info", "debug"))
-    limit_concurrency: int = field(512, help="open connections plus requests in progress past which uvicorn answers "
+    limit_concurrency: int = field(512, help="open connections (or requests in progress) past which uvicorn answers "
                                              "new requests 503")
     keep_alive_s: int = field(5, help="seconds an idle keep-alive connection stays open")
     header_timeout_s: float = field(10.0, help="seconds a connection has to send a request's line and headers, "

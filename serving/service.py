@@ -38,6 +38,7 @@ from serving.predictor import Predictor
 from serving.schemas import Prediction
 from serving.settings import ServingSettings
 
+
 def torch_thread(torch_threads: int | None) -> ThreadPoolExecutor:
     """The one thread that runs torch in the server: loading, warm-up and every batch.
 
