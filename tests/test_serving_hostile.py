@@ -158,7 +158,7 @@ def test_decoding_waits_for_pixels_and_answers_503_before_decoding(admission):
 def test_posts_of_a_request_past_its_deadline_are_never_prepared(admission):
     image = png_bytes(300, 260, alpha=False)
     posts = [post_json(image, "holder"), post_json(image, "queued behind it")]
-    with admission(decode_wait_s=20, request_timeout_s=1) as (base, service, held), \
+    with admission(decode_wait_s=20, request_timeout_s=2) as (base, service, held), \
             httpx.Client(base_url=base, timeout=30) as client:
         r = client.post("/predict/batch/json", json={"posts": posts})
         assert (r.status_code, r.json()["reason"]) == (504, "deadline_exceeded"), r.text
@@ -210,25 +210,27 @@ def test_pixel_budget_is_first_come_first_served_and_gets_back_what_waiters_drop
 def test_request_bytes_in_flight_are_capped_across_the_server(model_dir):
     app = serving_app(model_dir, max_body_bytes=2_000_000, max_inflight_bytes=1_000_000, max_caption_chars=100)
     body = json.dumps(post_json(jpeg_bytes(), "x" * 500_000)).encode()  # ~500 KB, caption over the limit
+    alone = json.dumps(post_json(jpeg_bytes(), "x" * 1_200_000)).encode()  # over the cap, within MAX_BODY_BYTES
     with loopback(app) as base, httpx.Client(base_url=base, timeout=30) as client:
-        host, port = urlsplit(base).hostname, urlsplit(base).port
-        slow = socket.create_connection((host, port))
+        answers = []
+
+        def answered(content: bytes, status: int) -> bool:
+            """Post ``content``; whether the answer had ``status`` (each answer is kept)."""
+            answers.append(client.post("/predict/json", content=content, headers={"Content-Type": "application/json"}))
+            return answers[-1].status_code == status
+
+        slow = socket.create_connection((urlsplit(base).hostname, urlsplit(base).port))
         # Declares 900 KB and sends a little: its request holds 900 KB from its first read.
         slow.sendall(b"POST /predict/json HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 900000\r\n\r\n" + body[:1000])
-
-        def refused() -> bool:
-            r = client.post("/predict/json", content=body, headers={"Content-Type": "application/json"})
-            return r.status_code == 503 and r.json()["reason"] == "overloaded" and r.headers["retry-after"] == "1"
-
-        assert wait_until(refused, timeout=10)
+        assert wait_until(lambda: answered(body, 503), timeout=10), answers[-1].text
+        assert answers[-1].json()["reason"] == "overloaded" and answers[-1].headers["retry-after"] == "1"
         slow.close()  # the client gives up: its bytes are given back
-        r = client.post("/predict/json", content=body, headers={"Content-Type": "application/json"})
-        assert (r.status_code, r.json()["reason"]) == (422, "caption_too_long"), r.text
-        # A body over the cap but within MAX_BODY_BYTES is let in when it is alone.
-        alone = json.dumps(post_json(jpeg_bytes(), "x" * 1_200_000)).encode()
-        r = client.post("/predict/json", content=alone, headers={"Content-Type": "application/json"})
-        assert (r.status_code, r.json()["reason"]) == (422, "caption_too_long"), r.text
+        assert wait_until(lambda: answered(body, 422), timeout=10), answers[-1].text
+        assert answers[-1].json()["reason"] == "caption_too_long"
+        # A body over the cap is let in when it is the only one held.
+        assert wait_until(lambda: answered(alone, 422), timeout=10), answers[-1].text
+        assert answers[-1].json()["reason"] == "caption_too_long"
 
 
 # --- 9: NaN is invalid_feature -----------------------------------------------------------------------
