@@ -517,3 +517,45 @@ def pre_resize(im: Image.Image, policy: ResizePolicy) -> Image.Image:
         arr_shape_probe, size=policy.shortest_edge, default_to_square=False, input_data_format="channels_last"
     )
     return im.resize((new_w, new_h), resample=Image.Resampling(policy.resample))
+
+
+# --- provisional probe_image (h2); replaced by h1's at merge ---
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding its pixels."""
+
+    width: int
+    height: int
+    format: str
+    mode: str
+    decode_bytes: int  # estimated peak bytes to decode and convert it to RGB
+
+
+def probe_image(source: ImageSource) -> ImageHeader:
+    """Read an image's header only (no pixel data); raises the ImageError codes of ``load_image``."""
+    fh = _open_source(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(fh, formats=ALLOWED_FORMATS)
+            except UnidentifiedImageError:
+                raise ImageError("unsupported_format",
+                                 f"not an image in an allowed format {ALLOWED_FORMATS}") from None
+            except Image.DecompressionBombError as e:
+                raise ImageError("too_many_pixels", str(e)) from None
+            except (OSError, ValueError, SyntaxError) as e:
+                raise _decode_error(e) from None
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise ImageError("too_many_pixels", f"{w}x{h} = {w * h:,} pixels exceeds the cap of {MAX_PIXELS:,}")
+        if w == 0 or h == 0:
+            raise ImageError("corrupt", f"image has zero size {w}x{h}")
+        bands = len(im.getbands())
+        depth = 2 if im.mode.startswith("I;16") else 4 if im.mode in ("I", "F") else 1
+        return ImageHeader(w, h, str(im.format), im.mode, w * h * (bands * depth + 3))
+    finally:
+        if fh is not source:
+            fh.close()

@@ -13,7 +13,7 @@ The package follows FastAPI's "Bigger Applications" layout:
 | `service.py`    | one request's posts: prepare, queue, predict; `get_service`             |
 | `predictor.py`  | the model: `prepare` (the preprocessing functions), `run_batch`         |
 | `batching.py`   | the micro-batcher                                                       |
-| `middleware.py` | request ID, access log, request metrics, catch-all 500, body limit      |
+| `middleware.py` | request ID and deadline, access log, metrics, 500, body limits          |
 | `errors.py`     | `APIError`, the error body, validation errors -> reason codes           |
 | `metrics.py`    | the Prometheus series (`GET /metrics`)                                  |
 | `schemas.py`    | response models                                                         |
@@ -46,7 +46,7 @@ from common.config import config_dict, field, parse_config, setup_logging
 from serving.contract import Contract, build_contract
 from serving.errors import install_error_handlers
 from serving.metrics import ServingMetrics
-from serving.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from serving.middleware import BodyLimitsMiddleware, RequestContextMiddleware
 from serving.predictor import Predictor, get_model_loader
 from serving.routes import prediction_router, router
 from serving.service import Service, torch_thread
@@ -176,7 +176,7 @@ def create_app(settings: ServingSettings | None = None, feature_names: tuple[str
     app.state.contract = build_contract(feature_names, limits.max_caption_chars, limits.max_posts_per_request)
     app.state.metrics = ServingMetrics()
     app.state.service = None
-    app.add_middleware(BodySizeLimitMiddleware)
+    app.add_middleware(BodyLimitsMiddleware)
     app.add_middleware(RequestContextMiddleware)  # added last: the outermost, so it sees every answer
     install_error_handlers(app)
     app.include_router(router)
@@ -188,6 +188,56 @@ def create_app(settings: ServingSettings | None = None, feature_names: tuple[str
 app = create_app()
 
 
+def header_timeout_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request line and headers are not
+    complete ``timeout_s`` after it opened, or after the first byte of its next request.
+
+    uvicorn has no such timeout: its keep-alive timer stops at a request's first byte, so
+    a client that sends a header byte now and then holds its connection (and a file
+    descriptor) for ever. Once the headers are in, the request's deadline
+    (REQUEST_TIMEOUT_S) bounds reading the body.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:  # a request has begun but its headers are not complete
+                self._arm()
+            else:
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_timer is None and not self.transport.is_closing():
+                self._header_timer = self.loop.call_later(timeout_s, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                # debug: a flood of slow connections must not become a flood of log lines
+                log.debug("closed a connection from %s: no complete request headers within %gs", self.client,
+                          timeout_s)
+                self.transport.close()
+
+    return HeaderTimeoutH11Protocol
+
+
 @dataclass
 class ServeConfig:
     """Run the prediction server (model and limits come from environment variables, see serving/settings.py)."""
@@ -195,6 +245,15 @@ class ServeConfig:
     host: str = field("127.0.0.1", help="interface to bind (0.0.0.0 to listen on all)")
     port: int = field(8000, help="TCP port")
     log_level: str = field("info", help="uvicorn log level", choices=("critical", "error", "warning", "info", "debug"))
+    limit_concurrency: int = field(512, help="open connections (or requests in progress) past which uvicorn answers "
+                                             "new requests 503")
+    keep_alive_s: int = field(5, help="seconds an idle keep-alive connection stays open")
+    header_timeout_s: float = field(10.0, help="seconds a connection has to send a request's line and headers, "
+                                               "from its opening or its next request's first byte; then it is closed")
+
+    def __post_init__(self):
+        if self.limit_concurrency < 1 or self.keep_alive_s < 1 or self.header_timeout_s <= 0:
+            raise ValueError("--limit-concurrency and --keep-alive-s must be >= 1 and --header-timeout-s > 0")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,7 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     # the request ID), so uvicorn's is off.
     import uvicorn
 
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, log_config=None, access_log=False)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, log_config=None, access_log=False,
+                http=header_timeout_protocol(cfg.header_timeout_s), limit_concurrency=cfg.limit_concurrency,
+                timeout_keep_alive=cfg.keep_alive_s)
 
 
 if __name__ == "__main__":

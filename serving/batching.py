@@ -12,7 +12,9 @@ request therefore never waits, and concurrent ones still meet in one batch. So:
 - while one batch runs, new posts pile up and form the next batch, so throughput rises
   with concurrency without any tuning;
 - the queue is bounded: ``submit`` raises ``QueueFull`` (the server answers 503 with
-  Retry-After) instead of letting latency and memory grow without limit.
+  Retry-After) instead of letting latency and memory grow without limit;
+- one bad post never fails its batch mates: when a batch raises, its posts run again one
+  by one, and only a post that fails alone gets the error.
 
 A post whose caller gave up (deadline, disconnect) is skipped before inference.
 """
@@ -119,13 +121,15 @@ class MicroBatcher(Generic[T, R]):
         batches_ahead = math.ceil(len(self._queue) / self.max_batch_size) + 1
         return max(1, math.ceil(batches_ahead * per_batch))
 
-    async def submit_many(self, items: Sequence[T]) -> list[R]:
+    async def submit_many(self, items: Sequence[T], return_exceptions: bool = False) -> list[R]:
         """Queue ``items`` together and wait for their results (in order).
 
         All or nothing: if they do not fit in the queue, none is queued and ``QueueFull``
         is raised. A request larger than ``max_queue`` on its own is let into an empty
         queue, so a big batch request is slow rather than impossible. Cancelling the
-        caller (e.g. its deadline) withdraws the posts that have not run yet.
+        caller (e.g. its deadline) withdraws the posts that have not run yet. An item the
+        model failed on raises its exception, or, with ``return_exceptions``, is returned
+        as it, so the other items keep their results.
         """
         if self._task is None or self._wakeup is None:
             raise RuntimeError("MicroBatcher.start() was not called")
@@ -138,7 +142,7 @@ class MicroBatcher(Generic[T, R]):
         self._queue.extend(pending)
         self._wakeup.set()
         try:
-            return list(await asyncio.gather(*(p.future for p in pending)))
+            return list(await asyncio.gather(*(p.future for p in pending), return_exceptions=return_exceptions))
         finally:
             for p in pending:  # on cancellation or a failed sibling: withdraw the rest
                 if not p.future.done():
@@ -194,32 +198,52 @@ class MicroBatcher(Generic[T, R]):
             batch = self._take_batch()
             if not batch:
                 continue
-            t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self.run_batch, [p.item for p in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} posts")
+                await self._settle(loop, batch)
             except asyncio.CancelledError:
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(RuntimeError("server is shutting down"))
                 raise
-            except Exception as e:  # noqa: BLE001 - handed to the callers, who answer 500
-                log.exception("inference failed for a batch of %d posts", len(batch))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-            else:
-                for p, r in zip(batch, results):
-                    if not p.future.done():
-                        p.future.set_result(r)
+
+    async def _settle(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending[T]]) -> None:
+        """Run ``batch`` and give each caller its result. If the batch raises (one post's
+        MemoryError, say), run its posts again one by one: only a post that fails alone
+        gets the exception (the server answers it 500), and its batch mates their results."""
+        try:
+            results = await self._forward(loop, [p.item for p in batch])
+        except Exception as e:  # noqa: BLE001 - handed to the callers
+            if len(batch) == 1:
+                log.exception("inference failed for a post")
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(e)
+                return
+            log.warning("inference failed for a batch of %d posts (%s: %s); running them one by one", len(batch),
+                        type(e).__name__, e)
+            for p in batch:
+                if not p.future.done():  # a caller may have given up meanwhile
+                    await self._settle(loop, [p])
+            return
+        for p, r in zip(batch, results):
+            if not p.future.done():
+                p.future.set_result(r)
+
+    async def _forward(self, loop: asyncio.AbstractEventLoop, items: list[T]) -> Sequence[R]:
+        """One ``run_batch`` call in the executor, counted in the statistics."""
+        t0 = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self.run_batch, items)
+            if len(results) != len(items):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} posts")
+            return results
+        finally:
             dt = time.perf_counter() - t0
             self._batch_seconds_ema = dt if self._batch_seconds_ema is None else 0.8 * self._batch_seconds_ema + 0.2 * dt
             self.batches += 1
-            self.posts += len(batch)
-            self.largest_batch = max(self.largest_batch, len(batch))
+            self.posts += len(items)
+            self.largest_batch = max(self.largest_batch, len(items))
             if self.observe is not None:
-                self.observe(len(batch), dt)
+                self.observe(len(items), dt)
 
     def stats(self) -> dict:
         return {"batches": self.batches, "posts": self.posts, "largest_batch": self.largest_batch,

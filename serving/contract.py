@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Sequence
 
 from fastapi import Request, UploadFile
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, WithJsonSchema,
-                      create_model, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr,
+                      WithJsonSchema, create_model, model_validator)
 from pydantic_core import PydanticCustomError
 
 from serving.errors import APIError
@@ -62,6 +63,20 @@ def _decode_base64(value: Any) -> bytes:
         raise PydanticCustomError("invalid_base64", "image_base64 is not valid base64: {error}",
                                   {"error": str(e)}) from None
 
+
+def _finite(value: Any) -> Any:
+    """A JSON feature value may not be NaN or Infinity. Python's json reads them (they are
+    not JSON), and NaN is also pandas' mark of an empty cell, which preprocessing imputes:
+    a client's NaN must be an error, not a silent imputation."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("invalid_feature", "{value} is not a number; send null for an unknown value",
+                                  {"value": str(value)})
+    return value
+
+
+# A JSON feature value: a number or a string, null or "" for unknown; strict, so true/false
+# are not numbers.
+JSONFeature = Annotated[StrictInt | StrictFloat | StrictStr | None, AfterValidator(_finite)]
 
 Base64Image = Annotated[bytes, BeforeValidator(_decode_base64), WithJsonSchema(
     {"type": "string", "format": "byte",
@@ -170,9 +185,7 @@ def build_contract(feature_names: Sequence[str], max_caption_chars: int, max_pos
         raise ValueError(f"feature columns {sorted(clash)} collide with the request's own fields")
     what = "; required, an empty value means 'unknown' (imputed as in training)"
     form_feature = {n: (str, Field("", description=f"the post's '{n}' feature column{what}")) for n in names}
-    # JSON: a number or a string, null or "" for unknown; strict, so true/false are not numbers.
-    json_feature = {n: (StrictInt | StrictFloat | StrictStr | None,
-                        Field(description=f"the post's '{n}' feature column{what}")) for n in names}
+    json_feature = {n: (JSONFeature, Field(description=f"the post's '{n}' feature column{what}")) for n in names}
     feature_column = {n: (list[str] | None, Field(None, description=f"'{n}' of each post, in image order{what}"))
                       for n in names}
     posts = dict(min_length=1, max_length=max_posts)

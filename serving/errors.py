@@ -20,6 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 # The ID of the request being answered; RequestContextMiddleware sets it for each request.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
+# The detail of every 500: what went wrong is in the server log, never in the answer.
+INTERNAL_ERROR = "internal server error; the details are in the server log"
 SSRF_DETAIL = ("image_url is not accepted: this server never fetches URLs sent by clients, because that would "
                "let anyone make it request internal addresses (SSRF). Download the image yourself and send its "
                "bytes, as image_base64 in JSON or as the multipart file field 'image'.")
@@ -44,7 +46,7 @@ def error_response(status: int, reason: str, detail: Any, headers: dict[str, str
 # --- request validation -> reason codes ---------------------------------------------------
 
 # Error types our own validators raise (serving.contract); they are reason codes already.
-CUSTOM_REASONS = {"invalid_base64": 422, "unpaired_fields": 422}
+CUSTOM_REASONS = {"invalid_base64": 422, "unpaired_fields": 422, "invalid_feature": 422}
 
 
 def _field(error: dict) -> str:
@@ -106,14 +108,18 @@ def validation_reason(errors: list[dict], multipart: bool) -> tuple[int, str, An
 # --- handlers -------------------------------------------------------------------------------
 
 
+def _count_rejection(request: Request, status: int, reason: str) -> None:
+    if status in (503, 504):  # capacity answers are what an operator watches for
+        request.app.state.metrics.rejected.labels(status=str(status), reason=reason).inc()
+
+
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    if exc.status in (503, 504):  # capacity answers are what an operator watches for
-        request.app.state.metrics.rejected.labels(status=str(exc.status), reason=exc.reason).inc()
+    _count_rejection(request, exc.status, exc.reason)
     return error_response(exc.status, exc.reason, exc.detail, exc.headers)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    # Our own (middleware.BodyTooLarge) name their reason; Starlette's are named after the
+    # Our own (middleware.BodyRefused) name their reason; Starlette's are named after the
     # status: 404 -> not_found, 405 -> method_not_allowed, 400 -> bad_request (bad multipart).
     reason = getattr(exc, "reason", None)
     if reason is None:
@@ -121,6 +127,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
             reason = http.HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
         except ValueError:
             reason = "http_error"
+    _count_rejection(request, exc.status_code, reason)
     return error_response(exc.status_code, reason, exc.detail, getattr(exc, "headers", None))
 
 

@@ -1,24 +1,26 @@
-"""Pure ASGI middleware: the request context (ID, access log, metrics, catch-all 500) and
-the body size limit.
+"""Pure ASGI middleware: the request context (ID, deadline, access log, metrics, catch-all
+500) and the body's limits (size, bytes in flight across the server, time).
 
 Pure ASGI rather than ``BaseHTTPMiddleware``: both must see the raw message stream (the
-body limit counts bytes as they arrive; the request ID goes into the response headers
+body limits act on bytes as they arrive; the request ID goes into the response headers
 whoever sends them), and neither may buffer a body.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
+from contextvars import ContextVar
 
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import REQUEST_ID, error_response
-from serving.settings import DEFAULT_SETTINGS
+from serving.errors import INTERNAL_ERROR, REQUEST_ID, error_response
+from serving.settings import DEFAULT_SETTINGS, ServingSettings
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("serving.access")
@@ -27,6 +29,33 @@ REQUEST_ID_HEADER = "X-Request-ID"
 # A client's own ID is kept if it is a plain token (uuid, hex, trace id); anything else
 # (too long, spaces, control characters) could forge log lines, so it is replaced.
 _CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+# The request's deadline (event loop time): REQUEST_TIMEOUT_S after its headers arrived.
+# RequestContextMiddleware sets it; the body reader and Service.predict both work to it.
+REQUEST_DEADLINE: ContextVar[float | None] = ContextVar("request_deadline", default=None)
+
+# Control characters (C0, DEL, C1), the Unicode line and paragraph separators, and the
+# backslash and double quote that would make an escape or a quoted field ambiguous.
+_LOG_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029",
+    ord("\\"): "\\\\", ord('"'): '\\"'}
+
+
+def log_safe(value: object) -> str:
+    """A client-supplied value as a log line may carry it: control characters backslash-
+    escaped (``\\n``, ``\\x1b``), so a value can neither start a forged line nor end the
+    quoted field it sits in. Every client value that reaches a log line goes through this."""
+    return str(value).translate(_LOG_ESCAPES)
+
+
+def settings_of(scope: Scope) -> ServingSettings:
+    """The app's settings once the lifespan has resolved them, else the defaults."""
+    settings = getattr(scope["app"].state, "settings", None) if "app" in scope else None
+    return settings or DEFAULT_SETTINGS
+
+
+def request_deadline() -> float | None:
+    """The deadline of the request being answered (``asyncio`` loop time), if any."""
+    return REQUEST_DEADLINE.get()
 
 
 def _request_id(scope: Scope) -> str:
@@ -49,12 +78,13 @@ def route_path(scope: Scope) -> str:
 
 
 class RequestContextMiddleware:
-    """Outermost middleware: gives every request an ID, writes one access line, records the
-    request metrics, and answers an unexpected exception with a JSON 500.
+    """Outermost middleware: gives every request an ID and a deadline, writes one access
+    line, records the request metrics, and answers an unexpected exception with a JSON 500.
 
     The ID is the client's ``X-Request-ID`` when it is a plain token, else a new uuid4
     hex. It is set in ``errors.REQUEST_ID`` (so error bodies carry it) and added to every
-    response's headers.
+    response's headers. The deadline (``REQUEST_DEADLINE``) is REQUEST_TIMEOUT_S from now,
+    when the headers have arrived: reading the body counts against it.
     """
 
     def __init__(self, app: ASGIApp):
@@ -66,6 +96,7 @@ class RequestContextMiddleware:
             return
         request_id = _request_id(scope)
         token = REQUEST_ID.set(request_id)
+        deadline = REQUEST_DEADLINE.set(asyncio.get_running_loop().time() + settings_of(scope).request_timeout_s)
         t0 = time.perf_counter()
         status = None  # set once a response starts
 
@@ -79,15 +110,15 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:  # noqa: BLE001 - every request gets an answer; the log gets the traceback
-            log.error("unhandled error on %s %s (request_id=%s)", scope["method"], scope["path"], request_id,
-                      exc_info=exc)
+            log.error("unhandled error on %s %s (request_id=%s)", log_safe(scope["method"]), log_safe(scope["path"]),
+                      request_id, exc_info=exc)
             if status is not None:  # a response is already on the wire: nothing more can be sent
                 raise
-            response = error_response(500, "internal_error", "internal server error; the details are in the "
-                                                             "server log")
+            response = error_response(500, "internal_error", INTERNAL_ERROR)
             await response(scope, receive, send_with_id)
         finally:
             self._record(scope, status or 500, time.perf_counter() - t0, request_id)
+            REQUEST_DEADLINE.reset(deadline)
             REQUEST_ID.reset(token)
 
     @staticmethod
@@ -97,27 +128,41 @@ class RequestContextMiddleware:
         if metrics is not None:
             metrics.observe_request(path, scope["method"], status, seconds)
         client = scope.get("client")
+        query = scope.get("query_string", b"").decode("latin-1")
         access_log.info('%s "%s %s" %d %.1fms request_id=%s', f"{client[0]}:{client[1]}" if client else "-",
-                        scope["method"], scope["path"], status, seconds * 1000, request_id)
+                        log_safe(scope["method"]), log_safe(scope["path"] + ("?" + query if query else "")), status,
+                        seconds * 1000, request_id)
 
 
-class BodyTooLarge(HTTPException):
-    """Raised from ``receive`` once the body passes the limit.
+class BodyRefused(HTTPException):
+    """Raised from ``receive`` when a body passes one of its limits.
 
     An HTTPException, because FastAPI re-raises those from body parsing (anything else
-    becomes a 400); the app's HTTPException handler answers it with this reason.
+    becomes a 400); the app's HTTPException handler answers it with ``reason``. The rest of
+    the body is never read, so the answer closes the connection.
     """
 
-    reason = "body_too_large"
+    def __init__(self, status: int, reason: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(status, detail, headers={"Connection": "close", **(headers or {})})
+        self.reason = reason
 
+
+class BodyTooLarge(BodyRefused):
     def __init__(self, what: str, limit: int):
-        super().__init__(413, f"request body too large: {what}; the limit is {limit:,} bytes (MAX_BODY_BYTES)",
-                         headers={"Connection": "close"})
+        super().__init__(413, "body_too_large",
+                         f"request body too large: {what}; the limit is {limit:,} bytes (MAX_BODY_BYTES)")
 
 
-def _body_limit(scope: Scope) -> int:
-    settings = getattr(scope["app"].state, "settings", None) if "app" in scope else None
-    return (settings or DEFAULT_SETTINGS).max_body_bytes
+class BodyTimeout(BodyRefused):
+    def __init__(self, timeout_s: float):
+        super().__init__(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s of its "
+                                              "headers (REQUEST_TIMEOUT_S)")
+
+
+class BodiesInFlight(BodyRefused):
+    def __init__(self, held: int, limit: int):
+        super().__init__(503, "overloaded", f"the server is holding {held:,} bytes of request bodies "
+                                            f"(MAX_INFLIGHT_BYTES={limit:,}); retry later", {"Retry-After": "1"})
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -130,38 +175,100 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
-class BodySizeLimitMiddleware:
-    """413 for bodies over MAX_BODY_BYTES, declared or streamed.
+class InflightBytes:
+    """Bytes of request bodies held across the server (one count per app)."""
 
-    Starlette reads bodies without a limit. When the app first reads the body, a declared
-    Content-Length over the limit is refused before a byte is read; otherwise (chunked
-    uploads, or a client that lies) the bytes are counted as they stream and reading stops
-    as soon as they pass the limit. The refusal is raised inside the route's body parsing,
-    so it is answered (and counted) like any error of that route.
+    def __init__(self) -> None:
+        self.held = 0
+
+    def take(self, n: int, limit: int, own: int) -> bool:
+        """Count ``n`` more bytes for a body that holds ``own`` already, if they fit under
+        ``limit``; a body is always let in when it is the only one held."""
+        if self.held + n > limit and self.held > own:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+class _Body:
+    """One request's body as the route reads it, within its limits (``BodyLimitsMiddleware``)."""
+
+    def __init__(self, receive: Receive, scope: Scope, inflight: InflightBytes):
+        self._receive = receive
+        self.settings = settings_of(scope)
+        self.declared = _declared_length(scope)
+        self.deadline = request_deadline()
+        self.inflight = inflight
+        self.received = 0  # bytes of the body so far
+        self.held = 0  # bytes counted in ``inflight`` for this body
+        self.complete = False
+
+    async def receive(self) -> Message:
+        if self.complete:  # after the body only http.disconnect comes: no limit applies
+            return await self._receive()
+        limit = self.settings.max_body_bytes
+        if self.declared is not None and self.declared > limit:
+            raise BodyTooLarge(f"Content-Length {self.declared:,}", limit)
+        self._hold(self.declared or 0)  # a declared body is counted before a byte is read
+        message = await self._in_time()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > limit:
+                raise BodyTooLarge(f"more than {limit:,} bytes arrived", limit)
+            self._hold(self.received)  # chunked, or more than declared
+            self.complete = not message.get("more_body", False)
+        return message
+
+    def _hold(self, total: int) -> None:
+        more = total - self.held
+        if more > 0:
+            if not self.inflight.take(more, self.settings.max_inflight_bytes, own=self.held):
+                raise BodiesInFlight(self.inflight.held, self.settings.max_inflight_bytes)
+            self.held = total
+
+    async def _in_time(self) -> Message:
+        if self.deadline is None:  # no RequestContextMiddleware outside (not this app)
+            return await self._receive()
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                return await self._receive()
+        except TimeoutError:
+            raise BodyTimeout(self.settings.request_timeout_s) from None
+
+    def release(self) -> None:
+        self.inflight.give(self.held)
+        self.held = 0
+
+
+class BodyLimitsMiddleware:
+    """The request body's limits, applied as the route reads it (Starlette sets none):
+
+    - size: 413 ``body_too_large`` past MAX_BODY_BYTES. A declared Content-Length over it
+      is refused before a byte is read; otherwise (chunked uploads, a client that lies)
+      the bytes are counted as they stream, and reading stops once they pass it.
+    - bytes in flight: 503 ``overloaded`` when this body would take the bodies held across
+      the server past MAX_INFLIGHT_BYTES. A declared length is counted up front, a streamed
+      body as it arrives; a body is held until its request is answered.
+    - time: 408 ``body_timeout`` when the body is not complete by the request's deadline
+      (``REQUEST_DEADLINE``), so a client that trickles bytes cannot hold a request open.
+
+    Each refusal is raised inside the route's body parsing, so it is answered (and
+    counted) like any error of that route, and the connection is closed.
     """
 
     def __init__(self, app: ASGIApp):
         self.app = app
+        self.inflight = InflightBytes()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = _body_limit(scope)
-        declared = _declared_length(scope)
-        received = 0
+        body = _Body(receive, scope, self.inflight)
         response_started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            if declared is not None and declared > limit:
-                raise BodyTooLarge(f"Content-Length {declared:,}", limit)
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge(f"more than {limit:,} bytes arrived", limit)
-            return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal response_started
@@ -169,8 +276,10 @@ class BodySizeLimitMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge as exc:  # raised where no exception handler sits between us and receive
+            await self.app(scope, body.receive, tracking_send)
+        except BodyRefused as exc:  # raised where no exception handler sits between us and receive
             if response_started:  # never send two responses
                 raise
             await error_response(exc.status_code, exc.reason, exc.detail, exc.headers)(scope, receive, send)
+        finally:
+            body.release()

@@ -7,18 +7,18 @@ them from threads, never on the event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-import dataclasses
-
 from data_preprocessing.features import FeatureError
-from data_preprocessing.posts import Post, prepare_post
-from data_preprocessing.prepare import ImageError, clean_text, sentiment
+from data_preprocessing.posts import Post, parse_features, prepare_post
+from data_preprocessing.prepare import ImageError, ImageHeader, clean_text, probe_image, sentiment
 from serving.contract import RawPost
 from serving.errors import APIError
+from serving.middleware import log_safe
 from serving.schemas import Interval, ModelInfo, Prediction, Sentiment
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ IMAGE_ERROR_STATUS = {
     "corrupt": 422,
     "truncated": 422,
     "too_many_pixels": 413,
+    "extreme_aspect_ratio": 422,
     "missing_path": 422,  # not reachable from bytes; mapped so no reason can become a 500
     "not_found": 422,
 }
@@ -58,6 +59,21 @@ def model_info(loaded) -> ModelInfo:
     return ModelInfo(name=str(name), version=str(loaded.config.get("version") or artifact_version(path)))
 
 
+@contextmanager
+def _as_api_errors():
+    """A bad feature or image -> its APIError (422, or the image reason's status)."""
+    try:
+        yield
+    except FeatureError as e:
+        raise APIError(422, e.reason, e.message) from None
+    except ImageError as e:
+        raise APIError(IMAGE_ERROR_STATUS.get(e.reason, 422), e.reason, e.message) from None
+    except Exception as e:  # noqa: BLE001 - a decoder failing on a damaged header is a bad image
+        # (preprocess.prepare_record rejects these as "corrupt" too), not a server error.
+        log.warning("image decoder raised %s: %s", type(e).__name__, log_safe(e))
+        raise APIError(422, "corrupt", f"could not open image: {type(e).__name__}") from None
+
+
 class Predictor:
     """The loaded model (``models.clip_regressor.LoadedModel``) and the steps around it."""
 
@@ -71,19 +87,19 @@ class Predictor:
         self.prepare_config = dataclasses.replace(loaded.prepare, max_pixels=max_pixels)
         self.feature_names: tuple[str, ...] = tuple(loaded.prepare.features.names)
 
+    def check(self, raw: RawPost) -> ImageHeader:
+        """What can be known of a post before decoding it: its features parse, and its
+        image's header (``prepare.probe_image``), whose size the decode admission counts.
+        Raises the APIError that ``prepare`` would."""
+        with _as_api_errors():
+            parse_features(raw.features, self.prepare_config.features)
+            return probe_image(raw.image)
+
     def prepare(self, raw: RawPost) -> Post:
         """Decode, pre-resize, clean and score one post with ``posts.prepare_post``, as
         preprocessing does. A feature the client did not send is absent from ``raw.features``."""
-        try:
+        with _as_api_errors():
             return prepare_post(raw.image, raw.caption, raw.features, self.prepare_config)
-        except FeatureError as e:
-            raise APIError(422, e.reason, e.message) from None
-        except ImageError as e:
-            raise APIError(IMAGE_ERROR_STATUS.get(e.reason, 422), e.reason, e.message) from None
-        except Exception as e:  # noqa: BLE001 - a decoder failing on a damaged header is a bad image
-            # (preprocess.prepare_record rejects these as "corrupt" too), not a server error.
-            log.warning("image decoder raised %s: %s", type(e).__name__, e)
-            raise APIError(422, "corrupt", f"could not open image: {type(e).__name__}") from None
 
     def run_batch(self, posts: list[Post]) -> list[Prediction]:
         """Prepared posts -> one Prediction each, in order (in the batcher's inference thread)."""
@@ -118,7 +134,6 @@ class Predictor:
         ip = self.loaded.batcher.processor.image_processor
         return {
             **self.info.model_dump(),
-            "path": str(self.loaded.path),
             "format": cfg.get("format"),
             "architecture": cfg.get("architecture"),
             "target_transform": cfg.get("target_transform"),

@@ -8,6 +8,7 @@ Every response the document lists is one the code sends: the error statuses come
 # No `from __future__ import annotations` here: FastAPI reads the endpoint signatures,
 # and the prediction endpoints name request models that exist only inside the factory.
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request, Response
@@ -28,17 +29,20 @@ RETRY_AFTER_HEADER = {"Retry-After": {"description": "seconds to wait before ret
                                       "schema": {"type": "integer"}, "required": True}}
 ERRORS = {
     400: "the body is not valid JSON (invalid_json) or not valid multipart (bad_request)",
+    408: "the body did not arrive within REQUEST_TIMEOUT_S of the headers (body_timeout)",
     413: "body over MAX_BODY_BYTES (body_too_large), image over MAX_PIXELS (too_many_pixels), or more posts "
          "than MAX_POSTS_PER_REQUEST (too_many_posts)",
     415: "the Content-Type this path does not take (unsupported_media_type), or a file that is not an image in "
          "an allowed format (unsupported_format)",
-    422: "a missing, repeated or unknown field, a caption over MAX_CAPTION_CHARS, invalid base64, image_url "
-         "(refused: the server never fetches URLs), unpaired batch fields, or an empty, truncated or corrupt image",
+    422: "a missing, repeated or unknown field, a feature value that is not a finite number in its bounds, a caption "
+         "over MAX_CAPTION_CHARS, invalid base64, image_url (refused: the server never fetches URLs), unpaired batch "
+         "fields, or an empty, truncated or corrupt image, or one of an extreme aspect ratio",
     500: "unexpected server error (internal_error); the details are in the server log, never in the answer",
-    503: "the model is not loaded yet (not_ready) or the queue is full (overloaded)",
+    503: "the model is not loaded yet (not_ready), or the server is at capacity (overloaded): the queue is full, "
+         "or too many request bytes (MAX_INFLIGHT_BYTES) or image pixels (MAX_DECODE_PIXELS) are in hand",
     504: "no prediction within REQUEST_TIMEOUT_S (deadline_exceeded)",
 }
-PREDICT_ERRORS = (400, 413, 415, 422, 500, 503, 504)
+PREDICT_ERRORS = (400, 408, 413, 415, 422, 500, 503, 504)
 
 
 def documented(*errors: int, ok: dict | None = None) -> dict[int, dict[str, Any]]:
@@ -73,8 +77,27 @@ async def ready(request: Request):
 @router.get("/metadata", response_model=Metadata, responses=documented(500, 503),
             summary="Model config, training summary, server limits and micro-batching counters (for people)")
 async def metadata(service: Service = Depends(get_service)) -> Metadata:
-    return Metadata(model=service.predictor.describe(), training=service.predictor.training_summary(),
-                    settings={**service.settings.limits(), "batching": service.batcher.stats()})
+    return Metadata(model=names_not_paths(service.predictor.describe()),
+                    training=names_not_paths(service.predictor.training_summary()),
+                    settings=names_not_paths({**service.settings.limits(), "batching": service.batcher.stats()}))
+
+
+# An absolute path inside a string: "/...", "~/..." or "C:\...", not part of a URL or of a
+# relative path ("https://x/y", "runs/demo").
+_ABSOLUTE_PATH_RE = re.compile(r"(?<![\w.:/~-])(?:/|~/|[A-Za-z]:[\\/])[^\s'\"]+")
+
+
+def names_not_paths(value: Any) -> Any:
+    """``value`` (JSON) with every absolute path in its strings replaced by its last name:
+    /metadata is open to anyone who can reach the server, and paths such as the training
+    data's or the CLIP's (the artifact's config records them) say how the host is laid out."""
+    if isinstance(value, dict):
+        return {k: names_not_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [names_not_paths(v) for v in value]
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH_RE.sub(lambda m: re.split(r"[\\/]", m.group(0).rstrip("/\\"))[-1], value)
+    return value
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics (for scrapers)",

@@ -95,7 +95,7 @@ class Ready(BaseModel):
 
 
 class Metadata(BaseModel):
-    model: dict = Field(description="name, version, path, architecture, target transform, cleaning version, "
+    model: dict = Field(description="name, version, architecture, target transform, cleaning version, "
                                     "processor (image size, resize policy, max text length), feature columns, "
                                     "runtime (which computes the embeddings, torch or onnx, and why)")
     training: dict = Field(description="summary of the artifact config: metrics, git commit and the rest of "

@@ -37,13 +37,25 @@ class ServingSettings(BaseSettings):
     max_queue: int = Field(
         64, ge=1, description="posts waiting for the model before new requests get 503 + Retry-After")
     request_timeout_s: float = Field(
-        30.0, gt=0, description="per-request deadline (decode + queue + inference); past it the answer is 504")
+        30.0, gt=0, description="per-request deadline from the end of its headers: reading the body (past it 408), "
+                                "then decode + queue + inference (past it 504)")
     max_body_bytes: int = Field(
         32 * 1024 * 1024, ge=1024,
         description="largest request body, counted as it streams (chunked bodies too); past it 413")
+    max_inflight_bytes: int = Field(
+        128 * 1024 * 1024, ge=1024,
+        description="request body bytes held across the server at once (each request's Content-Length, or its bytes "
+                    "as they stream); past it 503 overloaded. A request is always let in when no other body is held")
     max_pixels: int = Field(
         PREPARE_MAX_PIXELS, ge=1,
         description="largest image (width x height), checked from the header before decoding; past it 413")
+    max_decode_pixels: int = Field(
+        PREPARE_MAX_PIXELS, ge=1,
+        description="pixels (width x height, from each image's header) being decoded at once across the server; a "
+                    "post waits up to DECODE_WAIT_S for room, else the request gets 503 overloaded. An image larger "
+                    "than this (within MAX_PIXELS) is decoded when no other is")
+    decode_wait_s: float = Field(
+        2.0, gt=0, description="longest a post waits for room in MAX_DECODE_PIXELS before its request gets 503")
     max_caption_chars: int = Field(
         2200, ge=1, description="longest raw caption accepted (Instagram's own limit); past it 422")
     max_posts_per_request: int = Field(
@@ -60,10 +72,18 @@ class ServingSettings(BaseSettings):
                              "fastest per batch size; never int8); /metadata says which and why")
 
     def limits(self) -> dict:
-        """The settings as plain JSON values (for /metadata), model_dir as a string."""
+        """The settings as plain JSON values (for /metadata); model_dir by its names, never
+        the absolute path (/metadata is open to anyone who can reach the server)."""
         out = self.model_dump()
-        out["model_dir"] = str(self.model_dir) if self.model_dir is not None else None
+        out["model_dir"] = short_path(self.model_dir) if self.model_dir is not None else None
         return out
+
+
+def short_path(path: str | Path) -> str:
+    """A path as its last two names ("run/model" of RUN_DIR/model), for answers that must
+    not show where files live on the server."""
+    parts = Path(path).parts[-2:]
+    return "/".join(p for p in parts if p not in ("/", "\\")) or "."
 
 
 # The defaults, built without reading the environment (so importing never fails): what

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import socket
 import struct
+import threading
+import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,12 +128,9 @@ class ModelSpy:
         return self.loaded.explain_batch(batch)
 
 
-@contextmanager
-def serving_client(model_dir: Path, raise_server_exceptions: bool = True, spy: ModelSpy | None = None, **settings):
-    """A TestClient whose lifespan (model load, batcher) runs for the ``with`` block.
-    With ``spy``, the model is loaded through it (the ``get_model_loader`` seam)."""
-    from fastapi.testclient import TestClient
-
+def serving_app(model_dir: Path, spy: ModelSpy | None = None, **settings):
+    """The app for ``model_dir`` and these settings; with ``spy``, the model is loaded
+    through it (the ``get_model_loader`` seam)."""
     from serving.app import create_app
     from serving.predictor import get_model_loader
     from serving.settings import ServingSettings
@@ -139,8 +138,36 @@ def serving_client(model_dir: Path, raise_server_exceptions: bool = True, spy: M
     app = create_app(ServingSettings(model_dir=model_dir, **settings))
     if spy is not None:
         app.dependency_overrides[get_model_loader] = lambda: spy.load
-    with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
+    return app
+
+
+@contextmanager
+def serving_client(model_dir: Path, raise_server_exceptions: bool = True, spy: ModelSpy | None = None, **settings):
+    """A TestClient whose lifespan (model load, batcher) runs for the ``with`` block."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(serving_app(model_dir, spy, **settings), raise_server_exceptions=raise_server_exceptions) as client:
         yield client
+
+
+@contextmanager
+def loopback(app):
+    """uvicorn serving ``app`` on a free loopback port, in a thread of this process (so a
+    test can reach ``app.state``); yields the base URL once the lifespan has run."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def service(client):

@@ -35,7 +35,7 @@ def test_run_server_serves_with_env_then_stops(model_dir, tmp_path):
         with urllib.request.urlopen(base + "/metadata") as r:
             settings = json.load(r)["settings"]
         assert settings["max_batch_size"] == 3  # env reached the server
-        assert settings["model_dir"] == str(model_dir)
+        assert settings["model_dir"] == "run/model"  # its names: /metadata shows no absolute path
     assert refused(base + "/ready")  # SIGTERM on exit: nothing listens on the port any more
 
 

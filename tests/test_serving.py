@@ -162,7 +162,7 @@ def test_openapi_documents_each_path_with_one_body_type(client):
         assert list(op["requestBody"]["content"]) == [media_type], path
         assert op["requestBody"]["content"][media_type]["schema"]["$ref"].endswith("/" + request)
         assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + response)
-        assert set(op["responses"]) == {"200", "400", "413", "415", "422", "500", "503", "504"}, path
+        assert set(op["responses"]) == {"200", "400", "408", "413", "415", "422", "500", "503", "504"}, path
         assert op["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
         assert op["responses"]["503"]["headers"]["Retry-After"]["required"] is True
     for path, item in spec["paths"].items():

@@ -4,10 +4,14 @@ called with a real HTTP client (httpx) and with the README's literal curl comman
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import re
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -228,3 +232,99 @@ def test_missing_model_dir_fails_startup(tmp_path):
     assert code != 0
     log = log_path.read_text()
     assert "MODEL_DIR=" in log and "is not a directory" in log
+
+
+# --- hostile clients (issue 28) ------------------------------------------------------------
+
+
+def _connect(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock``: it reads as end of file (or a reset)."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(65536) == b""
+    except OSError:
+        return True
+
+
+def test_log_lines_cannot_be_forged(server):
+    base, _, log_path = server
+    forged = b"/x%0a17:49:00%20INFO%20serving.access:...request_id=forged"
+    with _connect(base) as sock:
+        sock.sendall(b"GET " + forged + b" HTTP/1.1\r\nHost: x\r\nX-Request-ID: forge-1\r\nConnection: close\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404")
+    assert wait_for_log_line(log_path, lambda line: line.endswith("request_id=forge-1"))
+    # Lines that read as our access lines (uvicorn's own shows the raw path, still encoded).
+    lines = [line for line in log_path.read_text().splitlines()
+             if re.match(r"\d\d:\d\d:\d\d INFO serving\.access:", line) and "forged" in line]
+    assert len(lines) == 1, lines  # one access line, not a second one that looks real
+    assert '"GET /x\\n17:49:00 INFO serving.access:...request_id=forged" 404' in lines[0]
+    assert lines[0].endswith("request_id=forge-1")
+
+
+@pytest.fixture(scope="module")
+def serve_main(model_dir, tmp_path_factory):
+    """`python -m serving.app` as the README runs it, with a 2 s header timeout and a 2 s
+    request deadline; yields its base URL."""
+    log_path = tmp_path_factory.mktemp("serve_main") / "server.log"
+    port = free_port()
+    env = {**os.environ, "MODEL_DIR": str(model_dir), "REQUEST_TIMEOUT_S": "2",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "serving.app", "--port", str(port), "--header-timeout-s", "2"],
+                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base, log_path)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_connections_trickling_headers_are_closed(serve_main):
+    socks = [_connect(serve_main) for _ in range(200)]
+    try:
+        for sock in socks:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert httpx.get(f"{serve_main}/health", timeout=5).status_code == 200  # the server answers meanwhile
+        still_open = list(socks)
+        deadline = time.monotonic() + 15  # the header timeout is 2 s
+        while still_open and time.monotonic() < deadline:
+            for sock in still_open:
+                with contextlib.suppress(OSError):
+                    sock.send(b"a")  # one more header byte each
+            time.sleep(0.5)
+            still_open = [sock for sock in still_open if not _closed_by_server(sock)]
+        assert len(still_open) == 0, f"{len(still_open)} of 200 connections still open"
+        assert httpx.get(f"{serve_main}/health", timeout=5).status_code == 200
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_trickled_upload_is_cut_at_the_deadline(serve_main):
+    with _connect(serve_main) as sock:
+        sock.sendall(b"POST /predict/json HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n")
+        deadline = time.monotonic() + 15  # the request deadline is 2 s
+        while time.monotonic() < deadline and not select.select([sock], [], [], 0)[0]:
+            with contextlib.suppress(OSError):
+                sock.send(b" ")  # one body byte at a time
+            assert httpx.get(f"{serve_main}/health", timeout=5).status_code == 200
+            select.select([sock], [], [], 0.5)
+        sock.settimeout(10)
+        answer = b""
+        while chunk := sock.recv(65536):  # to the end: the server closes the connection
+            answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower(), answer
+        assert json.loads(body)["reason"] == "body_timeout"
