@@ -93,7 +93,7 @@ class Predictor:
         Raises the APIError that ``prepare`` would."""
         with _as_api_errors():
             parse_features(raw.features, self.prepare_config.features)
-            return probe_image(raw.image)
+            return probe_image(raw.image, self.max_pixels, self.policy.shortest_edge)
 
     def prepare(self, raw: RawPost) -> Post:
         """Decode, pre-resize, clean and score one post with ``posts.prepare_post``, as
