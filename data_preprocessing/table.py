@@ -180,6 +180,11 @@ class ColumnMap:
             out.setdefault(c, flag)
         return out
 
+    def keeps_cells(self, column: str) -> bool:
+        """Whether a read column keeps its own cells: all but the image columns (merged into
+        ``images``), unless they are also carried through or split by."""
+        return column not in self.image or column in self.keep or column in self.extra
+
     def candidates(self) -> dict[str, str]:
         """``wanted`` before the header is known: a ``+`` label also as one literal column."""
         out = self.wanted()
@@ -389,7 +394,7 @@ def _read_csv(path: Path, lines: Iterator[str], encoding: str, columns: ColumnMa
         at.row = 0
         where = {c: header.index(c) for c in columns.wanted(header) if c in present}
         image_at = [where[c] for c in columns.image]
-        images, cells = [], {c: [] for c in where if c not in columns.image or c in columns.keep}
+        images, cells = [], {c: [] for c in where if columns.keeps_cells(c)}
         for values in reader:
             if not values:  # csv yields [] for a blank line; it is not a row
                 continue
@@ -428,7 +433,7 @@ def _read_jsonl(path: Path, lines: Iterator[str], encoding: str, columns: Column
                 at: _Cursor) -> PostsTable:
     wanted = columns.candidates()  # the header is known only at the end
     seen: dict[str, None] = {}  # insertion-ordered union of keys, for the error message
-    images, cells = [], {c: [] for c in wanted if c not in columns.image or c in columns.keep}
+    images, cells = [], {c: [] for c in wanted if columns.keeps_cells(c)}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -253,3 +253,10 @@ def test_rejects_file_escapes_cells_and_sorts_by_row(tmp_path):
     assert rows == [["row", "image_path", "reason", "detail"],
                     ["1", '\'=HYPERLINK("http://evil.example","click")', "not_found", ""],
                     ["3", "'-x.jpg", "not_found", "no such file: -x.jpg"]]
+
+
+def test_a_column_read_for_the_split_keeps_its_cells_even_if_it_is_an_image_column(tmp_path):
+    path = write_table(tmp_path / "posts.csv", ["image_path", "description", "engagement"], [["a.jpg", "x", "1"]])
+    table = read_table(path, ColumnMap(extra={"image_path": "--split"}))
+    assert table.images == ["a.jpg"] and table.cells["image_path"] == ["a.jpg"]
+    assert "image_path" not in read_table(path, ColumnMap()).cells
