@@ -20,8 +20,12 @@ PORT       ?= 8000
 # fine-tunes at 3e-5 (1e-4 overshoots at the warmup peak, 1e-5 barely moves it: README);
 # train_torch.py's default (1e-5) is the one for a pretrained CLIP.
 DEMO_CLIP_LR ?= 3e-5
-# The demo table's account-data columns (make_demo_data.py writes them; its label law uses them).
-DEMO_FEATURES ?= --numeric-cols followers:0:,posted_hour:0:23 --categorical-cols platform
+# How the demo export is read, as make_demo_data.py records it in posts/meta.json
+# ("preprocess_flags"; tests/test_make_demo_data.py checks the two agree): the account's
+# columns, the timestamp in the audience's zone, a time split (test = the newest posts) and
+# the maturity filter (posts under 7 days old at the export time still gain likes).
+DEMO_PREPROCESS ?= --numeric-cols followers:0: --categorical-cols platform --datetime-cols posted_at \
+  --timezone America/New_York --split time:posted_at --as-of 2025-06-30T12:00:00+00:00 --min-label-age-days 7
 
 install: $(VENV)/.installed
 
@@ -40,7 +44,7 @@ demo: install
 	@echo "== 1/9 demo posts"
 	$(PY) data_preprocessing/make_demo_data.py --out $(DEMO)/posts --n $(N) --seed 0 --overwrite
 	@echo "== 2/9 preprocess"
-	$(PY) data_preprocessing/preprocess.py --input $(DEMO)/posts/posts.csv --out $(DEMO)/data $(DEMO_FEATURES)
+	$(PY) data_preprocessing/preprocess.py --input $(DEMO)/posts/posts.csv --out $(DEMO)/data $(DEMO_PREPROCESS)
 	@echo "== 3/9 validate the records"
 	$(PY) test_preprocessing.py --data $(DEMO)/data
 	@echo "== 4/9 offline CLIP, pretrained on separately generated posts (never the test split)"
@@ -51,7 +55,7 @@ demo: install
 	$(PY) training/train_torch.py --data $(DEMO)/data --out $(DEMO)/run --clip-model $(DEMO)/tiny_clip --clip-lr $(DEMO_CLIP_LR)
 	@echo "== 6-8/9 start uvicorn, curl a prediction (with the feature fields), stop it"
 	PY=$(PY) bash serving/demo.sh $(DEMO)/run/model $(DEMO)/posts/images/000000.jpg "Sunset at the beach! #travel" $(PORT) \
-	  followers=12000 platform=instagram posted_hour=19
+	  followers=12000 platform=instagram posted_at=2025-03-05T23:30:00+0000
 	@echo "== 9/9 score the test posts with serving/predict.py: metrics, interval coverage, top and bottom 3"
 	$(PY) serving/predict.py --model $(DEMO)/run/model --input $(DEMO)/posts/posts.csv --rows-of $(DEMO)/data:test \
 	  --out $(DEMO)/run/predictions_scored.csv

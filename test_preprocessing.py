@@ -1,20 +1,22 @@
 """Validate preprocessed records before training on them.
 
-    python test_preprocessing.py --data data/processed [--max-records 2000]
+    python test_preprocessing.py                      # checks data/processed/
+    python test_preprocessing.py --data runs/demo/data [--max-records 2000]
 
 Checks the output of ``data_preprocessing/preprocess.py`` (a script for users, not a
-pytest module; its tests are in tests/test_validation_script.py):
+pytest module; its tests are in tests/test_validation_script.py). Run bare, it checks
+``data/processed/`` under the current directory, where a bare ``preprocess.py`` writes:
 
 * ``meta.json`` exists, its counts add up, and its ``cleaning_version`` is the one the
   code cleans with now (otherwise captions would differ between training and serving);
 * every split's ``.pkl`` and ``.idx`` exist, the index is well formed, its length equals
-  the number of records in the stream and the split count in ``meta.json``;
+  the number of records in the stream and the split count in ``meta.json``, and it is not
+  empty (training needs posts in train, val and test);
 * every record passes ``posts.Record.problems`` (an RGB image within the pixel cap and
   the aspect-ratio limit, finite numbers, an int row), its caption is already clean
   (``clean_text(text) == text``), its sentiment is in [-1, 1], its label a non-negative
-  float, and it holds exactly meta.json's feature columns, each
-  holding an already parsed value (a float or None for numeric, a str or None for
-  categorical).
+  float, and it holds exactly meta.json's feature columns, each holding an already parsed
+  value (a float or None for numeric and datetime, a str or None for categorical).
 
 Records are read only through ``records``' safe unpickler (``RecordReader`` for random
 access, ``iter_pickles`` for the stream), which refuses anything but the classes a record
@@ -45,13 +47,15 @@ from data_preprocessing.records import (SPLITS, RecordReader, check_cleaning_ver
                                         iter_pickles, load_meta)
 
 N_SPOT_CHECKS = 5  # random-access reads compared with the stream when checking everything
+DEFAULT_DATA = "data/processed"  # where a bare `python data_preprocessing/preprocess.py` writes
 
 
 @dataclass
 class ValidateConfig:
     """Validate the record files written by data_preprocessing/preprocess.py."""
 
-    data: str = field(help="output directory of preprocess.py (holds meta.json and {train,val,test}.pkl/.idx)")
+    data: str = field(DEFAULT_DATA, help="output directory of preprocess.py (holds meta.json and "
+                                         "{train,val,test}.pkl/.idx), relative to the current directory")
     max_records: int = field(0, help="check at most this many records per split, spread evenly (0 = all)")
 
     def __post_init__(self):
@@ -87,11 +91,12 @@ def feature_problems(features: dict, columns: Sequence[FeatureColumn]) -> list[s
     for col in columns:
         v = features[col.name]
         try:
-            ok = col.parse(v) == v and (v is None or isinstance(v, float if col.kind == "numeric" else str))
+            # numeric and datetime (Unix seconds) values are floats, categorical ones str
+            ok = col.parse(v) == v and (v is None or isinstance(v, str if col.kind == "categorical" else float))
         except FeatureError:
             ok = False
-        if not ok:
-            problems.append(f"feature {col.name} holds {type(v).__name__} {v!r}, not a parsed {col.kind} value")
+        if not ok:  # no value in the message: one line counts every record with the same problem
+            problems.append(f"feature {col.name} holds a {type(v).__name__}, not a parsed {col.kind} value")
     return problems
 
 
@@ -130,6 +135,9 @@ def check_split(data_dir: Path, split: str, expected: int | None, max_records: i
         return [f"{split}: {e}"], f"{split}: missing"
     failures = [f"{split}: {p}" for p in index_problems(reader)]
     n_index = len(reader)
+    if n_index == 0:
+        failures.append(f"{split}: no records; training needs posts in every split (preprocess.py with more "
+                        "posts or larger --val-frac/--test-frac)")
     if expected is not None and n_index != expected:
         failures.append(f"{split}: index holds {n_index} records but meta.json counts {expected}")
     bad: dict[str, tuple[int, int]] = {}  # problem -> (number of records, first record index)
@@ -211,6 +219,11 @@ def validate(data_dir: Path, max_records: int = 0) -> tuple[list[str], list[str]
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ValidateConfig, argv)
+    if cfg.data == DEFAULT_DATA and not Path(cfg.data).is_dir():
+        print(f"FAIL: no preprocessed data at {DEFAULT_DATA} (the default --data, under the current directory "
+              f"{Path.cwd()}): run `python data_preprocessing/preprocess.py` first (it reads data/posts.csv), or "
+              'pass --data DIR; see README.md, "On your own data"')
+        return 1
     failures, lines = validate(Path(cfg.data), cfg.max_records)
     if lines:
         print("\n".join(lines))

@@ -1,12 +1,21 @@
 """Turn a posts table into train/val/test record files that training reads.
 
-    python data_preprocessing/preprocess.py --input data/demo/posts.csv --out data/processed
+    python data_preprocessing/preprocess.py          # data/posts.csv -> data/processed/
+    python data_preprocessing/preprocess.py --input runs/demo/posts/posts.csv --out runs/demo/data \
+        --datetime-cols posted_at --timezone America/New_York --split time:posted_at
+
+Run bare, it reads ``data/posts.csv`` and writes ``data/processed/``, relative to the
+current directory (the layout of a classic script repo: run it from the repo root);
+without that table it says where to put one.
 
 Input: a ``.csv`` (header row; comma, semicolon or tab, sniffed) or ``.jsonl``/``.ndjson``
-(one JSON object per line) table with an image path, a caption and an engagement label per
-post, read by ``data_preprocessing.table`` (dialect, encoding, columns, the cell cap). Image
-paths are absolute or relative to the folder that holds the input file; ``--image-col`` may
-name several columns, and the first non-empty cell wins.
+(one JSON object per line) table with an image, a caption and an engagement label per
+post, read by ``data_preprocessing.table`` (dialect, encoding, columns, the cell cap). An
+image cell is a path, absolute or relative to the folder that holds the input file, or an
+``http(s)://`` URL, downloaded once into the ``--image-cache`` (``data_preprocessing.
+download``: ``--download-workers``, ``--download-timeout``, ``--max-image-bytes``; a bar
+shows downloads/s); ``--image-col`` may name several columns, and the first non-empty
+cell wins. ``--label-col a+b`` sums count columns into the label.
 
 Output, in ``--out DIR``:
 
@@ -29,39 +38,58 @@ Output, in ``--out DIR``:
   outputs in DIR are removed when a run starts, so a DIR holding ``meta.json`` is always
   one complete, successful run.
 
-Row policies. A row gets the first reason that applies, in this order:
+Row policies. A row gets the first reason that applies, in this order
+(``REJECT_REASONS``):
 
 1. ``missing_path``: the image cell is empty.
 2. Label: ``missing_label`` (empty/null), ``non_numeric_label`` ("12k", "1,234", true),
-   ``non_finite_label`` (nan, inf) or ``negative_label`` (< 0).
+   ``non_finite_label`` (nan, inf) or ``negative_label`` (< 0); for ``a+b``, the first
+   bad column's (the detail names it).
 3. ``invalid_feature``: a cell of a ``--numeric-cols`` column that is text, a boolean,
-   NaN, inf or outside the column's ``MIN:MAX`` bounds (the detail names the column). An
-   empty cell is a missing value, kept; so is an empty categorical cell.
-4. ``duplicate``: the same resolved image path (or URL) *and* the same raw caption as an
-   earlier row that passed 1-3. The first copy is kept and later ones are rejected
+   NaN, inf or outside the column's ``MIN:MAX`` bounds (the detail names the column);
+   ``invalid_datetime``: a ``--datetime-cols`` cell that is no timestamp. An empty cell is
+   a missing value, kept; so is an empty categorical cell.
+4. ``label_not_final``: with ``--as-of``, a post younger than ``--min-label-age-days``
+   at that time (by the first datetime column; ``leakage.MaturityRule``): its counts are
+   still growing. A post without a time is kept (its age is unknown; the log counts them).
+5. ``duplicate``: the same resolved image path (or URL) *and* the same raw caption as an
+   earlier row that passed 1-4. The first copy is kept and later ones are rejected
    (whatever their labels), because copies could land in different splits and leak test
    posts into training. A missing caption and an empty one count as the same caption.
-5. ``unsupported_url``: the image cell is a URL (``table.resolve_image_sources``).
-6. Image: the ``prepare.ImageError`` codes (``not_found``, ``empty_file``,
-   ``unsupported_format``, ``corrupt``, ``truncated``, ``too_many_pixels``), decided by
-   ``prepare.load_image``.
+6. ``invalid_datetime``: ``--split time:COL`` and the row has no time in COL.
+7. Download (``table.resolve_image_sources``): ``unsupported_url`` (a scheme other than
+   http and https), ``download_failed`` (the detail gives the HTTP status or the network
+   error), ``download_timeout``, ``too_large`` (over ``--max-image-bytes``).
+8. Image: the ``prepare.ImageError`` codes (``not_found``, ``empty_file``,
+   ``unsupported_format`` (an HTML error page, too), ``corrupt``, ``truncated``,
+   ``too_many_pixels``), decided by ``prepare.load_image``.
 
 An empty or missing caption is *kept*: text ``""``, sentiment 0. Image-only posts are
 real posts and their engagement is a real signal.
 
-Splits: the split of each row is fixed up front from a shuffle of all row indices by
-``numpy.random.default_rng(seed)`` (the first ``round(test_frac*n)`` shuffled rows go to
-test, the next ``round(val_frac*n)`` to val, the rest to train). It depends only on the
-seed and the table, never on worker count or which other rows were rejected.
+Feature columns named like outcomes of the post (reach, views, likes, ...;
+``leakage.check_outcome_columns``) are refused unless ``--allow-outcome-cols``; after
+fitting, a numeric feature whose train correlation with the label is above 0.9 gets a
+warning in the log and in ``meta.json``.
+
+Splits (``data_preprocessing.splits``, ``--split``): ``random`` (default) fixes each row's
+split up front from a seeded shuffle of all row indices, whatever else is rejected;
+``time:COL`` sends the oldest usable posts to train and the newest to test; ``group:COL``
+keeps all posts of one COL value (an account) in one split. ``meta.json["split"]``
+records the rule, the fractions achieved and (time) each split's first and last time.
+Preprocessing refuses (exit 1) when train, or a val or test split with a fraction above
+0, would be empty (checked before any image is loaded, and again at the end), and warns
+when val or test holds fewer than ``MIN_EVAL_POSTS`` posts: the interval is calibrated
+on val.
 
 Memory: images never accumulate. Workers load, clean, resize and pickle one post each
 and return bytes; the parent only appends them to the split files, and at most a fixed
-window of posts is in flight. What grows with the table is the parent's copy of its three
-columns (about 1 KB a row).
+window of posts is in flight. Downloads stream to the cache on disk. What grows with the
+table is the parent's copy of the columns it reads (about 1 KB a row).
 
 Errors (missing input, missing columns, an undecodable file, a cell over
-``--max-cell-chars``, empty table, more than ``--max-reject-frac`` rejected) exit with
-status 1 and one ``error: ...`` line. ``main(argv)`` returns 0 on
+``--max-cell-chars``, empty table, an outcome column, an empty split, more than
+``--max-reject-frac`` rejected) exit with status 1 and one ``error: ...`` line. ``main(argv)`` returns 0 on
 success; ``meta.json["timing"]`` (posts/s, wall and CPU seconds) is what benchmarks read.
 """
 
@@ -85,7 +113,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -94,22 +122,36 @@ import numpy as np
 from PIL import Image
 
 from common.config import bar_disabled, config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
-from data_preprocessing.features import FEATURE_REASON, FeatureColumn, FeatureError, FeatureSchema, parse_column_specs
+from data_preprocessing import download
+from data_preprocessing.download import DownloadArgs
+from data_preprocessing.features import (DATETIME_PARTS, DATETIME_REASON, DEFAULT_DATETIME_PARTS, DEFAULT_TIMEZONE,
+                                         FEATURE_REASON, FeatureColumn, FeatureError, FeatureSchema, parse_column_specs,
+                                         utc_datetime, zone)
+from data_preprocessing.leakage import (LABEL_NOT_FINAL, MaturityRule, check_outcome_columns,
+                                        label_correlation_warnings)
 from data_preprocessing.posts import RECORD_FORMAT_VERSION, PrepareConfig, Record, prepare_post
 from data_preprocessing.prepare import CLEANING_VERSION, MAX_PIXELS, ImageError, ResizePolicy
 from data_preprocessing.records import META_NAME, SPLITS, RecordWriter, record_bytes
-from data_preprocessing.table import (FINGERPRINTS_NAME, LABEL_REASONS, REJECTS_NAME, URL_REASON, ColumnMap,
-                                      PostsTable, ReadOptions, TableError, encoding_field, file_fingerprint,
-                                      image_source, max_cell_chars_field, parse_label, read_table,
-                                      resolve_image_sources, save_fingerprints, sep_field, split_names,
-                                      write_rejects)
+from data_preprocessing.splits import (SplitPlan, SplitRule, describe_split, plan_splits, split_summary,
+                                       time_column)
+from data_preprocessing.table import (FINGERPRINTS_NAME, LABEL_REASONS, REJECTS_NAME, ColumnMap, PostsTable,
+                                      ReadOptions, TableError, encoding_field, file_fingerprint, image_source,
+                                      max_cell_chars_field, read_table, resolve_image_sources, save_fingerprints,
+                                      sep_field, split_names, write_rejects)
 
 logger = logging.getLogger(__name__)
 
 # Every reason rejects.csv can hold, in the order the checks run (module docstring).
-REJECT_REASONS = ("missing_path", *LABEL_REASONS, FEATURE_REASON, "duplicate", URL_REASON,
+REJECT_REASONS = ("missing_path", *LABEL_REASONS, FEATURE_REASON, DATETIME_REASON, LABEL_NOT_FINAL, "duplicate",
+                  *download.REASONS[::-1],  # unsupported_url first: decided without a request
                   *(r for r in ImageError.REASONS if r != "missing_path"))
 RECORD_FORMAT = "pickle stream + int64 offset index"
+# The bare command's paths, relative to the current directory (a classic script repo's layout).
+DEFAULT_INPUT, DEFAULT_OUT = "data/posts.csv", "data/processed"
+OWN_DATA_DOCS = 'README.md, "On your own data"'
+# The interval is calibrated on val, and test R² is measured on test: below this many
+# posts either is a rough estimate, and the log says so.
+MIN_EVAL_POSTS = 50
 
 
 def _n_cpus() -> int:
@@ -120,25 +162,49 @@ def _n_cpus() -> int:
 
 
 @dataclass
-class PreprocessConfig:
+class PreprocessConfig(DownloadArgs):
     """Preprocess a posts table (CSV/JSONL) into train/val/test record files."""
 
-    input: str = field(help="posts table: .csv, or .jsonl/.ndjson with one JSON object per line")
-    out: str = field(help="output directory for {train,val,test}.pkl/.idx, rejects.csv and meta.json")
+    # Relative paths are taken from the current directory, as in a classic script repo:
+    # run bare from the repo root, it reads data/posts.csv and writes data/processed/.
+    input: str = field(DEFAULT_INPUT, help="posts table: .csv, or .jsonl/.ndjson with one JSON object per line "
+                                           "(relative to the current directory)")
+    out: str = field(DEFAULT_OUT, help="output directory for {train,val,test}.pkl/.idx, rejects.csv and meta.json")
     image_col: str = field("image_path",
-                           help="column with the image path (absolute, or relative to the input file's folder); "
-                                "several, comma-separated, take the first non-empty cell (thumbnail_url,media_url)")
+                           help="column with the image path (absolute, or relative to the input file's folder) or "
+                                "http(s) URL; several, comma-separated, take the first non-empty cell "
+                                "(thumbnail_url,media_url)")
     text_col: str = field("description", help="column with the raw caption")
-    label_col: str = field("engagement", help="column with the engagement label (a count, >= 0)")
+    label_col: str = field("engagement", help="column with the engagement label (a count, >= 0), or count columns "
+                                              "summed: like_count+comments_count")
     numeric_cols: str = field("", help="extra numeric feature columns, comma-separated; NAME or NAME:MIN:MAX "
-                                       "(a bound may be empty), e.g. followers:0:,posted_hour:0:23")
+                                       "(a bound may be empty), e.g. followers:0:")
     categorical_cols: str = field("", help="extra categorical feature columns, comma-separated, e.g. platform")
+    datetime_cols: str = field("", help="timestamp feature columns, comma-separated, e.g. posted_at: ISO 8601, Unix "
+                                        "seconds/milliseconds or --datetime-format; the head sees the local hour and "
+                                        "weekday (cyclic) and a missing flag")
+    timezone: str = field(DEFAULT_TIMEZONE, help="IANA zone of the audience (America/New_York): timestamps become "
+                                                 "local time, daylight saving included, before hour and weekday; "
+                                                 "cells without an offset are read in it")
+    datetime_format: str = field("", help="strptime format of the timestamp cells, tried before ISO 8601 and Unix "
+                                          "time, e.g. '%%m/%%d/%%Y %%H:%%M'")
+    datetime_parts: str = field("", help=f"parts of each timestamp the head sees, comma-separated, from "
+                                         f"{','.join(DATETIME_PARTS)}; empty = {','.join(DEFAULT_DATETIME_PARTS)} "
+                                         "(time: days since the epoch, for drift)")
+    allow_outcome_cols: bool = field(False, help="accept feature columns named like outcomes of the post (reach, "
+                                                 "views, saves, likes, ...), which are refused by default")
     sep: str = sep_field()
     encoding: str = encoding_field()
     max_cell_chars: int = max_cell_chars_field()
+    split: str = field("random", help="random (a seeded shuffle), time:COL (oldest posts to train, newest to "
+                                      "test) or group:COL (all posts of one COL value, an account, in one split)")
     val_frac: float = field(0.1, help="fraction of rows assigned to the validation split")
     test_frac: float = field(0.1, help="fraction of rows assigned to the test split")
-    seed: int = field(0, help="seed of the row shuffle that assigns splits")
+    seed: int = field(0, help="seed of the random split's shuffle (and of the group split's hash)")
+    as_of: str | None = field(None, help="the export time of the table (read like a cell of the first "
+                                         "--datetime-cols column): posts younger than --min-label-age-days then "
+                                         "are rejected label_not_final; without it, no post is")
+    min_label_age_days: float = field(0.0, help="with --as-of: days a post's counts take to be final")
     workers: int = field(help="worker processes (1 = run in this process)", default_factory=_n_cpus)
     chunksize: int = field(0, help="posts per task sent to a worker; 0 = automatic")
     max_reject_frac: float = field(0.2, help="fail (exit 1) when more than this fraction of rows is rejected")
@@ -152,9 +218,10 @@ class PreprocessConfig:
         None, help="CLIP processor dir or name; if given, its size and resample replace --resize-shortest-edge"
     )
     max_pixels: int = field(MAX_PIXELS, help="reject images with more pixels than this (decompression-bomb guard)")
-    progress: bool = field(True, help="show a tqdm progress bar")
+    progress: bool = field(True, help="show tqdm progress bars (downloads/s, posts/s)")
 
     def __post_init__(self):
+        super().__post_init__()  # the download flags
         for name in ("val_frac", "test_frac"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
@@ -170,32 +237,39 @@ class PreprocessConfig:
             raise ValueError(f"--resize-shortest-edge must be >= 0, got {self.resize_shortest_edge}")
         if self.max_pixels < 1:
             raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
-        self.table_columns()  # a malformed spec fails here, before any work
+        if self.min_label_age_days and not self.as_of:
+            raise ValueError("--min-label-age-days needs --as-of, the export time a post's age is measured at")
+        # Malformed specs, zones, split rules and --as-of fail here, before any work.
+        self.table_columns()
+        self.time_column()
+        self.maturity_rule()
         ReadOptions.of(self)
 
     def feature_columns(self) -> tuple[FeatureColumn, ...]:
-        return parse_column_specs(self.numeric_cols, self.categorical_cols)
+        return parse_column_specs(self.numeric_cols, self.categorical_cols, self.datetime_cols, self.timezone,
+                                  self.datetime_format or None, self.datetime_parts)
+
+    def split_rule(self) -> SplitRule:
+        return SplitRule.parse(self.split)
+
+    def time_column(self) -> FeatureColumn | None:
+        """The datetime column a time split orders by (None for other rules)."""
+        return time_column(self.split_rule(), self.feature_columns(), self.timezone, self.datetime_format or None)
+
+    def maturity_rule(self) -> MaturityRule | None:
+        return MaturityRule.from_flags(self.as_of, self.min_label_age_days, self.feature_columns())
 
     def table_columns(self) -> ColumnMap:
         """The column mapping: raises ValueError for a column named for two roles."""
+        rule = self.split_rule()
         return ColumnMap(split_names(self.image_col), self.text_col, self.label_col,
-                         {c.name: f"--{c.kind}-cols" for c in self.feature_columns()})
+                         {c.name: f"--{c.kind}-cols" for c in self.feature_columns()},
+                         extra={rule.column: "--split"} if rule.column else {})
 
 
 # ---------------------------------------------------------------------------------------
-# Splits and provenance
+# Provenance
 # ---------------------------------------------------------------------------------------
-
-
-def assign_splits(n_rows: int, val_frac: float, test_frac: float, seed: int) -> np.ndarray:
-    """(n_rows,) int8 split index into ``SPLITS`` for every row, from a seeded shuffle."""
-    perm = np.random.default_rng(seed).permutation(n_rows)
-    n_test = int(round(test_frac * n_rows))
-    n_val = int(round(val_frac * n_rows))
-    split = np.zeros(n_rows, dtype=np.int8)  # 0 = train
-    split[perm[:n_test]] = SPLITS.index("test")
-    split[perm[n_test:n_test + n_val]] = SPLITS.index("val")
-    return split
 
 
 def _cpu_times() -> tuple[float, float]:
@@ -378,53 +452,124 @@ def resolve_policy(cfg: PreprocessConfig) -> tuple[ResizePolicy, str]:
 class Screened:
     """The outcome of the checks that need no image (step 2 of ``preprocess``)."""
 
-    split: np.ndarray  # (n_rows,) int8 index into SPLITS
+    plan: SplitPlan  # every row's split, and the rule's own rejects
     labels: np.ndarray  # (n_rows,) float64, NaN where rejected
     features: dict[str, list]  # column -> (n_rows,) parsed values (None = missing or rejected row)
     todo: list[tuple[int, str]]  # (row, local image path) for the rows the workers load
     rejects: list[tuple[int, str, str, str]]  # (row, raw image path, reason, detail)
+    unknown_age: int = 0  # rows kept without a time to tell their label's age by
+
+    @property
+    def split(self) -> np.ndarray:
+        """(n_rows,) int8 index into ``SPLITS`` (``splits.UNASSIGNED`` for rows the rule rejected)."""
+        return self.plan.split
+
+    def reject(self, row: int, raw_path: str, reason: str, detail: str) -> None:
+        self.rejects.append((row, raw_path, reason, detail))
+        self.labels[row] = np.nan
+
+
+def check_row(table: PostsTable, row: int, columns: tuple[FeatureColumn, ...],
+              maturity: MaturityRule | None) -> tuple[float | None, dict, str | None, str]:
+    """Checks 1-4 of the module docstring for one row: ``(label, parsed features, None, "")``,
+    or ``(None, {}, reason, detail)``."""
+    if table.images[row] == "":
+        return None, {}, "missing_path", "no image path given"
+    label, reason, detail = table.label(row)
+    if reason is not None:
+        return None, {}, reason, detail
+    try:
+        values = {c.name: c.parse(table.cells[c.name][row]) for c in columns}
+    except FeatureError as e:  # invalid_feature, or invalid_datetime for a timestamp
+        return None, {}, e.reason, e.message
+    young = maturity.check(values[maturity.column]) if maturity is not None else None
+    if young is not None:
+        return None, {}, LABEL_NOT_FINAL, young
+    return label, values, None, ""
 
 
 def screen_rows(table: PostsTable, cfg: PreprocessConfig, columns: tuple[FeatureColumn, ...]) -> Screened:
-    """Split every row, and reject those whose path, label, features, caption or image
-    source already rule them out (in the order of the module docstring)."""
-    images, captions, raw_labels = table.images, table.captions, table.labels
-    n_rows = len(table)
-    out = Screened(assign_splits(n_rows, cfg.val_frac, cfg.test_frac, cfg.seed), np.full(n_rows, np.nan),
-                   {c.name: [None] * n_rows for c in columns}, [], [])
+    """Reject the rows whose path, label, features, age, caption, split column or image
+    source rule them out (in the order of the module docstring), and split the rest."""
+    n_rows, maturity = len(table), cfg.maturity_rule()
+    labels, features = np.full(n_rows, np.nan), {c.name: [None] * n_rows for c in columns}
+    rejects: list[tuple[int, str, str, str]] = []
     first_seen: dict[tuple[str, str], int] = {}
-    sources = []
+    sources = []  # (row, image source) of the rows that pass checks 1-5
     for row in range(n_rows):
-        raw_path = images[row]
-        if raw_path == "":
-            out.rejects.append((row, raw_path, "missing_path", "no image path given"))
-            continue
-        label, reason, detail = parse_label(raw_labels[row])
+        raw_path, caption = table.images[row], table.captions[row]
+        label, values, reason, detail = check_row(table, row, columns, maturity)
         if reason is None:
-            try:
-                values = {c.name: c.parse(table.cells[c.name][row]) for c in columns}
-            except FeatureError as e:
-                reason, detail = e.reason, e.message
+            source = image_source(raw_path, table.path.parent)
+            key = (source, "" if caption is None else str(caption))
+            if key in first_seen:
+                reason, detail = "duplicate", f"same image and caption as row {first_seen[key]}"
+            else:
+                first_seen[key] = row
         if reason is not None:
-            out.rejects.append((row, raw_path, reason, detail))
+            rejects.append((row, raw_path, reason, detail))
             continue
-        source = image_source(raw_path, table.path.parent)
-        caption = captions[row]
-        key = (source, "" if caption is None else str(caption))
-        if key in first_seen:
-            out.rejects.append((row, raw_path, "duplicate", f"same image and caption as row {first_seen[key]}"))
-            continue
-        first_seen[key] = row
-        out.labels[row] = label
+        labels[row] = label
         for name, v in values.items():
-            out.features[name][row] = v
+            features[name][row] = v
         sources.append((row, source))
-    # URL cells become local files here (the download seam), or rejects.
-    out.todo, unresolved = resolve_image_sources(sources)
+    # The split of every row; a time split orders only the rows still in (its skip).
+    rule = cfg.split_rule()
+    plan = plan_splits(rule, n_rows, cfg.val_frac, cfg.test_frac, cfg.seed,
+                       table.cells[rule.column] if rule.column else None, cfg.time_column(),
+                       skip={r[0] for r in rejects})
+    out = Screened(plan, labels, features, [], rejects)
+    for row, _ in sources:
+        if row in plan.rejects:  # a time split's row without a time
+            out.reject(row, table.images[row], DATETIME_REASON, plan.rejects[row])
+    sources = [(r, src) for r, src in sources if r not in plan.rejects]
+    if maturity is not None:
+        out.unknown_age = maturity.count_unknown_age([features[maturity.column][r] for r, _ in sources])
+    problem = split_size_problem(Counter(SPLITS[plan.split[r]] for r, _ in sources), cfg, "before loading images")
+    if problem is not None:  # refused before any image is downloaded or decoded
+        raise SplitsTooSmall(problem, out.rejects)
+    # URL cells become cached local files here (the download seam), or rejects.
+    out.todo, unresolved = resolve_image_sources(sources, cfg.download_config(), cfg.progress)
     for row, reason, detail in unresolved:
-        out.rejects.append((row, images[row], reason, detail))
-        out.labels[row] = np.nan
+        out.reject(row, table.images[row], reason, detail)
     return out
+
+
+def split_size_problem(counts: Mapping[str, int], cfg: PreprocessConfig, when: str) -> str | None:
+    """Why the splits cannot be trained on, or None: the train split is empty, or a val or
+    test split whose fraction is above 0 is (training calibrates its interval on val and
+    reports test). An explicit ``--val-frac 0`` is the user's choice (``warn_small_splits``)."""
+    asked = {"train": True, "val": cfg.val_frac > 0, "test": cfg.test_frac > 0}
+    empty = [s for s in SPLITS if asked[s] and counts.get(s, 0) == 0]
+    if not empty:
+        return None
+    sizes = ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS)
+    return (f"the {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} would be empty ({sizes} posts "
+            f"{when}, --split {cfg.split}, --val-frac {cfg.val_frac:g}, --test-frac {cfg.test_frac:g}): training "
+            "needs posts in train, val (the prediction interval is calibrated there) and test; add posts or raise "
+            "the fractions")
+
+
+class SplitsTooSmall(Exception):
+    """A split that training needs would be empty: the message says which and why;
+    ``rejects`` are the rows rejected so far (written to rejects.csv before exiting)."""
+
+    def __init__(self, message: str, rejects: list):
+        super().__init__(message)
+        self.rejects = rejects
+
+
+def warn_small_splits(counts: Mapping[str, int], cfg: PreprocessConfig) -> None:
+    """Log what a small (or deliberately absent) val or test split means for the figures."""
+    for s, frac in (("val", cfg.val_frac), ("test", cfg.test_frac)):
+        n = counts[s]
+        if frac == 0:
+            logger.warning("--%s-frac 0: no %s split; training refuses data without one", s, s)
+        elif n < MIN_EVAL_POSTS:
+            why = ("the prediction interval is calibrated on val, so its coverage" if s == "val"
+                   else "test R² and coverage are measured on test, so they")
+            logger.warning("the %s split holds only %d posts (< %d): %s will be a rough estimate; more posts or a "
+                           "larger --%s-frac help", s, n, MIN_EVAL_POSTS, why, s)
 
 
 def write_splits(screened: Screened, table: PostsTable, cfg: PreprocessConfig, prep: PrepareConfig,
@@ -504,15 +649,20 @@ def account(screened: Screened, kept: np.ndarray, writers: dict[str, RecordWrite
     return counts
 
 
+def train_rows(screened: Screened, kept: np.ndarray) -> np.ndarray:
+    """Row indices of the kept train posts: what every fitted statistic is computed on."""
+    return np.flatnonzero(kept & (screened.split == SPLITS.index("train")))
+
+
 def fit_features(columns: tuple[FeatureColumn, ...], screened: Screened, kept: np.ndarray) -> FeatureSchema:
     """The feature schema with statistics of the kept train rows (never val or test)."""
-    train = np.flatnonzero(kept & (screened.split == SPLITS.index("train")))
+    train = train_rows(screened, kept)
     return FeatureSchema.fit(columns, {c.name: [screened.features[c.name][i] for i in train] for c in columns})
 
 
 def feature_statistics(schema: FeatureSchema, screened: Screened, kept: np.ndarray) -> dict:
     """Raw statistics of each feature column on the kept train rows, for meta.json."""
-    train = np.flatnonzero(kept & (screened.split == SPLITS.index("train")))
+    train = train_rows(screened, kept)
     out = {}
     for col in schema.columns:
         vals = [screened.features[col.name][i] for i in train]
@@ -520,6 +670,8 @@ def feature_statistics(schema: FeatureSchema, screened: Screened, kept: np.ndarr
         stats: dict = {"kind": col.kind, "count": len(vals), "missing": len(vals) - len(present)}
         if col.kind == "numeric":
             stats["raw"] = _stats(np.asarray(present, dtype=np.float64))
+        elif col.kind == "datetime":
+            stats.update(datetime_statistics(col, present))
         else:
             stats["top_categories"] = dict(Counter(present).most_common(20))
             stats["distinct"] = len(set(present))
@@ -527,32 +679,92 @@ def feature_statistics(schema: FeatureSchema, screened: Screened, kept: np.ndarr
     return out
 
 
-def preprocess(cfg: PreprocessConfig) -> dict:
-    """Run preprocessing for ``cfg``; returns the meta dict written to ``meta.json``."""
-    t_start = time.perf_counter()
-    input_path = Path(cfg.input).expanduser().resolve()
-    out_dir = Path(cfg.out).expanduser().resolve()
-    columns = cfg.feature_columns()
+def datetime_statistics(col: FeatureColumn, values: list[float]) -> dict:
+    """A timestamp column's train range (UTC) and its posts per local hour and weekday: a
+    wrong --timezone shows as posts at 4 a.m."""
+    if not values:
+        return {"timezone": col.timezone, "first": None, "last": None}
+    hours, weekdays = Counter(), Counter()
+    tz = zone(col.timezone)
+    for v in values:
+        local = utc_datetime(v).astimezone(tz)
+        hours[local.hour] += 1
+        weekdays[local.weekday()] += 1
+    return {"timezone": col.timezone, "first": utc_datetime(min(values)).isoformat(),
+            "last": utc_datetime(max(values)).isoformat(),
+            "local_hour_counts": [hours[h] for h in range(24)],
+            "local_weekday_counts": [weekdays[d] for d in range(7)]}  # Monday first
 
-    # 1. Read the table and check its columns before touching the output dir.
+
+def correlation_warnings(columns: tuple[FeatureColumn, ...], screened: Screened, kept: np.ndarray) -> list[dict]:
+    """leakage.label_correlation_warnings on the numeric features' train values, logged."""
+    train = train_rows(screened, kept)
+    numeric = {c.name: [screened.features[c.name][i] for i in train] for c in columns if c.kind == "numeric"}
+    warnings = label_correlation_warnings(numeric, screened.labels[train]) if numeric else []
+    for w in warnings:
+        logger.warning("%s. Remove the column unless it is known before posting.", w["message"])
+    return warnings
+
+
+def outcome_columns(cfg: PreprocessConfig, columns: tuple[FeatureColumn, ...]) -> list[str]:
+    """The feature columns named like outcomes of the post: refused (one ``error:`` line)
+    unless --allow-outcome-cols, then logged as a warning."""
+    try:
+        allowed = check_outcome_columns([c.name for c in columns], cfg.allow_outcome_cols)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if allowed:
+        logger.warning("feature columns %s look like outcomes of the post; kept because of --allow-outcome-cols",
+                       allowed)
+    return allowed
+
+
+def read_input(cfg: PreprocessConfig) -> PostsTable:
+    """The table with its columns checked; a missing default input says where a table goes."""
+    input_path = Path(cfg.input).expanduser().resolve()
+    if cfg.input == DEFAULT_INPUT and not input_path.exists():
+        raise SystemExit(f"error: no posts table at {DEFAULT_INPUT} (the default --input, under the current "
+                         f"directory {Path.cwd()}): put your table there (columns image_path, description, "
+                         f"engagement; image paths relative to its folder, or URLs), or pass --input PATH; see "
+                         f"{OWN_DATA_DOCS}")
     try:
         table = read_table(input_path, cfg.table_columns(), ReadOptions.of(cfg))
     except TableError as e:
         raise SystemExit(f"error: {e}") from None
-    n_rows = len(table)
-    if n_rows == 0:
+    if len(table) == 0:
         raise SystemExit(f"error: {input_path} has no data rows")
+    return table
+
+
+def preprocess(cfg: PreprocessConfig) -> dict:
+    """Run preprocessing for ``cfg``; returns the meta dict written to ``meta.json``."""
+    t_start = time.perf_counter()
+    out_dir = Path(cfg.out).expanduser().resolve()
+    columns = cfg.feature_columns()
+    allowed_outcomes = outcome_columns(cfg, columns)
+
+    # 1. Read the table and check its columns before touching the output dir.
+    table = read_input(cfg)
+    n_rows = len(table)
     policy, policy_source = resolve_policy(cfg)
-    logger.info("read %d rows from %s (%s); resize policy %s (%s); feature columns %s", n_rows, input_path,
-                table.dialect.describe(), policy.as_dict(), policy_source,
-                [f"{c.name} ({c.kind})" for c in columns] or "none")
+    logger.info("read %d rows from %s (%s); resize policy %s (%s); feature columns %s; split %s", n_rows,
+                table.path, table.dialect.describe(), policy.as_dict(), policy_source,
+                [f"{c.name} ({c.kind})" for c in columns] or "none", cfg.split)
 
-    # 2. Decide every row's split, and the rejects that need no image, up front.
-    screened = screen_rows(table, cfg, columns)
-
-    # 3. Prepare the output dir: a previous run's outputs go, meta.json first.
+    # 2. Prepare the output dir: a previous run's outputs go, meta.json first.
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_outputs(out_dir)
+
+    # 3. Decide every row's split, and the rejects that need no image decoded, up front
+    # (image URLs are downloaded here); refuse a split training needs that is empty.
+    try:
+        screened = screen_rows(table, cfg, columns)
+    except SplitsTooSmall as e:
+        write_rejects(out_dir / REJECTS_NAME, e.rejects)
+        raise SystemExit(f"error: {e}; rejected rows: {out_dir / REJECTS_NAME}") from None
+    if screened.unknown_age:
+        logger.warning("%d posts have no %s, so their label's age is unknown; kept", screened.unknown_age,
+                       cfg.maturity_rule().column)
 
     # 4. Prepare every post with posts.prepare_post in workers; the parent appends bytes.
     n_screen_rejects = len(screened.rejects)
@@ -565,17 +777,11 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 len(screened.rejects) - n_screen_rejects)
     write_rejects(out_dir / REJECTS_NAME, screened.rejects)
     print(format_summary(counts))
-    reject_frac = counts["rejected"] / n_rows
-    if reject_frac > cfg.max_reject_frac or counts["kept"] == 0:
-        for w in writers.values():
-            w.abort()
-        why = (f"{reject_frac:.1%} > --max-reject-frac {cfg.max_reject_frac:.1%}" if counts["kept"]
-               else "no rows kept")
-        raise SystemExit(f"error: {counts['rejected']} of {n_rows} rows rejected ({why}); "
-                         f"see {out_dir / REJECTS_NAME}")
+    refuse_bad_outcome(counts, cfg, writers, out_dir)
     for w in writers.values():
         w.close()
     save_fingerprints(out_dir / FINGERPRINTS_NAME, fingerprints)
+    warn_small_splits(counts["splits"], cfg)
 
     # 6. meta.json last: its presence means the run completed.
     schema = fit_features(columns, screened, kept)
@@ -583,23 +789,46 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     meta = build_meta(cfg, table, counts, prep, policy_source, screened, kept, timing,
                       time.perf_counter() - t_start)
     meta["feature_stats"] = feature_statistics(schema, screened, kept)
+    meta["label_correlation_warnings"] = correlation_warnings(columns, screened, kept)
+    meta["outcome_columns_allowed"] = allowed_outcomes
     write_json_atomic(out_dir / META_NAME, meta)
+    logger.info("%s", describe_split(meta["split"]))
     logger.info("wrote %s (%.1f posts/s over %d workers, %.1f s total)", out_dir,
                 meta["timing"]["posts_per_s"] or 0.0, timing["workers"], meta["timing"]["elapsed_s"])
     return meta
 
 
+def refuse_bad_outcome(counts: dict, cfg: PreprocessConfig, writers: dict[str, RecordWriter], out_dir: Path) -> None:
+    """Exit 1 (the split files removed, rejects.csv kept) when too many rows were rejected,
+    none was kept, or a split training needs ended up empty."""
+    n_rows = counts["rows_read"]
+    reject_frac = counts["rejected"] / n_rows
+    why = None
+    if reject_frac > cfg.max_reject_frac or counts["kept"] == 0:
+        why = (f"{counts['rejected']} of {n_rows} rows rejected ("
+               + (f"{reject_frac:.1%} > --max-reject-frac {cfg.max_reject_frac:.1%}" if counts["kept"]
+                  else "no rows kept") + f"); see {out_dir / REJECTS_NAME}")
+    elif (problem := split_size_problem(counts["splits"], cfg, "kept")) is not None:
+        why = f"{problem}; rejected rows: {out_dir / REJECTS_NAME}"
+    if why is not None:
+        for w in writers.values():
+            w.abort()
+        raise SystemExit(f"error: {why}")
+
+
 def build_meta(cfg: PreprocessConfig, table: PostsTable, counts: dict, prep: PrepareConfig, policy_source: str,
                screened: Screened, kept: np.ndarray, timing: dict, elapsed_s: float) -> dict:
-    """meta.json: what was read, what was kept, how posts were prepared, and timing."""
+    """meta.json: what was read, what was kept, how posts were prepared and split, and timing."""
     timing = dict(timing)
     workers, chunksize, n_bytes = timing.pop("workers"), timing.pop("chunksize"), timing.pop("record_bytes")
+    maturity = cfg.maturity_rule()
     return {
         "counts": counts,
         "source": {"path": str(table.path), "sha256": sha256_file(table.path), "format": table.dialect.format},
         # The columns and dialect it was read with; training copies this into the model, so
         # serving/predict.py scores a table of the same shape with no column flags.
         "table": table.schema(),
+        "label": table.label_expr.to_dict(),  # what the label is: one column or a sum of counts
         "fingerprints_file": FINGERPRINTS_NAME,
         "cleaning_version": CLEANING_VERSION,
         "image_size_policy": {**prep.resize.as_dict(), "source": policy_source, "max_pixels": cfg.max_pixels},
@@ -607,6 +836,9 @@ def build_meta(cfg: PreprocessConfig, table: PostsTable, counts: dict, prep: Pre
         "prepare": prep.to_dict(),
         "features": [{"name": c.name, "kind": c.kind, "min": c.min, "max": c.max} for c in prep.features.columns],
         "label_stats": label_statistics(screened.labels, screened.split, kept),
+        # How the posts were split: what the test figures are a test of (training repeats it).
+        "split": split_summary(screened.plan, cfg.val_frac, cfg.test_frac, kept),
+        "maturity": None if maturity is None else {**maturity.to_dict(), "unknown_age": screened.unknown_age},
         "seed": cfg.seed,
         "fracs": {"train": round(1.0 - cfg.val_frac - cfg.test_frac, 6), "val": cfg.val_frac,
                   "test": cfg.test_frac},

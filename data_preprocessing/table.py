@@ -22,8 +22,12 @@ through ``read_table``. This module owns:
 - **A cap on one cell** (``--max-cell-chars``): a longer cell, or a line longer than
   ``LINE_CELLS`` such cells, stops reading with a message naming the row, before the
   rest of the line is read into memory.
-- **Labels** (``parse_label``) and **image sources** (``image_source``, and
-  ``resolve_image_sources``, the seam where URL cells become cached local files).
+- **Labels** (``parse_label``; ``--label-col a+b`` sums several count columns,
+  ``label_expr.LabelExpr``, resolved against the header so a column literally named
+  ``a+b`` is still one column) and **image sources** (``image_source``, and
+  ``resolve_image_sources``, the seam where URL cells become cached local files:
+  ``http(s)://`` cells are fetched once by ``download.download_all`` into the content
+  cache, any other scheme is ``unsupported_url``).
 - **Post fingerprints** (``post_fingerprint``): a 64-bit hash of the image bytes and
   the raw caption, so a scorer can tell which posts a model was trained on.
 - **Writing CSVs** (``safe_csv_writer``), for every CSV the project writes: a string
@@ -44,7 +48,6 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Mapping, Sequence
@@ -52,6 +55,8 @@ from typing import IO, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from common.config import field
+from data_preprocessing.download import DownloadConfig, DownloadError, download_all, is_url
+from data_preprocessing.label_expr import LabelExpr
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +70,12 @@ MAX_LISTED_COLUMNS = 30  # a missing-column message lists at most this many colu
 SAMPLE_CHARS = 60  # each listed column name is cut to this
 
 LABEL_REASONS = ("missing_label", "non_numeric_label", "non_finite_label", "negative_label")
-URL_REASON = "unsupported_url"
 REJECTS_NAME = "rejects.csv"
 REJECTS_HEADER = ("row", "image_path", "reason", "detail")
 FINGERPRINTS_NAME = "fingerprints.npz"  # preprocessing's per-split post fingerprints, beside meta.json
 
 # OWASP CSV injection: a cell starting with one of these is a formula to a spreadsheet.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-# A URL cell: any scheme followed by "://" (a Windows path "C:\x" has no "//").
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
 class TableError(ValueError):
@@ -140,33 +142,54 @@ def split_names(spec: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class ColumnMap:
     """Which columns of the table mean what. ``features`` maps a feature column to the
-    flag (or phrase) that named it, for messages; ``keep`` columns are carried through."""
+    flag (or phrase) that named it, for messages; ``keep`` columns are carried through;
+    ``extra`` columns are read for another purpose (the ``--split`` column), mapped to
+    their flag. ``label`` is a column or a sum of columns (``likes+comments``)."""
 
     image: tuple[str, ...] = ("image_path",)
     text: str = "description"
     label: str | None = "engagement"  # None: no label is read (pretraining)
     features: Mapping[str, str] = dc_field(default_factory=dict)
     keep: tuple[str, ...] = ()
-    label_optional: bool = False  # a table without the label column is fine (scoring)
+    label_optional: bool = False  # a table without the label column(s) is fine (scoring)
+    extra: Mapping[str, str] = dc_field(default_factory=dict)
 
     def __post_init__(self):
         if not self.image or "" in self.image or not self.text:
             raise ValueError("--image-col and --text-col must name a column")
-        roles = [*self.image, self.text, *([self.label] if self.label else []), *self.features]
+        roles = [*self.image, self.text, *self.label_columns(), *self.features]
         dupes = sorted({c for c in roles if roles.count(c) > 1})
         if dupes:
             raise ValueError(f"columns {dupes} are named for more than one role (image, text, label, feature)")
 
-    def wanted(self) -> dict[str, str]:
+    def label_expr(self, header: Sequence[str] | None = None) -> LabelExpr | None:
+        """The label expression, read against ``header`` when known (a column named ``a+b``)."""
+        return None if self.label is None else LabelExpr.parse(self.label, header)
+
+    def label_columns(self, header: Sequence[str] | None = None) -> tuple[str, ...]:
+        expr = self.label_expr(header)
+        return expr.columns if expr else ()
+
+    def wanted(self, header: Sequence[str] | None = None) -> dict[str, str]:
         """Every column to read -> the flag that named it (first role wins for messages)."""
         out = {c: "--image-col" for c in self.image}
         out.setdefault(self.text, "--text-col")
-        if self.label:
-            out.setdefault(self.label, "--label-col")
-        for c, flag in self.features.items():
+        for c in self.label_columns(header):
+            out.setdefault(c, "--label-col")
+        for c, flag in [*self.features.items(), *((c, "--keep-cols") for c in self.keep), *self.extra.items()]:
             out.setdefault(c, flag)
-        for c in self.keep:
-            out.setdefault(c, "--keep-cols")
+        return out
+
+    def keeps_cells(self, column: str) -> bool:
+        """Whether a read column keeps its own cells: all but the image columns (merged into
+        ``images``), unless they are also carried through or split by."""
+        return column not in self.image or column in self.keep or column in self.extra
+
+    def candidates(self) -> dict[str, str]:
+        """``wanted`` before the header is known: a ``+`` label also as one literal column."""
+        out = self.wanted()
+        if self.label and "+" in self.label:
+            out.setdefault(self.label.strip(), "--label-col")
         return out
 
     def schema(self, dialect: "Dialect") -> dict:
@@ -215,7 +238,7 @@ class PostsTable:
     dialect: Dialect
     header: list[str]  # every column found, in order
     images: list[str]
-    cells: dict[str, list]  # text, label, feature and keep columns -> one cell per row
+    cells: dict[str, list]  # text, label, feature, keep and extra columns -> one cell per row
 
     def __len__(self) -> int:
         return len(self.images)
@@ -225,9 +248,17 @@ class PostsTable:
         return self.cells[self.columns.text]
 
     @property
-    def labels(self) -> list | None:
-        """Raw label cells, or None when there is no label column."""
-        return self.cells.get(self.columns.label) if self.columns.label else None
+    def label_expr(self) -> LabelExpr | None:
+        """The label expression as this table's header reads it; None without one (or, when
+        the label is optional, when a column of it is absent)."""
+        expr = self.columns.label_expr(self.header)
+        return expr if expr is not None and all(c in self.cells for c in expr.columns) else None
+
+    def label(self, row: int) -> tuple[float | None, str | None, str]:
+        """Row ``row``'s label: ``(value, None, "")`` or ``(None, reason, detail)`` (``parse_label``
+        of each column of the expression, summed). Only for a table with ``label_expr``."""
+        expr = self.label_expr
+        return expr.evaluate({c: self.cells[c][row] for c in expr.columns}, parse_label)
 
     def feature_cells(self, row: int) -> dict[str, object]:
         return {c: self.cells[c][row] for c in self.columns.features}
@@ -350,20 +381,20 @@ def _read(path: Path, fmt: str, encoding: str, columns: ColumnMap, opts: ReadOpt
 
 def _read_csv(path: Path, lines: Iterator[str], encoding: str, columns: ColumnMap, opts: ReadOptions,
               at: _Cursor) -> PostsTable:
-    wanted = columns.wanted()
     first = next(lines, "")
     old_limit = csv.field_size_limit(opts.max_cell_chars)  # module-wide: restored below
     reader = None
     try:
-        sep, source = (opts.delimiter, "--sep") if opts.delimiter else (sniff_delimiter(first, wanted), "sniffed")
+        sep, source = ((opts.delimiter, "--sep") if opts.delimiter
+                       else (sniff_delimiter(first, columns.candidates()), "sniffed"))
         dialect = Dialect("csv", encoding, sep, source)
         reader = csv.reader(itertools.chain([first], lines), delimiter=sep)
         header = next(reader, [])
         present = _check_columns(path, header, columns, dialect, first)
         at.row = 0
-        where = {c: header.index(c) for c in wanted if c in present}
+        where = {c: header.index(c) for c in columns.wanted(header) if c in present}
         image_at = [where[c] for c in columns.image]
-        images, cells = [], {c: [] for c in where if c not in columns.image or c in columns.keep}
+        images, cells = [], {c: [] for c in where if columns.keeps_cells(c)}
         for values in reader:
             if not values:  # csv yields [] for a blank line; it is not a row
                 continue
@@ -400,9 +431,9 @@ def sniff_delimiter(header_line: str, wanted: Iterable[str]) -> str:
 
 def _read_jsonl(path: Path, lines: Iterator[str], encoding: str, columns: ColumnMap, opts: ReadOptions,
                 at: _Cursor) -> PostsTable:
-    wanted = columns.wanted()
+    wanted = columns.candidates()  # the header is known only at the end
     seen: dict[str, None] = {}  # insertion-ordered union of keys, for the error message
-    images, cells = [], {c: [] for c in wanted if c not in columns.image or c in columns.keep}
+    images, cells = [], {c: [] for c in wanted if columns.keeps_cells(c)}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -434,8 +465,9 @@ def _text(value) -> str:
 def _check_columns(path: Path, found: list[str], columns: ColumnMap, dialect: Dialect,
                    header_line: str = "") -> set[str]:
     """The wanted columns present; a ``TableError`` naming every missing one at once."""
-    wanted = columns.wanted()
-    missing = [c for c in wanted if c not in found and not (c == columns.label and columns.label_optional)]
+    wanted = columns.wanted(found)
+    optional = set(columns.label_columns(found)) if columns.label_optional else set()
+    missing = [c for c in wanted if c not in found and c not in optional]
     if not missing:
         return {c for c in wanted if c in found}
     names = ", ".join(f"{_short(c)} ({wanted[c]})" for c in missing)
@@ -489,35 +521,38 @@ def parse_label(value) -> tuple[float | None, str | None, str]:
     return x, None, ""
 
 
-def is_url_cell(raw: str) -> bool:
-    """Whether an image cell is a URL (any scheme) rather than a local path."""
-    return bool(_URL_RE.match(raw))
-
-
 def image_source(raw: str, base_dir: Path) -> str:
     """A non-empty image cell -> the URL as written, or the absolute, normalised local path
     (a relative path hangs off ``base_dir``, the table's folder)."""
-    if is_url_cell(raw):
+    if is_url(raw):
         return raw
     p = Path(raw).expanduser()
     return os.path.normpath(p if p.is_absolute() else base_dir / p)
 
 
-def resolve_image_sources(todo: Sequence[tuple[int, str]]) -> tuple[list[tuple[int, str]],
-                                                                     list[tuple[int, str, str]]]:
+def resolve_image_sources(todo: Sequence[tuple[int, str]], download: DownloadConfig, progress: bool = True
+                          ) -> tuple[list[tuple[int, str]], list[tuple[int, str, str]]]:
     """``(row, image_source)`` pairs -> ``(row, local path)`` for the rows whose image can be
     read from disk, and ``(row, reason, detail)`` for the rest, each in the order given.
 
     This is the download seam: URL cells become cached local files here, and nowhere
-    else. Until ``data_preprocessing/download.py`` is wired in, no URL is fetched: every
-    URL cell is rejected as ``unsupported_url``.
+    else. Every distinct URL goes once through ``download.download_all`` (``download``:
+    workers, timeouts, byte cap, cache), which fetches only what its cache lacks, and
+    answers any scheme but http(s) with ``unsupported_url``; a failed URL gets its
+    ``DownloadError`` reason and message. A table without URL cells fetches nothing (and
+    starts no client).
     """
+    results: dict[str, Path | DownloadError] = {}
+    if any(is_url(source) for _, source in todo):
+        urls = (source for _, source in todo if is_url(source))  # read lazily by the downloader
+        results = dict(download_all(urls, download, progress=progress))
     local, rejects = [], []
     for row, source in todo:
-        if is_url_cell(source):
-            rejects.append((row, URL_REASON, f"image URLs are not fetched: {source[:200]}"))
+        got = results.get(source) if is_url(source) else source
+        if isinstance(got, DownloadError):
+            rejects.append((row, got.reason, got.message))
         else:
-            local.append((row, source))
+            local.append((row, str(got)))
     return local, rejects
 
 

@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import atomic_dir, bar_disabled, config_dict, field, git_commit, parse_config, setup_logging, write_json_atomic
+from data_preprocessing.download import DownloadArgs, DownloadConfig
 from data_preprocessing.table import (ColumnMap, PostsTable, ReadOptions, TableError, encoding_field, image_source,
                                       max_cell_chars_field, read_table, resolve_image_sources, sep_field,
                                       split_names)
@@ -386,7 +387,7 @@ def build_tiny_clip(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
 
 
 @dataclasses.dataclass
-class TinyClipConfig:
+class TinyClipConfig(DownloadArgs):
     """Build a small offline CLIP checkpoint (optionally pretrained contrastively on posts).
 
     Pretrain only on posts kept apart from your evaluation split (for example a demo set
@@ -403,7 +404,8 @@ class TinyClipConfig:
                    "contrastively; use posts kept apart from the test split (e.g. a demo set made with "
                    "another seed) so test metrics stay honest")
     image_col: str = field("image_path", help="--pretrain-on: column(s) with the image path (relative to the "
-                                              "table's folder), comma-separated; the first non-empty cell wins")
+                                              "table's folder) or http(s) URL (downloaded once into --image-cache), "
+                                              "comma-separated; the first non-empty cell wins")
     text_col: str = field("description", help="--pretrain-on: column with the raw caption")
     sep: str = sep_field()
     encoding: str = encoding_field()
@@ -420,6 +422,7 @@ class TinyClipConfig:
                                               "every epoch, chooses the checkpoint kept")
 
     def __post_init__(self):
+        super().__post_init__()  # the download flags (--image-cache, ...) of an image-URL table
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {PRESETS}")
         if self.pretrain_on is not None and not Path(self.pretrain_on).is_file():
@@ -452,8 +455,11 @@ class Post:
     caption: str  # clean_text(description)
 
 
-def load_posts(table: PostsTable, image_processor) -> tuple[list[Post], dict]:
-    """Decode every usable post once (pre-resized, so they are small); also return counts."""
+def load_posts(table: PostsTable, image_processor,
+               download: DownloadConfig | None = None) -> tuple[list[Post], dict]:
+    """Decode every usable post once (pre-resized, so they are small); also return counts.
+    Image URLs are fetched through ``download`` (its cache first; default: the default
+    cache and limits) as preprocessing fetches them."""
     from tqdm.auto import tqdm
 
     from data_preprocessing.prepare import ImageError, ResizePolicy, clean_text, load_image, pre_resize
@@ -469,7 +475,8 @@ def load_posts(table: PostsTable, image_processor) -> tuple[list[Post], dict]:
             rejects["missing_path"] += 1
         else:  # a relative path hangs off the table's folder, not the working directory
             todo.append((row, image_source(raw, table.path.parent), caption))
-    local, unresolved = resolve_image_sources([(row, src) for row, src, _ in todo])  # URL cells: the download seam
+    # URL cells: the download seam (a URL preprocessing cached is not fetched again)
+    local, unresolved = resolve_image_sources([(row, src) for row, src, _ in todo], download or DownloadConfig())
     rejects.update(reason for _, reason, _ in unresolved)
     captions = {row: caption for row, _, caption in todo}
     posts = []
@@ -786,7 +793,7 @@ def main(argv: list[str] | None = None) -> Path:
 
         # 3. Decode, resize/crop and tokenize every post once; split off a held-out set.
         t_decode = time.perf_counter()
-        posts, counts = load_posts(table, processor.image_processor)
+        posts, counts = load_posts(table, processor.image_processor, cfg.download_config())
         if len(posts) < 4:
             raise SystemExit(f"--pretrain-on {table.path}: only {len(posts)} usable posts, need >= 4")
         train_posts, held_posts = split_posts(posts, cfg)

@@ -1,15 +1,24 @@
 """Score a whole posts table with a trained model: predictions, intervals and contributions.
 
+    python serving/predict.py --input posts.csv --out predictions.csv    # model: runs/latest/model
     python serving/predict.py --model RUN_DIR/model --input posts.csv --out predictions.csv
     torchrun --nproc_per_node 2 serving/predict.py ...        # or accelerate launch: same output
 
+``--model`` defaults to ``runs/latest/model`` under the current directory: the newest
+finished run of a bare ``python training/train_torch.py``.
+
 Input: a table read by ``data_preprocessing.table`` as preprocessing reads it (CSV with a
-sniffed delimiter, or JSONL; image paths relative to the table's folder). The columns
+sniffed delimiter, or JSONL; image paths relative to the table's folder, or ``http(s)``
+URLs downloaded once into ``--image-cache``: a URL cached by preprocessing is never
+fetched again, so posts whose links have expired still score). The columns
 default to those of the table the model was trained on (the artifact's ``table`` schema),
 so a table of the same shape needs no column flags; ``--image-col``/``--text-col``/
 ``--label-col`` override them. Every feature column of the model must be there. The
 label column is optional: when the table has it, the metrics are printed and written
-too. The columns are checked before the model is loaded, so a wrong table fails at once.
+too (``--label-col a+b`` sums count columns, as in preprocessing). The columns are
+checked before the model is loaded, so a wrong table fails at once. A timestamp column
+takes the same cells as in preprocessing (the model's zone and format); a bad one rejects
+its row with ``invalid_datetime``.
 
 Each post goes through ``posts.prepare_post`` with the model's own ``PrepareConfig`` and
 the model's ``PostBatcher``: exactly the preparation of training and of ``/predict``. Rows
@@ -25,7 +34,8 @@ image, caption, sentiment and each feature column (model scale; they sum to
 ``pred_score - reference_score``). Metrics and interval coverage are computed on the
 labelled rows that are *not* seen in training, and ``OUT.metrics.json`` holds both
 counts. Rows that cannot be scored go to ``OUT.rejects.csv`` with preprocessing's reason
-codes (``missing_path``, ``invalid_feature``, ``unsupported_url``, the image codes); a
+codes (``missing_path``, ``invalid_feature``, ``invalid_datetime``, the download codes
+``unsupported_url``/``download_failed``/``download_timeout``/``too_large``, the image codes); a
 bad label is no reject here, it only leaves the row out of the metrics. ``kept +
 rejected == rows read``, and the exit status follows preprocessing: 1 when more than
 ``--max-reject-frac`` of the rows are rejected. Cells a spreadsheet would run as formulas
@@ -51,20 +61,22 @@ if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from common.config import bar_disabled, config_dict, field, parse_config, setup_logging, write_json_atomic
+from data_preprocessing.download import DownloadArgs
 from data_preprocessing.features import FeatureError
 from data_preprocessing.posts import artifact_feature_names, prepare_post
 from data_preprocessing.prepare import ImageError
 from data_preprocessing.table import (ColumnMap, PostsTable, ReadOptions, TableError, encoding_field,
-                                      file_fingerprint, image_source, max_cell_chars_field, parse_label,
-                                      read_table, resolve_image_sources, safe_csv_writer, sep_field, split_names,
-                                      write_rejects)
-from models.runtime import RUNTIMES
+                                      file_fingerprint, image_source, max_cell_chars_field, read_table,
+                                      resolve_image_sources, safe_csv_writer, sep_field, split_names, write_rejects)
 
+# torch, accelerate and the model code are imported after the arguments are parsed, so
+# --help and a wrong table answer at once.
 log = logging.getLogger(__name__)
+
+# The newest finished run of a bare `python training/train_torch.py` (relative to the current directory).
+DEFAULT_MODEL = "runs/latest/model"
 
 # Column names of a table the model records none for (an artifact from before schemas).
 DEFAULT_COLUMNS = ColumnMap(("image_path",), "description", "engagement")
@@ -73,17 +85,18 @@ FIXED_OUTPUT = ("row", SEEN_COLUMN, "label", "pred_engagement", "pred_score", "r
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(DownloadArgs):
     """Score a posts table (CSV/JSONL) with a trained model artifact."""
 
-    model: str = field(help="model artifact directory (RUN_DIR/model)")
     input: str = field(help="posts table: .csv, or .jsonl/.ndjson")
     out: str = field(help="predictions CSV to write (rejects go to OUT.rejects.csv, metrics to OUT.metrics.json)")
+    model: str = field(DEFAULT_MODEL, help="model artifact directory (RUN_DIR/model); the default is the newest "
+                                           "run of a bare training/train_torch.py, under the current directory")
     image_col: str | None = field(None, help="column(s) with the image path, comma-separated (the first non-empty "
                                              "cell wins); default: the training table's")
     text_col: str | None = field(None, help="column with the raw caption; default: the training table's")
-    label_col: str | None = field(None, help="label column; optional: used for metrics when the table has it; "
-                                             "default: the training table's")
+    label_col: str | None = field(None, help="label column (or count columns summed, a+b); optional: used for "
+                                             "metrics when the table has it; default: the training table's")
     keep_cols: str = field("", help="input columns to copy into the output next to row, comma-separated, "
                                     "e.g. post_id,caption")
     sep: str = sep_field()
@@ -93,8 +106,10 @@ class PredictConfig:
                                            "e.g. runs/demo/data:test")
     batch_size: int = field(16, help="posts per forward pass")
     num_workers: int = field(1, help="DataLoader workers that decode and prepare posts")
-    runtime: str = field("torch", choices=RUNTIMES,
-                         help="who computes the CLIP embeddings, as the server's RUNTIME: bf16 is fast on CPUs "
+    # Its choices are models.runtime.RUNTIMES, checked in __post_init__ (that module imports torch).
+    runtime: str = field("torch",
+                         help="who computes the CLIP embeddings (torch, bf16, onnx, int8 or auto), as the "
+                              "server's RUNTIME: bf16 is fast on CPUs "
                               "with AMX or AVX512_BF16; onnx needs `python -m models.export_onnx MODEL` first (CPU only); "
                               "int8 needs it with `--quantize int8` and moves scores more (README)")
     max_reject_frac: float = field(0.2, help="exit 1 when more than this fraction of rows is rejected")
@@ -103,6 +118,7 @@ class PredictConfig:
     progress: bool = field(True, help="show a progress bar (on a terminal)")
 
     def __post_init__(self):
+        super().__post_init__()  # the download flags
         if self.batch_size < 1 or self.num_workers < 0 or not 0 <= self.max_reject_frac <= 1:
             raise ValueError("--batch-size >= 1, --num-workers >= 0 and --max-reject-frac in [0, 1]")
         taken = [c for c in split_names(self.keep_cols)
@@ -110,6 +126,10 @@ class PredictConfig:
         if taken:
             raise ValueError(f"--keep-cols {taken}: these names are output columns of the scorer")
         ReadOptions.of(self)
+        from models.runtime import RUNTIMES
+
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"--runtime {self.runtime!r}: choose one of {', '.join(RUNTIMES)}")
 
 
 def table_columns(cfg: PredictConfig) -> ColumnMap:
@@ -117,6 +137,10 @@ def table_columns(cfg: PredictConfig) -> ColumnMap:
     them, the model's feature columns and ``--keep-cols``. Reads config.json only."""
     from models.clip_regressor import artifact_table
 
+    if cfg.model == DEFAULT_MODEL and not Path(cfg.model).exists():
+        raise SystemExit(f"error: no model at {DEFAULT_MODEL} (the default --model, under the current directory "
+                         f"{Path.cwd()}): train one with `python training/train_torch.py`, which points runs/latest "
+                         "at its newest finished run, or pass --model RUN_DIR/model")
     try:
         schema = artifact_table(cfg.model)
     except (FileNotFoundError, ValueError) as e:
@@ -130,8 +154,9 @@ def table_columns(cfg: PredictConfig) -> ColumnMap:
         raise SystemExit(f"error: {e}") from None
 
 
-class TableRows(Dataset):
-    """Row ``i`` -> ``(row, Post, seen)`` or ``(row, (reason, detail), None)``, in a worker.
+class TableRows:
+    """Row ``i`` -> ``(row, Post, seen)`` or ``(row, (reason, detail), None)``, in a worker
+    (a map-style dataset for ``DataLoader``).
 
     ``seen``: whether the post's fingerprint is one of ``fingerprints`` (the model's train
     and val posts, sorted); None when the model stores none.
@@ -193,7 +218,8 @@ def read_rows(cfg: PredictConfig, table: PostsTable) -> tuple[list[tuple], list[
             sources.append((r, image_source(table.images[r], table.path.parent)))
         else:
             rejects.append((r, "missing_path", "no image path given"))
-    local, unresolved = resolve_image_sources(sources)  # URL cells: the download seam
+    # URL cells: the download seam (a URL in the cache is never fetched again)
+    local, unresolved = resolve_image_sources(sources, cfg.download_config(), cfg.progress)
     rows = [(r, path, table.captions[r], table.feature_cells(r)) for r, path in local]
     return rows, rejects + unresolved, len(keep)
 
@@ -230,6 +256,7 @@ def seen_cell(seen: bool | None) -> str:
 def score_rows(cfg: PredictConfig, loaded, rows: list[tuple], table: PostsTable, fingerprints, accelerator,
                part: Path) -> list[tuple]:
     """Score this rank's batches into ``part`` (CSV without header); returns its rejects."""
+    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     batches = [list(range(i, min(i + cfg.batch_size, len(rows)))) for i in range(0, len(rows), cfg.batch_size)]
@@ -237,7 +264,7 @@ def score_rows(cfg: PredictConfig, loaded, rows: list[tuple], table: PostsTable,
     loader = DataLoader(TableRows(rows, loaded.prepare, fingerprints), batch_sampler=mine,
                         collate_fn=Batches(loaded.batcher), num_workers=cfg.num_workers)
     rejects, levels = [], list((loaded.calibration.half_widths if loaded.calibration else {}))
-    labels, keep = table.labels, table.columns.keep
+    has_labels, keep = table.label_expr is not None, table.columns.keep
     with open(part, "w", newline="") as fh:
         w = safe_csv_writer(fh)
         for row_ids, seen, batch, bad in tqdm(loader, desc="score", unit="batch",
@@ -247,7 +274,7 @@ def score_rows(cfg: PredictConfig, loaded, rows: list[tuple], table: PostsTable,
                 continue
             out = loaded.explain_batch(batch)
             for j, r in enumerate(row_ids):
-                label = parse_label(labels[r])[0] if labels is not None else None
+                label = table.label(r)[0] if has_labels else None
                 line = [r, *(keep_cell(table.cells[c][r]) for c in keep), seen_cell(seen[j]),
                         "" if label is None else label, float(out.engagement[j]), float(out.score[j])]
                 line += [float(x[j]) for lv in levels for x in out.intervals[lv]]
@@ -276,6 +303,8 @@ def merge_parts(parts: list[Path], out: Path, header: list[str]) -> None:
 def summarize(cfg: PredictConfig, out: Path, loaded, n_rows: int, rejects: list, fingerprints) -> dict:
     """Counts, and metrics and interval coverage where labels exist on posts the model did
     not see in training or validation; printed and written."""
+    import torch
+
     from models.clip_regressor import regression_metrics
 
     with open(out, newline="") as fh:
@@ -337,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     table = read_input(cfg, cols)
     rows, early_rejects, n_rows = read_rows(cfg, table)
     # 3. one accelerator for devices and processes; the model and its training fingerprints
+    import torch
     from accelerate import Accelerator
 
     from models.clip_regressor import artifact_fingerprints, load_model

@@ -209,10 +209,12 @@ def test_meta_holds_the_fitted_schema_and_statistics(featured):
     assert meta["feature_stats"]["platform"]["top_categories"] == {"tiktok": 2, "instagram": 1, "facebook": 1}
 
 
-def test_validation_script_passes_on_featured_data(featured, capsys):
+def test_validation_script_passes_featured_records(featured):
     import test_preprocessing
 
-    assert test_preprocessing.main(["--data", str(featured)]) == 0
+    # Every record passes; only the val and test splits, left out by --val-frac 0 --test-frac 0, fail.
+    failures, _ = test_preprocessing.validate(featured)
+    assert [f.split(":")[0] for f in failures] == ["val", "test"] and all("no records" in f for f in failures)
 
 
 def test_thousands_separators_go_through_preprocessing(tmp_path):

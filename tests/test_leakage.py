@@ -12,8 +12,8 @@ from data_preprocessing.features import FeatureColumn, FeatureError, parse_colum
 from data_preprocessing.label_expr import LabelExpr
 from data_preprocessing.leakage import (MaturityRule, check_outcome_columns, label_correlation_warnings,
                                         outcome_word)
-# The table owner's label check (today in preprocess.py; table.py after the table moves there).
-from data_preprocessing.preprocess import parse_label
+# The table owner's label check.
+from data_preprocessing.table import parse_label
 
 POSTED = FeatureColumn("posted_at", "datetime", timezone="America/New_York")
 

@@ -3,6 +3,7 @@ export of 400 posts for the statistical checks)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -328,3 +329,40 @@ def test_cli_help_and_module_run(tmp_path):
     assert "best achievable R^2" in ran.stdout
     assert len(read_posts(out)) == 20 and len(list((out / "images").glob("*.jpg"))) == 20
     assert json.loads((out / "meta.json").read_text())["n"] == 20
+
+
+# ---------------------------------------------------------------------------------------
+# make demo's data steps: the export is preprocessed with the flags it records
+# ---------------------------------------------------------------------------------------
+
+
+def makefile_variable(name: str) -> list[str]:
+    """A ``NAME ?= ...`` variable of the Makefile (with its continuation lines), split into words."""
+    text = (REPO_ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"{name} ?="))
+    return line.split("?=", 1)[1].split()
+
+
+def test_make_demo_preprocesses_with_the_flags_the_demo_records(sets):
+    assert makefile_variable("DEMO_PREPROCESS") == mdd.preprocess_flags() == sets["one"][1]["preprocess_flags"]
+
+
+def test_the_demo_export_preprocesses_with_its_flags_and_no_column_flags(export, tmp_path):
+    """Default image_path/description/engagement columns; only the young posts are rejected;
+    the test split holds the newest posts."""
+    from data_preprocessing import preprocess
+    from data_preprocessing.records import SPLITS, RecordReader
+
+    root, meta, posts, truth = export
+    out = tmp_path / "data"
+    assert preprocess.main(["--input", str(root / "posts.csv"), "--out", str(out), *meta["preprocess_flags"],
+                            "--workers", "1", "--no-progress"]) == 0
+    with open(out / "rejects.csv", newline="") as fh:
+        rejects = {int(r["row"]): r["reason"] for r in csv.DictReader(fh)}
+    young = np.flatnonzero(truth["age_days"] < mdd.LABEL_FINAL_DAYS).tolist()
+    assert rejects == dict.fromkeys(young, "label_not_final")
+    times = {s: [r.features["posted_at"] for r in RecordReader(out / f"{s}.pkl")] for s in SPLITS}
+    assert max(times["train"] + times["val"]) < min(times["test"])
+    processed = json.loads((out / "meta.json").read_text())
+    assert [f["name"] for f in processed["features"]] == ["followers", "platform", "posted_at"]
+    assert processed["split"]["rule"] == "time:posted_at" and processed["label_correlation_warnings"] == []

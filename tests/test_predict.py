@@ -237,3 +237,80 @@ def test_missing_columns_fail_before_the_model_loads(own_run, tmp_path):
         predict.main(["--model", str(broken), "--input", str(table), "--out", str(tmp_path / "o.csv"),
                       "--text-col", "text", "--keep-cols", "post_id,shop"])
     assert e.value.code.startswith("error: t.csv: 1 column not found: 'shop' (--keep-cols).")
+
+
+# ---------------------------------------------------------------------------------------
+# Timestamps and image URLs, as preprocessing reads them
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def datetime_model_dir(model_dir, tmp_path_factory) -> Path:
+    """The featured artifact with its two columns (5 inputs) swapped for one timestamp column
+    of the same width: posted_at in New York time, hour and weekday (2 + 2) and the missing flag."""
+    import shutil
+
+    from data_preprocessing.features import FeatureColumn, FeatureSchema
+
+    out = Path(shutil.copytree(model_dir, tmp_path_factory.mktemp("datetime_model") / "model"))
+    column = FeatureColumn("posted_at", "datetime", timezone="America/New_York")
+    schema = FeatureSchema.fit([column], {"posted_at": [1.74e9 + 3600 * 7 * i for i in range(10)]})
+    config = json.loads((out / "config.json").read_text())
+    assert schema.width == config["prepare"]["features"]["width"] == 5
+    config["prepare"]["features"] = schema.to_dict()
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_timestamps_and_url_images_are_read_as_preprocessing_reads_them(datetime_model_dir, tmp_path):
+    from datetime import datetime
+
+    from tests.image_server import LoopbackServer, static
+
+    names = write_images(tmp_path / "images", 2, size=(64, 48))
+    server = LoopbackServer({"/p/1.jpg": static((tmp_path / "images" / names[1]).read_bytes(), "image/jpeg")})
+    iso = "2025-03-05T23:30:00+0000"
+    unix = str(int(datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S%z").timestamp()))
+    rows = [[f"images/{names[0]}", "same post", iso, 5], [f"images/{names[0]}", "same post", unix, 5],
+            [f"images/{names[0]}", "a bad time", "yesterday", 5], [f"images/{names[0]}", "no time", "", 5],
+            [server.url("/p/1.jpg"), "from a URL", iso, 7], [server.url("/gone.jpg"), "a dead link", iso, 7]]
+    table = write_table(tmp_path / "posts.csv", ["image_path", "description", "posted_at", "engagement"], rows)
+
+    def score(out: Path) -> tuple[list[dict], dict]:
+        assert predict.main(["--model", str(datetime_model_dir), "--input", str(table), "--out", str(out),
+                             "--image-cache", str(tmp_path / "cache"), "--num-workers", "0",
+                             "--max-reject-frac", "0.5", "--no-progress"]) == 0
+        with open(out.with_name(out.name + ".rejects.csv"), newline="") as fh:
+            return _read(out), {int(r["row"]): r["reason"] for r in csv.DictReader(fh)}
+
+    try:
+        got, rejects = score(tmp_path / "live.csv")
+    finally:
+        server.stop()
+    assert rejects == {2: "invalid_datetime", 5: "download_failed"}
+    assert [int(r["row"]) for r in got] == [0, 1, 3, 4]
+    assert got[0]["pred_score"] == got[1]["pred_score"]  # the same instant, as ISO 8601 and as Unix seconds
+    assert got[0]["pred_score"] != got[2]["pred_score"]  # a missing time is imputed, not ignored
+    # The server is gone: the cached image scores the same.
+    again, rejects = score(tmp_path / "cached.csv")
+    assert again == got and rejects == {2: "invalid_datetime", 5: "download_failed"}
+
+
+def test_the_default_model_is_runs_latest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    table = write_table(tmp_path / "p.csv", ["image_path", "description"], [["x.jpg", "hi"]])
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--input", str(table), "--out", str(tmp_path / "o.csv")])
+    assert e.value.code.startswith("error: no model at runs/latest/model (the default --model")
+    assert "training/train_torch.py" in e.value.code and "--model RUN_DIR/model" in e.value.code
+
+
+@pytest.mark.parametrize("script", ["serving/predict.py", "data_preprocessing/preprocess.py", "test_preprocessing.py"])
+def test_help_imports_no_torch(script):
+    """--help answers before torch (seconds to import) is loaded."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(REPO / script), "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    assert {"numpy", "data_preprocessing.records"} & imported  # the listing was read
+    assert not {m for m in imported if m == "torch" or m.startswith(("torch.", "transformers"))}

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image
 from data_preprocessing import preprocess
 from data_preprocessing.prepare import CLEANING_VERSION, clean_text, sentiment
 from data_preprocessing.records import SPLITS, RecordReader, iter_records
+from data_preprocessing.splits import assign_random
 from tests.tiny_posts import write_images, write_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +79,7 @@ def test_end_to_end_records(good_run):
     with open(posts, newline="", encoding="utf-8") as fh:
         table = list(csv.DictReader(fh))
     records = load_split_records(out)
-    expected_split = preprocess.assign_splits(len(table), 0.2, 0.2, seed=3)
+    expected_split = assign_random(len(table), 0.2, 0.2, seed=3)
     seen_rows = []
     for split, recs in records.items():
         assert [r.row for r in recs] == sorted(r.row for r in recs)  # written in row order
@@ -144,13 +146,6 @@ def test_workers_do_not_change_the_output(good_run):
     assert metas[1]["label_stats"] == metas[2]["label_stats"]
 
 
-def test_assign_splits_is_seeded():
-    a = preprocess.assign_splits(1000, 0.1, 0.2, seed=0)
-    assert np.array_equal(a, preprocess.assign_splits(1000, 0.1, 0.2, seed=0))
-    assert not np.array_equal(a, preprocess.assign_splits(1000, 0.1, 0.2, seed=1))
-    assert np.bincount(a, minlength=3).tolist() == [700, 100, 200]  # SPLITS order: train, val, test
-
-
 # ---------------------------------------------------------------------------------------
 # A deliberately broken table
 # ---------------------------------------------------------------------------------------
@@ -206,7 +201,7 @@ def test_broken_table_is_fully_accounted_for(tmp_path):
         w.writerows(r[:3] for r in rows)
     out = tmp_path / "out"
     meta = run(["--input", str(posts), "--out", str(out), "--workers", "2", "--max-pixels", "2000",
-                "--max-reject-frac", "0.9", "--resize-shortest-edge", "0"])
+                "--max-reject-frac", "0.9", "--resize-shortest-edge", "0", "--val-frac", "0", "--test-frac", "0"])
 
     expected = {i: r[3] for i, r in enumerate(rows) if r[3]}
     assert read_rejects(out) == expected
@@ -270,11 +265,11 @@ def test_too_many_rejects_fails_but_writes_rejects_and_no_meta(tmp_path):
     out = tmp_path / "out"
     run(["--input", str(posts), "--out", str(out), "--workers", "1"])  # a good run first
     assert (out / "meta.json").exists()
-    for name in ["002.jpg", "004.jpg", "005.jpg"]:  # 3 of 10 rows now fail: 30% > 20%
+    for name in ["002.jpg", "003.jpg", "005.jpg"]:  # 3 of 10 train rows now fail: 30% > 20%
         (tmp_path / "images" / name).unlink()
     msg = _error(["--input", str(posts), "--out", str(out), "--workers", "1"])
     assert "3 of 10 rows rejected" in msg and "rejects.csv" in msg
-    assert read_rejects(out) == {2: "not_found", 4: "not_found", 5: "not_found"}
+    assert read_rejects(out) == {2: "not_found", 3: "not_found", 5: "not_found"}
     # The previous run's meta.json and splits are gone: nothing looks like usable data.
     assert not (out / "meta.json").exists()
     assert not any((out / f"{s}.pkl").exists() for s in SPLITS)
@@ -326,7 +321,8 @@ def test_jsonl_label_types(tmp_path):
             {"image_path": "images/003.jpg", "description": "d"}]  # key absent
     jsonl.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
-    meta = run(["--input", str(jsonl), "--out", str(out), "--max-reject-frac", "1"])
+    meta = run(["--input", str(jsonl), "--out", str(out), "--max-reject-frac", "1", "--val-frac", "0",
+                "--test-frac", "0"])
     assert read_rejects(out) == {0: "missing_label", 1: "non_numeric_label", 3: "missing_label"}
     assert meta["counts"]["kept"] == 1
 
@@ -351,7 +347,8 @@ def test_policy_from_clip_processor_dir(tmp_path):
     proc_dir = tmp_path / "proc"
     CLIPImageProcessor(size={"shortest_edge": 30}).save_pretrained(proc_dir)
     posts = write_posts(tmp_path, n=4, size=(64, 48))
-    meta = run(["--input", str(posts), "--out", str(tmp_path / "out"), "--clip-processor", str(proc_dir)])
+    meta = run(["--input", str(posts), "--out", str(tmp_path / "out"), "--clip-processor", str(proc_dir),
+                "--val-frac", "0.25", "--test-frac", "0.25"])
     assert meta["image_size_policy"]["shortest_edge"] == 30
     assert meta["image_size_policy"]["source"] == f"clip_processor:{proc_dir}"
     assert all(min(r.image.size) == 30 for r in iter_records(tmp_path / "out" / "train.pkl"))
@@ -459,17 +456,18 @@ def test_rejects_csv_escapes_formula_cells(tmp_path):
     assert reject["image_path"] == "'" + evil  # text to a spreadsheet, not a live formula
 
 
-def test_image_columns_fall_back_and_urls_are_rejected_for_now(tmp_path):
+def test_image_columns_fall_back(tmp_path):
     names = write_images(tmp_path / "images", 4)
     rows = [[f"images/{names[0]}", "", "cover of a video", 1],
             ["", f"images/{names[1]}", "a photo", 2],
             [f"images/{names[2]}", "images/nope.jpg", "thumbnail wins", 3],
-            ["", "https://cdn.example.com/p/0.jpg", "a URL", 4],
+            ["", "ftp://cdn.example.com/p/0.jpg", "an ftp link", 4],  # rejected without any request
             ["", "", "nothing at all", 5]]
     posts = write_table(tmp_path / "posts.csv", ["thumbnail_url", "media_url", "description", "engagement"], rows)
     out = tmp_path / "out"
     meta = run(["--input", str(posts), "--out", str(out), "--image-col", "thumbnail_url,media_url",
-                "--max-reject-frac", "0.5", "--workers", "1"])
+                "--max-reject-frac", "0.5", "--workers", "1", "--val-frac", "0", "--test-frac", "0",
+                "--image-cache", str(tmp_path / "cache")])
     assert read_rejects(out) == {3: "unsupported_url", 4: "missing_path"}
     assert meta["table"]["columns"]["image"] == ["thumbnail_url", "media_url"]
     kept = {r.row for recs in load_split_records(out).values() for r in recs}
@@ -523,3 +521,230 @@ def test_ordered_pool_shuts_down_on_error():
                     raise RuntimeError("stop")  # must not hang on the blocked feeder thread
     with preprocess.OrderedPool(abs, workers=1, chunksize=1) as pool:  # in-process path
         assert list(pool.imap([-1, -2])) == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------
+# Image URLs: downloaded once into the cache (data_preprocessing/download.py), against a
+# real loopback server
+# ---------------------------------------------------------------------------------------
+
+HTML_PAGE = b"<!doctype html><html><body>Sorry, this page isn't available.</body></html>"
+
+
+def test_url_images_are_downloaded_once_and_a_rerun_needs_no_server(tmp_path):
+    from tests.image_server import LoopbackServer, redirect, static
+
+    names = write_images(tmp_path / "served", 12)
+    jpeg = {n: (tmp_path / "served" / n).read_bytes() for n in names}
+    server = LoopbackServer({**{f"/p/{n}": static(jpeg[n], "image/jpeg") for n in names[:11]},
+                             "/error.html": static(HTML_PAGE, "text/html"),
+                             "/old/11.jpg": redirect(f"/p/new/{names[11]}"),
+                             f"/p/new/{names[11]}": static(jpeg[names[11]], "image/jpeg")})
+    local = write_images(tmp_path / "images", 3, size=(40, 30))
+    cells = ([server.url(f"/p/{n}") for n in names[:11]] + [f"images/{n}" for n in local]
+             + [server.url("/gone.jpg"), server.url("/error.html"), "ftp://127.0.0.1/p/000.jpg",
+                server.url("/old/11.jpg")])
+    posts = write_table(tmp_path / "posts.csv", ["image_path", "description", "engagement"],
+                        [[c, f"post {i} #url", 3 * i] for i, c in enumerate(cells)])
+    argv = ["--input", str(posts), "--image-cache", str(tmp_path / "cache"), "--workers", "1",
+            "--val-frac", "0.2", "--test-frac", "0.2", "--max-reject-frac", "0.3"]
+    try:
+        first = run([*argv, "--out", str(tmp_path / "first")])
+    finally:
+        server.stop()
+    bad = {14: "download_failed", 15: "unsupported_format", 16: "unsupported_url"}  # 404, an HTML page, ftp://
+    assert read_rejects(tmp_path / "first") == bad
+    with open(tmp_path / "first" / "rejects.csv", newline="") as fh:
+        detail = {int(r["row"]): (r["image_path"], r["detail"]) for r in csv.DictReader(fh)}
+    assert detail[14][0] == cells[14] and "HTTP 404" in detail[14][1]  # the URL as written, the status
+    records = load_split_records(tmp_path / "first")
+    by_row = {r.row: r for recs in records.values() for r in recs}
+    assert sorted(by_row) == [i for i in range(len(cells)) if i not in bad]  # the redirect (row 17) is kept
+    from data_preprocessing.posts import PrepareConfig, prepare_post
+
+    redirected = prepare_post(tmp_path / "served" / names[11], "", {}, PrepareConfig()).image
+    assert by_row[17].image.tobytes() == redirected.tobytes()
+    assert first["counts"]["rejects_by_reason"] == {"download_failed": 1, "unsupported_url": 1,
+                                                    "unsupported_format": 1}
+    assert all(server.hits[f"/p/{n}"] == 1 for n in names[:11])
+
+    # The server is gone; the same cache gives the same records and fingerprints.
+    second = run([*argv, "--out", str(tmp_path / "second")])
+    assert read_rejects(tmp_path / "second") == bad
+    again = load_split_records(tmp_path / "second")
+    for s in SPLITS:
+        assert [_signature(r) for r in again[s]] == [_signature(r) for r in records[s]]
+    assert second["counts"] == first["counts"]
+    fp1, fp2 = (np.load(tmp_path / d / "fingerprints.npz") for d in ("first", "second"))
+    assert all(fp1[s].tolist() == fp2[s].tolist() for s in SPLITS)
+
+
+# ---------------------------------------------------------------------------------------
+# Small data, caught early
+# ---------------------------------------------------------------------------------------
+
+
+def test_an_empty_split_is_refused_before_any_image_is_loaded(tmp_path):
+    posts = write_posts(tmp_path, n=4)
+    (tmp_path / "images" / "000.jpg").unlink()  # loading images would reject it: never reached
+    out = tmp_path / "out"
+    msg = _error(["--input", str(posts), "--out", str(out), "--workers", "1"])  # 10% of 4 rows: none
+    assert msg.startswith("error: the val and test splits would be empty (train 4, val 0, test 0 posts before "
+                          "loading images, --split random, --val-frac 0.1, --test-frac 0.1)")
+    assert msg.endswith(f"rejected rows: {out / 'rejects.csv'}")
+    assert read_rejects(out) == {} and not (out / "meta.json").exists()
+
+
+def test_a_split_emptied_by_rejects_is_refused(tmp_path):
+    posts = write_posts(tmp_path, n=20)
+    val_rows = np.flatnonzero(assign_random(20, 0.1, 0.1, seed=0) == SPLITS.index("val")).tolist()
+    for row in val_rows:
+        (tmp_path / "images" / f"{row:03d}.jpg").unlink()
+    out = tmp_path / "out"
+    msg = _error(["--input", str(posts), "--out", str(out), "--workers", "1"])
+    assert msg.startswith("error: the val split would be empty (train 16, val 0, test 2 posts kept")
+    assert read_rejects(out) == dict.fromkeys(val_rows, "not_found")
+    assert not (out / "meta.json").exists() and not any((out / f"{s}.pkl").exists() for s in SPLITS)
+
+
+def test_small_val_and_test_splits_are_warned_about(tmp_path, capsys):
+    posts = write_posts(tmp_path, n=20)
+    run(["--input", str(posts), "--out", str(tmp_path / "out"), "--workers", "1"])
+    log = capsys.readouterr().err
+    assert "the val split holds only 2 posts (< 50): the prediction interval is calibrated on val" in log
+    assert "the test split holds only 2 posts (< 50)" in log
+
+
+# ---------------------------------------------------------------------------------------
+# An export: timestamps, time and group splits, unfinished labels, outcome columns
+# ---------------------------------------------------------------------------------------
+
+AS_OF = "2025-06-30T12:00:00+00:00"
+EXPORT_HEADER = ["post_id", "account_id", "posted_at", "image_path", "description", "likes", "comments", "reach",
+                 "followers"]
+N_EXPORT = 40
+
+
+def export_rows(names: list[str]) -> list[list]:
+    """N_EXPORT posts, post i posted 2i + 0.5 days before AS_OF (so posts 0-3 are younger than
+    a week), in a shuffled row order; then one posted after AS_OF, one without a time and
+    one whose time is not a timestamp."""
+    from datetime import datetime, timedelta
+
+    as_of = datetime.fromisoformat(AS_OF)
+    rows = []
+    for i in np.random.default_rng(0).permutation(N_EXPORT).tolist():
+        likes = int(np.exp(2 + (i % 7) / 2))
+        when = (as_of - timedelta(days=2 * i + 0.5)).strftime("%Y-%m-%dT%H:%M:%S+0000")
+        rows.append([f"p{i}", f"acc{i % 12}", when, f"images/{names[i]}", f"post {i} #tag", likes, i % 5,
+                     10 * (likes + i % 5), 1000 + 37 * i])
+    extra = [("2025-07-01T09:00:00Z", "after the export"), ("", "no time"), ("yesterday", "not a time")]
+    for j, (when, caption) in enumerate(extra):
+        rows.append([f"x{j}", "acc0", when, f"images/{names[N_EXPORT + j]}", caption, 5, 1, 60, 1000])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    names = write_images(root / "images", N_EXPORT + 3)
+    return write_table(root / "posts.csv", EXPORT_HEADER, export_rows(names))
+
+
+@pytest.fixture(scope="module")
+def time_run(export):
+    """A time split with the maturity filter, a label made of two counts, a timestamp feature
+    in New York time, and an outcome column let in on purpose."""
+    out = export.parent / "time"
+    meta = run(["--input", str(export), "--out", str(out), "--workers", "1", "--label-col", "likes+comments",
+                "--numeric-cols", "followers:0:,reach", "--allow-outcome-cols", "--datetime-cols", "posted_at",
+                "--timezone", "America/New_York", "--split", "time:posted_at", "--as-of", AS_OF,
+                "--min-label-age-days", "7", "--val-frac", "0.2", "--test-frac", "0.2", "--max-reject-frac", "0.3"])
+    return out, meta
+
+
+def _table_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_time_split_tests_on_posts_newer_than_every_train_and_val_post(time_run):
+    out, meta = time_run
+    times = {s: [r.features["posted_at"] for r in recs] for s, recs in load_split_records(out).items()}
+    assert min(len(t) for t in times.values()) > 0
+    assert max(times["train"] + times["val"]) < min(times["test"])
+    assert max(times["train"]) < min(times["val"])
+    split = meta["split"]
+    assert split["rule"] == "time:posted_at" and split["counts"] == meta["counts"]["splits"]
+    for s in SPLITS:  # each split's first and last timestamp, UTC
+        first = datetime.fromisoformat(split["time_ranges"][s]["first"]).timestamp()
+        assert first == min(times[s])
+        assert datetime.fromisoformat(split["time_ranges"][s]["last"]).timestamp() == max(times[s])
+
+
+def test_unfinished_labels_and_bad_timestamps_are_rejected_with_their_codes(time_run, export):
+    out, meta = time_run
+    table = _table_rows(export)
+    row_of = {r["post_id"]: i for i, r in enumerate(table)}
+    young = {row_of[f"p{i}"] for i in range(4)} | {row_of["x0"]}  # under 7 days old at AS_OF, or after it
+    assert read_rejects(out) == {**dict.fromkeys(young, "label_not_final"),
+                                 row_of["x1"]: "invalid_datetime", row_of["x2"]: "invalid_datetime"}
+    with open(out / "rejects.csv", newline="") as fh:
+        detail = {int(r["row"]): r["detail"] for r in csv.DictReader(fh)}
+    assert detail[row_of["p0"]].startswith("posted_at: posted 0.5 days before --as-of 2025-06-30T12:00:00+00:00")
+    assert "after --as-of" in detail[row_of["x0"]]
+    assert "'yesterday' is not a timestamp" in detail[row_of["x2"]]  # a bad cell of the feature column
+    assert "time:posted_at needs a time in every row" in detail[row_of["x1"]]  # empty: the split needs one
+    assert meta["maturity"] == {"as_of": AS_OF, "min_label_age_days": 7.0, "column": "posted_at",
+                                "reason": "label_not_final", "unknown_age": 0}
+
+
+def test_a_label_made_of_two_counts(time_run, export):
+    out, meta = time_run
+    table = _table_rows(export)
+    for recs in load_split_records(out).values():
+        for r in recs:
+            assert r.label == float(table[r.row]["likes"]) + float(table[r.row]["comments"])
+    assert meta["label"]["columns"] == ["likes", "comments"] and meta["table"]["columns"]["label"] == "likes+comments"
+
+
+def test_a_feature_that_is_the_label_in_disguise_is_warned_about(time_run):
+    _, meta = time_run
+    assert [w["column"] for w in meta["label_correlation_warnings"]] == ["reach"]  # followers: no warning
+    assert meta["label_correlation_warnings"][0]["pearson"] > 0.9
+    assert meta["outcome_columns_allowed"] == ["reach"]
+
+
+def test_datetime_feature_statistics_in_local_time(time_run):
+    out, meta = time_run
+    stats = meta["feature_stats"]["posted_at"]
+    train = [r.features["posted_at"] for r in load_split_records(out)["train"]]
+    assert stats["kind"] == "datetime" and stats["timezone"] == "America/New_York" and stats["missing"] == 0
+    assert datetime.fromisoformat(stats["first"]).timestamp() == min(train)
+    # every post is at midnight UTC, in spring: 20:00 in New York's daylight saving time (UTC-4)
+    hours = {h for h, n in enumerate(stats["local_hour_counts"]) if n}
+    assert hours == {20} and sum(stats["local_hour_counts"]) == len(train)
+
+
+def test_group_split_keeps_every_account_in_one_split(export):
+    out = export.parent / "group"
+    meta = run(["--input", str(export), "--out", str(out), "--workers", "1", "--label-col", "likes",
+                "--split", "group:account_id", "--val-frac", "0.25", "--test-frac", "0.25", "--max-reject-frac", "0"])
+    table = _table_rows(export)
+    accounts = {s: {table[r.row]["account_id"] for r in recs} for s, recs in load_split_records(out).items()}
+    assert all(accounts[s] for s in SPLITS)
+    assert not (accounts["train"] & accounts["val"] or accounts["train"] & accounts["test"]
+                or accounts["val"] & accounts["test"])
+    split = meta["split"]
+    assert split["groups"] == {s: len(accounts[s]) for s in SPLITS}
+    assert split["achieved_fracs"] == {s: round(meta["counts"]["splits"][s] / len(table), 4) for s in SPLITS}
+
+
+def test_an_outcome_column_as_a_feature_is_refused(export, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "data_preprocessing.preprocess", "--input", str(export),
+                           "--out", str(tmp_path / "o"), "--numeric-cols", "followers:0:,reach"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: feature column(s) 'reach' (reach) look like outcomes of the post")
+    assert "--allow-outcome-cols" in last and not (tmp_path / "o").exists()

@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_preprocessing.download import DownloadConfig, cache_path, is_url
 from data_preprocessing.table import (MAX_LISTED_COLUMNS, ColumnMap, ReadOptions, TableError,
-                                      first_undecodable_byte, image_source, is_url_cell, load_fingerprints,
-                                      post_fingerprint, read_table, resolve_image_sources, safe_cell,
-                                      safe_csv_writer, save_fingerprints, write_rejects)
+                                      first_undecodable_byte, image_source, load_fingerprints, post_fingerprint,
+                                      read_table, resolve_image_sources, safe_cell, safe_csv_writer,
+                                      save_fingerprints, write_rejects)
+from tests.image_server import LoopbackServer, static
 from tests.tiny_posts import write_table
 
 HEADER = ["post_id", "image_path", "description", "engagement", "followers"]
@@ -24,7 +26,7 @@ COLUMNS = ColumnMap(features={"followers": "--numeric-cols"})
 
 
 def _cells(table) -> list[list]:
-    return [[table.images[r], table.captions[r], table.labels[r], table.cells["followers"][r]]
+    return [[table.images[r], table.captions[r], table.cells["engagement"][r], table.cells["followers"][r]]
             for r in range(len(table))]
 
 
@@ -143,7 +145,8 @@ def test_jsonl_cells_are_capped_and_image_columns_fall_back(tmp_path):
     cols = ColumnMap(("thumbnail_url", "media_url"), "caption", "likes")
     table = read_table(path, cols)
     assert table.images == ["https://cdn.example/v.jpg", "thumb.jpg", "photo.jpg", ""]
-    assert table.labels == [5, 7, 1, 2] and table.dialect.format == "jsonl"
+    assert [table.label(r) for r in range(4)] == [(v, None, "") for v in (5.0, 7.0, 1.0, 2.0)]
+    assert table.dialect.format == "jsonl"
     with pytest.raises(TableError, match=r"row 1 \(line 2\) has a cell longer than --max-cell-chars 26 .*'media_url'"):
         read_table(path, cols, ReadOptions(max_cell_chars=26))
 
@@ -154,13 +157,67 @@ def test_columns_named_twice_are_refused():
 
 
 def test_image_sources_and_the_url_seam(tmp_path):
-    assert is_url_cell("https://x.example/a.jpg") and is_url_cell("ftp://x/a.jpg")
-    assert not is_url_cell("C:\\photos\\a.jpg") and not is_url_cell("images/a:b.jpg")
+    assert is_url("https://x.example/a.jpg") and is_url("ftp://x/a.jpg")
+    assert not is_url("C:\\photos\\a.jpg") and not is_url("images/a:b.jpg")
     assert image_source("images/../images/a.jpg", tmp_path) == str(tmp_path / "images" / "a.jpg")
     assert image_source("/abs/a.jpg", tmp_path) == "/abs/a.jpg"
-    local, rejects = resolve_image_sources([(0, "/abs/a.jpg"), (1, "https://x.example/a.jpg"), (2, "/b.jpg")])
-    assert local == [(0, "/abs/a.jpg"), (2, "/b.jpg")]
-    assert [(r, reason) for r, reason, _ in rejects] == [(1, "unsupported_url")]
+    assert image_source("https://x.example/a.jpg", tmp_path) == "https://x.example/a.jpg"
+
+
+def test_url_cells_become_cached_files_in_row_order(tmp_path):
+    """The download seam against a real loopback server: http(s) URLs are fetched once into
+    the cache (a repeated URL too), a 404 and another scheme are rejects, local paths pass."""
+    server = LoopbackServer({"/a.jpg": static(b"jpeg a", "image/jpeg"), "/b.jpg": static(b"jpeg b", "image/jpeg")})
+    cfg = DownloadConfig(workers=2, timeout_s=5, cache_dir=tmp_path / "cache", tries=1)
+    a, b, gone = server.url("/a.jpg"), server.url("/b.jpg"), server.url("/gone.jpg")
+    todo = [(0, b), (1, "/abs/x.jpg"), (2, gone), (3, "ftp://x.example/a.jpg"), (4, a), (5, b)]
+    try:
+        local, rejects = resolve_image_sources(todo, cfg, progress=False)
+    finally:
+        server.stop()
+    assert local == [(0, str(cache_path(b, cfg.cache_dir))), (1, "/abs/x.jpg"), (4, str(cache_path(a, cfg.cache_dir))),
+                     (5, str(cache_path(b, cfg.cache_dir)))]
+    assert Path(local[2][1]).read_bytes() == b"jpeg a"
+    assert [(r, reason) for r, reason, _ in rejects] == [(2, "download_failed"), (3, "unsupported_url")]
+    assert "404" in rejects[0][2]
+    assert server.hits["/b.jpg"] == 1  # two rows, one request
+    # The server is gone: the cached URLs still resolve, without a request.
+    again, rejects = resolve_image_sources([(0, b), (4, a)], cfg, progress=False)
+    assert again == [(0, local[0][1]), (4, local[2][1])] and rejects == []
+
+
+def test_a_table_without_urls_starts_no_download(tmp_path):
+    cfg = DownloadConfig(cache_dir=tmp_path / "cache")
+    assert resolve_image_sources([(0, "/a.jpg")], cfg, progress=False) == ([(0, "/a.jpg")], [])
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_label_made_of_several_counts(tmp_path):
+    path = write_table(tmp_path / "posts.csv", ["image_path", "description", "like_count", "comments_count"],
+                       [["a.jpg", "x", "120", "7"], ["b.jpg", "y", "3", ""], ["c.jpg", "z", "1,000", "2"]])
+    table = read_table(path, ColumnMap(label="like_count+comments_count"))
+    assert table.label(0) == (127.0, None, "")
+    assert table.label(1) == (None, "missing_label", "comments_count: empty label")
+    assert table.label(2)[1] == "non_numeric_label"
+    assert table.label_expr.to_dict()["columns"] == ["like_count", "comments_count"]
+    with pytest.raises(TableError, match=r"1 column not found: 'shares' \(--label-col\)"):
+        read_table(path, ColumnMap(label="like_count+shares"))
+    with pytest.raises(ValueError, match="named for more than one role"):
+        ColumnMap(label="like_count+comments_count", features={"like_count": "--numeric-cols"})
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_column_named_with_a_plus_is_one_column(tmp_path, suffix):
+    path = write_table(tmp_path / f"posts{suffix}", ["image_path", "description", "likes+comments", "likes"],
+                       [["a.jpg", "x", 9, 4]])
+    table = read_table(path, ColumnMap(label="likes+comments"))
+    assert table.label_expr.columns == ("likes+comments",) and table.label(0) == (9.0, None, "")
+
+
+def test_an_optional_label_may_be_absent(tmp_path):
+    path = write_table(tmp_path / "posts.csv", ["image_path", "description", "likes"], [["a.jpg", "x", "4"]])
+    assert read_table(path, ColumnMap(label="likes+comments", label_optional=True)).label_expr is None
+    assert read_table(path, ColumnMap(label="likes", label_optional=True)).label(0) == (4.0, None, "")
 
 
 def test_fingerprints_hash_image_bytes_and_raw_caption(tmp_path):
@@ -196,3 +253,10 @@ def test_rejects_file_escapes_cells_and_sorts_by_row(tmp_path):
     assert rows == [["row", "image_path", "reason", "detail"],
                     ["1", '\'=HYPERLINK("http://evil.example","click")', "not_found", ""],
                     ["3", "'-x.jpg", "not_found", "no such file: -x.jpg"]]
+
+
+def test_a_column_read_for_the_split_keeps_its_cells_even_if_it_is_an_image_column(tmp_path):
+    path = write_table(tmp_path / "posts.csv", ["image_path", "description", "engagement"], [["a.jpg", "x", "1"]])
+    table = read_table(path, ColumnMap(extra={"image_path": "--split"}))
+    assert table.images == ["a.jpg"] and table.cells["image_path"] == ["a.jpg"]
+    assert "image_path" not in read_table(path, ColumnMap()).cells

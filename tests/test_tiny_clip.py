@@ -390,3 +390,30 @@ def test_pretraining_on_a_table_without_the_columns_is_one_line(posts_csv, tmp_p
         main(["--out", str(tmp_path / "o"), "--pretrain-on", str(posts_csv), "--text-col", "caption"])
     assert e.value.code.startswith("error: --pretrain-on: posts.csv: 1 column not found: 'caption' (--text-col).")
     assert "\n" not in e.value.code and not (tmp_path / "o").exists()  # refused before anything is built
+
+
+def test_pretraining_reads_image_urls_through_the_download_cache(posts_csv, posts_table, tiny_dir, tmp_path):
+    """URL cells are fetched once into --image-cache (a real loopback server), then read from
+    the cache with the server gone: the same posts as the table of local files."""
+    from common.config import parse_config
+    from tests.image_server import LoopbackServer, static
+    from tests.tiny_posts import write_table
+
+    processor = CLIPProcessor.from_pretrained(tiny_dir)
+    plain = pd.read_csv(posts_csv)
+    server = LoopbackServer({f"/{p}": static((posts_csv.parent / p).read_bytes(), "image/jpeg")
+                             for p in plain["image_path"] if (posts_csv.parent / p).is_file()})  # else a 404
+    urls = write_table(tmp_path / "urls.csv", ["image_path", "description"],
+                       [[server.url(f"/{p}"), c] for p, c in zip(plain["image_path"], plain["description"])])
+    cfg = parse_config(TinyClipConfig, ["--out", str(tmp_path / "o"), "--pretrain-on", str(urls),
+                                        "--image-cache", str(tmp_path / "cache"), "--download-workers", "4"])
+    want, _ = load_posts(posts_table, processor.image_processor)
+    try:
+        fetched, counts = load_posts(tiny_clip.read_pretrain_table(cfg), processor.image_processor,
+                                     cfg.download_config())
+    finally:
+        server.stop()
+    assert counts["usable"] == len(want) and sum(server.hits.values()) == len(plain)
+    cached, _ = load_posts(tiny_clip.read_pretrain_table(cfg), processor.image_processor, cfg.download_config())
+    for got in (fetched, cached):
+        assert [(p.caption, p.image.tobytes()) for p in got] == [(p.caption, p.image.tobytes()) for p in want]

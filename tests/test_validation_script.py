@@ -153,3 +153,62 @@ def test_runs_as_a_script(good_data, data):
     bad = subprocess.run([sys.executable, str(SCRIPT), "--data", str(data)], cwd=data,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "cleaning version" in bad.stdout and "Traceback" not in bad.stderr
+
+
+def test_fails_an_empty_split(data, capsys):
+    """What preprocess.py now refuses to write, made by hand: training cannot use it."""
+    for ext in ("pkl", "idx"):
+        (data / f"val.{ext}").unlink()
+    RecordWriter(data, "val").close()
+    _edit_meta(data, lambda m: m["counts"].update(kept=m["counts"]["kept"] - m["counts"]["splits"]["val"],
+                                                   rejected=m["counts"]["rejected"] + m["counts"]["splits"]["val"],
+                                                   splits={**m["counts"]["splits"], "val": 0}))
+    out = _fails(data, capsys)
+    assert "val: no records; training needs posts in every split" in out
+    assert "train: 16 records, 16 checked: OK" in out  # the other splits still pass
+
+
+def test_passes_records_with_a_timestamp_feature(tmp_path, capsys):
+    """A datetime feature's parsed value is a float (Unix seconds), like a numeric one."""
+    names = [f"{i}.jpg" for i in range(20)]
+    (tmp_path / "images").mkdir()
+    for i, name in enumerate(names):
+        Image.new("RGB", (20, 16), (10 * i, 0, 0)).save(tmp_path / "images" / name)
+    with open(tmp_path / "posts.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_path", "description", "engagement", "posted_at"])
+        w.writerows([f"images/{n}", f"post {i}", i, "" if i == 3 else f"2025-03-{i + 1:02d}T23:30:00+0000"]
+                    for i, n in enumerate(names))
+    assert preprocess.main(["--input", str(tmp_path / "posts.csv"), "--out", str(tmp_path / "out"), "--workers", "1",
+                            "--datetime-cols", "posted_at", "--timezone", "Europe/Berlin", "--no-progress"]) == 0
+    assert validate.main(["--data", str(tmp_path / "out")]) == 0, capsys.readouterr().out
+
+
+def test_the_bare_commands_run_in_order_on_data_posts_csv(tmp_path):
+    """`preprocess.py` then `test_preprocessing.py`, with no arguments, from the folder that
+    holds data/posts.csv; without it, each says where the table goes."""
+    def bare(script: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO_ROOT / script)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+
+    missing = bare("data_preprocessing/preprocess.py")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    last = missing.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no posts table at data/posts.csv") and "--input" in last
+    assert 'README.md, "On your own data"' in last
+    unchecked = bare("test_preprocessing.py")
+    assert unchecked.returncode == 1 and "no preprocessed data at data/processed" in unchecked.stdout
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    with open(data / "posts.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_path", "description", "engagement"])
+        for i in range(20):
+            Image.new("RGB", (24, 20), (0, 10 * i, 0)).save(data / "images" / f"{i}.jpg")
+            w.writerow([f"images/{i}.jpg", f"post {i}", i])
+    made = bare("data_preprocessing/preprocess.py")
+    assert made.returncode == 0, made.stderr
+    assert (data / "processed" / "meta.json").is_file()
+    checked = bare("test_preprocessing.py")
+    assert checked.returncode == 0 and "PASS" in checked.stdout, checked.stdout
