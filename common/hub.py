@@ -36,6 +36,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+# The CLIP a model starts from by default; here (no torch) so entry points can show it in --help.
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 PROBE_TIMEOUT_S = 5.0  # one HEAD request; a reachable hub answers in well under a second
 LOCAL_DIR_HINT = ("pass a local CLIP directory instead (one saved with save_pretrained, e.g. written by "
                   "`python models/tiny_clip.py --out DIR`)")

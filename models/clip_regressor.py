@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import atomic_dir
+from common.hub import DEFAULT_CLIP
 from data_preprocessing.features import FeatureSchema
 from data_preprocessing.posts import Post, PrepareConfig
 from models.explain import Calibration, Reference
@@ -38,7 +39,6 @@ from models.runtime import Embedder, RuntimeInfo, choose_embedder
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 ARTIFACT_FORMAT = 2  # 2: "prepare" (resize policy, feature schema) and a linear + MLP head
 CLIP_SUBDIR = "clip"  # save_pretrained output: CLIP weights, processor, tokenizer
 HEAD_FILE = "head.safetensors"

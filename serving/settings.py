@@ -27,7 +27,10 @@ class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
     model_dir: Path | None = Field(
-        None, description="model artifact directory (RUN_DIR/model written by training/train_torch.py); required")
+        Path("runs/latest/model"),
+        description="model artifact directory (RUN_DIR/model written by training/train_torch.py); default the "
+                    "newest finished run's, runs/latest/model, relative to the current directory (README, "
+                    "\"Your own data\")")
     max_batch_size: int = Field(
         16, ge=1, le=1024, description="most posts one forward pass takes (micro-batch size cap)")
     max_wait_ms: float = Field(

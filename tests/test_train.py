@@ -6,12 +6,17 @@ shared by the tests that only read its outputs.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import math
 import json
 import logging
+import os
 import re
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +26,11 @@ from models.clip_regressor import CLIPRegressor, HeadConfig, TargetTransform, lo
 from tiny_posts import write_tiny_posts
 from data_preprocessing.posts import Record
 from common.config import parse_config
+from training import data as train_data
 from training import train_torch
-from training.train_torch import (Collator, EngagementDataset, NonFiniteGuard, TrainConfig, make_loader,
-                                  start_phase, train_one_epoch)
+from training.config import TrainConfig
+from training.data import Collator, EngagementDataset, make_loader
+from training.loop import NonFiniteGuard, start_phase, train_one_epoch
 
 KEYS = {"rmse", "mae", "r2", "pearson", "spearman"}
 
@@ -40,11 +47,14 @@ def posts(tmp_path_factory):
     return write_tiny_posts(tmp_path_factory.mktemp("posts"))
 
 
-def args(posts, out, clip, *extra) -> list[str]:
+def small(clip, *extra) -> list[str]:
     """Small and fast: 4 train batches of 8, a narrow head, no worker processes."""
-    return ["--data", str(posts), "--out", str(out), "--clip-model", str(clip), "--batch-size", "8",
-            "--eval-batch-size", "16", "--num-workers", "0", "--head-hidden", "32", "--clip-lr", "1e-4",
-            *extra]
+    return ["--clip-model", str(clip), "--batch-size", "8", "--eval-batch-size", "16", "--num-workers", "0",
+            "--head-hidden", "32", "--clip-lr", "1e-4", *extra]
+
+
+def args(posts, out, clip, *extra) -> list[str]:
+    return ["--data", str(posts), "--out", str(out), *small(clip, *extra)]
 
 
 @pytest.fixture(scope="session")
@@ -523,7 +533,7 @@ def test_compile_flag_compiles_the_train_step_and_changes_no_result(tmp_path, po
     from transformers import CLIPProcessor
 
     from models.clip_regressor import PostBatcher
-    from training.train_torch import make_accelerator, start_phase
+    from training.run import make_accelerator
 
     torch.manual_seed(0)
     model = CLIPRegressor.from_pretrained(tiny_clip, HeadConfig(hidden=32, dropout=0.0))
@@ -548,17 +558,183 @@ def test_compile_flag_compiles_the_train_step_and_changes_no_result(tmp_path, po
     (False, 64, 1, 16, 8),  # at most 8
     (True, 16, 1, 16, 8), (True, 16, 4, 16, 3), (True, 1, 1, 1, 1)])  # GPU: CPUs per process - 1, 1 to 8
 def test_default_num_workers_leaves_the_step_its_cores(monkeypatch, cuda, cpus, processes, threads, workers):
-    monkeypatch.setattr(train_torch.os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    monkeypatch.setattr(train_torch.torch, "get_num_threads", lambda: threads)
-    assert train_torch.default_num_workers(cuda, processes) == workers
+    monkeypatch.setattr(train_data.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(train_data.torch, "get_num_threads", lambda: threads)
+    assert train_data.default_num_workers(cuda, processes) == workers
 
 
 def test_num_workers_is_resolved_only_when_not_given(monkeypatch):
     class Accelerator:
         device, num_processes = torch.device("cpu"), 1
 
-    monkeypatch.setattr(train_torch, "default_num_workers", lambda cuda, processes: 5 if not cuda else -1)
+    monkeypatch.setattr(train_data, "default_num_workers", lambda cuda, processes: 5 if not cuda else -1)
     cfg = parse_config(TrainConfig, ["--data", "d", "--out", "o"])
-    assert cfg.num_workers is None and train_torch.resolve_num_workers(cfg, Accelerator()) == cfg.num_workers == 5
+    assert cfg.num_workers is None and train_data.resolve_num_workers(cfg, Accelerator()) == cfg.num_workers == 5
     given = parse_config(TrainConfig, ["--data", "d", "--out", "o", "--num-workers", "2"])
-    assert train_torch.resolve_num_workers(given, Accelerator()) == given.num_workers == 2
+    assert train_data.resolve_num_workers(given, Accelerator()) == given.num_workers == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Small data, the bare script's layout, what the figures mean, timestamp features
+# ---------------------------------------------------------------------------------------
+
+
+def test_an_empty_split_is_refused_with_a_message(tmp_path, tiny_clip):
+    """As preprocessing can leave it when rejects empty val: a message and exit status 1,
+    not torch.cat's traceback at the end of the first epoch."""
+    data = write_tiny_posts(tmp_path / "data", counts=(("train", 8), ("val", 0), ("test", 4)))
+    with pytest.raises(SystemExit) as refused:
+        train_torch.main(args(data, tmp_path / "run", tiny_clip, "--frozen-epochs", "1", "--finetune-epochs", "0"))
+    message = refused.value.code
+    assert isinstance(message, str)  # SystemExit(str): printed, exit status 1
+    assert f"{data} has no posts in its val split (train 8, val 0, test 4)" in message
+    assert "--val-frac" in message and "rejects.csv" in message
+    assert not (tmp_path / "run").exists()
+
+
+@dataclass
+class BareRuns:
+    """``python training/train_torch.py`` with no --data/--out, twice, in a repo-like folder."""
+
+    root: Path  # the current directory of both runs
+    data: Path  # root/data/processed: posts with a posted_at feature, a time split, a summed label
+    after_interrupted: list[str]  # runs/ after the first run, stopped after one epoch
+    log: str  # the second, finished run's log
+
+
+@pytest.fixture(scope="session")
+def bare_runs(tmp_path_factory, tiny_clip) -> BareRuns:
+    from data_preprocessing.label_expr import LabelExpr
+
+    root = tmp_path_factory.mktemp("repo")
+    data = write_tiny_posts(root / "data" / "processed", posted_at=True)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["split"] = _time_split_summary(data)
+    meta["label"] = LabelExpr(("likes", "comments")).to_dict()
+    (data / "meta.json").write_text(json.dumps(meta))
+    epochs = ("--frozen-epochs", "1", "--finetune-epochs", "1")
+    cwd, log = os.getcwd(), io.StringIO()
+    os.chdir(root)
+    try:
+        assert train_torch.main(small(tiny_clip, *epochs, "--stop-after-epochs", "1")) == 0
+        after_interrupted = sorted(p.name for p in (root / "runs").iterdir())
+        with contextlib.redirect_stderr(log):  # setup_logging logs to sys.stderr as main finds it
+            assert train_torch.main(small(tiny_clip, *epochs)) == 0
+    finally:
+        os.chdir(cwd)
+    return BareRuns(root, data, after_interrupted, log.getvalue())
+
+
+def _time_split_summary(data) -> dict:
+    """meta.json's split summary for the tiny set's splits, which are in time order."""
+    from data_preprocessing.splits import SplitPlan, SplitRule, split_summary
+
+    times, split = [], []
+    for i, name in enumerate(("train", "val", "test")):
+        records = list(EngagementDataset(data, name))
+        times += [r.features["posted_at"] for r in records]
+        split += [i] * len(records)
+    plan = SplitPlan(SplitRule("time", "posted_at"), np.array(split, dtype=np.int8), {}, times=np.array(times))
+    return split_summary(plan, 8 / 48, 8 / 48)
+
+
+def test_the_bare_script_writes_a_timestamped_run_and_points_latest_at_it(bare_runs, monkeypatch):
+    from serving.settings import ServingSettings
+
+    runs = bare_runs.root / "runs"
+    stamp = re.compile(r"\d{8}-\d{6}(-\d+)?")
+    # The interrupted run wrote its run dir but did not become latest.
+    assert len(bare_runs.after_interrupted) == 1 and stamp.fullmatch(bare_runs.after_interrupted[0])
+    finished = [p.name for p in runs.iterdir() if p.name not in ("latest", *bare_runs.after_interrupted)]
+    assert len(finished) == 1 and stamp.fullmatch(finished[0])
+    assert sorted(p.name for p in runs.iterdir()) == sorted([*bare_runs.after_interrupted, finished[0], "latest"])
+    assert os.readlink(runs / "latest") == finished[0]  # relative
+    m = _metrics(runs / "latest")
+    assert m["data"]["dir"] == "data/processed"
+    config = json.loads((runs / finished[0] / "config.json").read_text())["args"]
+    assert config["out"] == f"runs/{finished[0]}"
+    # The server's default MODEL_DIR is the model this run wrote.
+    monkeypatch.delenv("MODEL_DIR", raising=False)
+    model_dir = bare_runs.root / ServingSettings().model_dir
+    assert model_dir.resolve() == (runs / finished[0] / "model").resolve()
+    assert load_model(model_dir).config["training"]["args"]["out"] == f"runs/{finished[0]}"
+    assert f"runs/latest -> {finished[0]}" in bare_runs.log
+
+
+def test_metrics_and_the_end_of_the_log_say_how_the_test_posts_were_chosen(bare_runs, straight_run):
+    from data_preprocessing.splits import describe_split
+
+    m = _metrics(bare_runs.root / "runs" / "latest")
+    summary = json.loads((bare_runs.data / "meta.json").read_text())["split"]
+    assert m["split"] == {"description": describe_split(summary), "summary": summary}
+    assert m["split"]["description"].startswith("split time:posted_at: train 66.7%, val 16.7%, test 16.7%; ")
+    lines = bare_runs.log.splitlines()
+    table = next(i for i, line in enumerate(lines) if "test R² (model scale) and RMSE" in line)
+    assert [line for line in lines[table:] if "test posts: " in line] == [
+        next(line for line in lines if line.endswith(f"test posts: {m['split']['description']}"))]
+    art = json.loads((bare_runs.root / "runs" / "latest" / "model" / "config.json").read_text())
+    assert art["training"]["split"] == m["split"]
+    # Data from before split rules were recorded: preprocessing's seeded shuffle.
+    assert _metrics(straight_run)["split"] == {"description": "random split (seeded shuffle)", "summary": None}
+
+
+def test_the_artifact_records_the_label_expression(bare_runs, straight_run):
+    art = json.loads((bare_runs.root / "runs" / "latest" / "model" / "config.json").read_text())
+    assert art["label"] == {"expression": "likes+comments", "columns": ["likes", "comments"], "combine": "sum",
+                            "description": "the sum of the post's 'likes' + 'comments' counts"}
+    assert _metrics(bare_runs.root / "runs" / "latest")["data"]["label"] == art["label"]
+    assert json.loads((straight_run / "model" / "config.json").read_text())["label"] is None  # no table, no label
+
+
+def test_a_baseline_that_beats_the_kept_model_ends_the_log(tmp_path, posts, tiny_clip):
+    """A head that has barely moved from its init (no probe, one frozen epoch at a tiny LR)
+    against baselines fit in closed form: they beat it, and the log ends saying so."""
+    from training.baselines import beaten_message
+
+    out, log = tmp_path / "untrained", io.StringIO()
+    with contextlib.redirect_stderr(log):
+        assert train_torch.main(args(posts, out, tiny_clip, "--frozen-epochs", "1", "--finetune-epochs", "0",
+                                     "--no-linear-probe-init", "--head-lr", "1e-9")) == 0
+    m = _metrics(out)
+    assert m["test"]["r2"] < 0.0 < m["baselines"]["frozen_clip_ridge"]["r2"]
+    assert m["beaten_by"] == sorted((n for n, b in m["baselines"].items() if b["r2"] > m["test"]["r2"]),
+                                    key=lambda n: -m["baselines"][n]["r2"])
+    best = m["beaten_by"][0]
+    last = log.getvalue().rstrip().splitlines()[-1]
+    assert " WARNING " in last and last.endswith(beaten_message(m["test"]["r2"], m["baselines"]))
+    assert f"baseline {best} beats the kept model on test: R² {m['baselines'][best]['r2']:.4f} against the kept " \
+           f"model's {m['test']['r2']:.4f}" in last
+
+
+def test_a_timestamp_feature_trains_and_serves_end_to_end(bare_runs):
+    from tiny_posts import POSTED_AT, local_hour
+
+    model_dir = bare_runs.root / "runs" / "latest" / "model"
+    art = json.loads((model_dir / "config.json").read_text())
+    (spec,) = art["prepare"]["features"]["features"]
+    assert spec["column"] == {**POSTED_AT.to_dict(), "parts": ["hour", "weekday"]}
+    assert spec["transform"] == "cyclic"
+    inputs = ["posted_at__hour_sin", "posted_at__hour_cos", "posted_at__weekday_sin", "posted_at__weekday_cos",
+              "posted_at__missing"]
+    assert art["prepare"]["features"]["inputs"] == inputs
+    assert art["architecture"]["n_features"] == art["prepare"]["features"]["width"] == len(inputs)
+    loaded = load_model(model_dir)
+    d = loaded.model.clip.config.projection_dim
+    assert loaded.model.head.in_features == 3 * d + 1 + len(inputs)
+    # What the served batch carries for a post is its local (New York) hour and weekday on circles.
+    records = list(EngagementDataset(bare_runs.data, "test"))[:4]
+    batch = Collator(loaded.batcher)(records)
+    assert batch["features"].shape == (4, len(inputs))
+    for row, r in zip(batch["features"].numpy(), records):
+        hour = local_hour(r.features["posted_at"])
+        np.testing.assert_allclose(row[:2], [math.sin(2 * math.pi * hour / 24), math.cos(2 * math.pi * hour / 24)],
+                                   atol=1e-6)
+        assert row[4] == 0.0
+    # Twelve hours later is another prediction; no time at all is the missing flag.
+    later = [Record(**{**vars(r), "features": {"posted_at": r.features["posted_at"] + 12 * 3600}}) for r in records]
+    missing = [Record(**{**vars(r), "features": {"posted_at": None}}) for r in records]
+    score, _ = loaded.predict_batch(batch)
+    assert not torch.allclose(score, loaded.predict_batch(Collator(loaded.batcher)(later))[0])
+    missing_batch = Collator(loaded.batcher)(missing)
+    assert missing_batch["features"][:, 4].tolist() == [1.0] * 4
+    assert torch.isfinite(loaded.predict_batch(missing_batch)[0]).all()

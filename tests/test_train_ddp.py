@@ -3,6 +3,7 @@
 Two processes train a tiny CLIP on 48 posts. The run must see every test post exactly
 once in order, build the phase-1 cache shard-wise (its baselines equal a one-process
 run's), and leave an artifact that load_model reads and that predicts what the run wrote.
+It runs without --out, so rank 0 names the new runs/<timestamp> for both ranks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from models.clip_regressor import load_model
 from tiny_posts import write_tiny_posts
 from training import train_torch
-from training.train_torch import Collator, EngagementDataset
+from training.data import Collator, EngagementDataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,13 +34,16 @@ def test_two_process_run_writes_a_loadable_artifact(tmp_path):
     posts = write_tiny_posts(tmp_path / "posts", counts=(("train", 27), ("val", 7), ("test", 9)))
     common = ["--data", str(posts), "--clip-model", str(clip), "--frozen-epochs", "1", "--finetune-epochs", "1",
               "--batch-size", "4", "--eval-batch-size", "4", "--num-workers", "0", "--head-hidden", "32"]
-    out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "training" / "train_torch.py"), *common, "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+         str(REPO / "training" / "train_torch.py"), *common],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]  # one dir for both ranks
+    out = tmp_path / "runs" / "latest"
+    assert out.resolve() == run.resolve()
+    assert json.loads((run / "config.json").read_text())["args"]["out"] == f"runs/{run.name}"
 
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_processes"] == 2

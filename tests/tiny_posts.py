@@ -57,19 +57,35 @@ def write_table(path: Path, header: Sequence[str], rows: Sequence[Sequence], sep
 
 FEATURE_COLUMNS = (FeatureColumn("followers", "numeric", 0.0, None), FeatureColumn("platform", "categorical"))
 PLATFORMS = ("instagram", "tiktok", "x")
+# A timestamp column read in New York time; posts are a day apart in row order (each at a
+# random time of day), so train is older than val and val older than test: a time split.
+POSTED_AT = FeatureColumn("posted_at", "datetime", timezone="America/New_York")
+POSTED_FROM = 1_735_689_600.0  # 2025-01-01T00:00:00Z
+
+
+def local_hour(unix_seconds: float, column: FeatureColumn = POSTED_AT) -> float:
+    """The hour of day (a fraction) of a time in the column's zone."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    t = datetime.fromtimestamp(unix_seconds, tz=ZoneInfo(column.timezone))
+    return t.hour + t.minute / 60 + t.second / 3600
 
 
 def write_tiny_posts(out_dir: Path, counts=(("train", 32), ("val", 8), ("test", 8)), seed: int = 0,
-                     shortest_edge: int = 224, features: bool = False) -> Path:
+                     shortest_edge: int = 224, features: bool = False, posted_at: bool = False) -> Path:
     """Posts whose label depends on image colour and sentiment (so there is signal to learn).
 
     ``features=True`` adds ``followers`` (log-normal, the label's main driver, a few
-    missing) and ``platform`` columns, with a schema fitted on train in meta.json.
+    missing) and ``platform`` columns; ``posted_at=True`` a ``POSTED_AT`` timestamp (Unix
+    seconds) whose local hour moves the label (posts at 20 h do best). Either way the
+    schema is fitted on train and written to meta.json.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    row, train_values = 0, {"followers": [], "platform": []}
+    columns = (FEATURE_COLUMNS if features else ()) + ((POSTED_AT,) if posted_at else ())
+    row, train_values = 0, {c.name: [] for c in columns}
     for split, n in counts:
         writer = RecordWriter(out_dir, split)
         for _ in range(n):
@@ -84,9 +100,12 @@ def write_tiny_posts(out_dir: Path, counts=(("train", 32), ("val", 8), ("test", 
                 z += 1.5 * (np.log1p(followers) - 7)
                 feats = {"followers": None if rng.random() < 0.1 else followers,
                          "platform": PLATFORMS[int(rng.integers(len(PLATFORMS)))]}
-                if split == "train":
-                    for k, v in feats.items():
-                        train_values[k].append(v)
+            if posted_at:  # drawn last, so the other columns are those of a set without it
+                feats["posted_at"] = POSTED_FROM + row * 86_400 + float(rng.uniform(0, 86_400))
+                z += 0.8 * np.cos(2 * np.pi * (local_hour(feats["posted_at"]) - 20) / 24)
+            if split == "train":
+                for k, v in feats.items():
+                    train_values[k].append(v)
             writer.write(Record(image=Image.fromarray(pixels.astype(np.uint8)),
                                 text=" ".join(rng.choice(WORDS, int(rng.integers(1, 12)))),
                                 sentiment=sentiment, features=feats, label=float(np.round(np.expm1(max(z, 0)))),
@@ -94,7 +113,7 @@ def write_tiny_posts(out_dir: Path, counts=(("train", 32), ("val", 8), ("test", 
             row += 1
         writer.close()
     policy = ResizePolicy(shortest_edge)
-    schema = FeatureSchema.fit(FEATURE_COLUMNS, train_values) if features else FeatureSchema()
+    schema = FeatureSchema.fit(columns, train_values)
     meta = {"cleaning_version": CLEANING_VERSION, "counts": {"splits": dict(counts)},
             "image_size_policy": {"shortest_edge": shortest_edge, "resample": 3, "resample_name": "BICUBIC"},
             "prepare": PrepareConfig(policy, features=schema).to_dict(),

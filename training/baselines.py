@@ -12,6 +12,9 @@ comparison stays fair:
   It reuses the phase-1 embedding cache, so it costs no extra CLIP pass.
 - ``features_only`` (only with feature columns): RidgeCV on the features alone, so a user
   sees what the image and the caption add over the account data.
+
+When one of them beats the kept model on test, ``beaten_message`` says so, plainly, at the
+end of the training log (and metrics.json lists them: ``beaten_by``).
 """
 
 from __future__ import annotations
@@ -43,3 +46,39 @@ def baseline_metrics(train: dict[str, np.ndarray], test: dict[str, np.ndarray]) 
     if train["features"].shape[1] > 0:
         preds["features_only"] = fit_predict(RidgeCV(alphas=RIDGE_ALPHAS), "features")
     return {name: regression_metrics(z_test, p) for name, p in preds.items()}
+
+
+# What it means when a baseline beats the kept model on test, and what to try.
+BEATEN_HINTS = {
+    "mean": "the model predicts the test posts worse than the train mean does: it learned nothing that holds "
+            "on them (too few posts, or a test split unlike train)",
+    "sentiment_linear": "a linear model on caption sentiment (and the feature columns) does better: the image "
+                        "and caption embeddings add nothing here",
+    "frozen_clip_ridge": "a ridge regression on the frozen CLIP embeddings does better: fine-tuning hurt; try a "
+                         "lower --clip-lr or fewer --finetune-epochs",
+    "features_only": "the feature columns alone do better: the image and caption add nothing the model could "
+                     "use on this data",
+}
+
+
+def beaten_by(model_r2: float, baselines: dict[str, dict[str, float]]) -> list[str]:
+    """Names of the baselines with a higher test R² than the kept model's, best first."""
+    winners = [name for name, m in baselines.items() if m["r2"] > model_r2]  # NaN never wins
+    return sorted(winners, key=lambda name: -baselines[name]["r2"])
+
+
+def beaten_message(model_r2: float, baselines: dict[str, dict[str, float]]) -> str | None:
+    """One plain paragraph for the end of the training log when a baseline beats the kept
+    model on test (both R², model scale), or None when none does."""
+    winners = beaten_by(model_r2, baselines)
+    if not winners:
+        return None
+    best = winners[0]
+    text = (f"baseline {best} beats the kept model on test: R² {baselines[best]['r2']:.4f} against the kept "
+            f"model's {model_r2:.4f} (model scale).")
+    hint = BEATEN_HINTS.get(best)
+    if hint:
+        text += f" {hint[0].upper()}{hint[1:]}."
+    if len(winners) > 1:
+        text += " Also ahead of it: " + ", ".join(f"{n} (R² {baselines[n]['r2']:.4f})" for n in winners[1:]) + "."
+    return text

@@ -60,13 +60,3 @@ def interpolate(theta0: dict[str, torch.Tensor], theta1: dict[str, torch.Tensor]
         raise ValueError("WiSE-FT needs two states of the same model")
     return {k: torch.lerp(theta0[k], v, alpha) if v.is_floating_point() else v.clone()
             for k, v in theta1.items()}
-
-
-def parse_alphas(spec: str) -> tuple[float, ...]:
-    """``"0,0.25,0.5,0.75,1"`` -> sorted alphas in [0, 1]; ``"none"`` -> () (WiSE-FT off)."""
-    if spec.strip().lower() in ("none", ""):
-        return ()
-    alphas = sorted({float(a) for a in spec.split(",")})
-    if alphas[0] < 0 or alphas[-1] > 1:
-        raise ValueError(f"--wise-ft-alphas must lie in [0, 1], got {spec!r}")
-    return tuple(alphas)
