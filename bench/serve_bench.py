@@ -102,9 +102,10 @@ def table_scorer(cfg: ServeBenchConfig, preset: str) -> dict:
 
     # 2. The ceiling's batches: rows N..2N-1 of the big table, through predict's own Dataset and collate.
     lm = load_model(model_dir)
-    rows = predict.read_rows(defaults, lm.prepare)[0][n:]
-    ds, collate, bs = predict.TableRows(rows, lm.prepare), predict.Batches(lm.batcher), defaults.batch_size
-    batches = [collate([ds[i] for i in range(j, min(j + bs, n))])[1] for j in range(0, n, bs)]
+    table = predict.read_input(defaults, predict.table_columns(defaults))
+    rows = predict.read_rows(defaults, table)[0][n:]
+    ds, collate, bs = predict.TableRows(rows, lm.prepare, None), predict.Batches(lm.batcher), defaults.batch_size
+    batches = [collate([ds[i] for i in range(j, min(j + bs, n))])[2] for j in range(0, n, bs)]
 
     def forward_pps() -> float:
         lm.explain_batch(batches[0])  # a first pass at a new shape is far slower
