@@ -76,7 +76,8 @@ def _check_model_dir(settings: ServingSettings) -> Path:
     model_dir = Path(settings.model_dir)
     if not model_dir.is_dir():
         raise RuntimeError(f"MODEL_DIR={model_dir} is not a directory (expected RUN_DIR/model written by "
-                           "training/train_torch.py)")
+                           "training/train_torch.py; a bare `python training/train_torch.py` writes runs/<time>/ "
+                           'and points runs/latest at it, the default MODEL_DIR: README.md, "On your own data")')
     return model_dir
 
 

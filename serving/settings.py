@@ -30,7 +30,7 @@ class ServingSettings(BaseSettings):
         Path("runs/latest/model"),
         description="model artifact directory (RUN_DIR/model written by training/train_torch.py); default the "
                     "newest finished run's, runs/latest/model, relative to the current directory (README, "
-                    "\"Your own data\")")
+                    "\"On your own data\")")
     max_batch_size: int = Field(
         16, ge=1, le=1024, description="most posts one forward pass takes (micro-batch size cap)")
     max_wait_ms: float = Field(

@@ -51,7 +51,7 @@ def test_bare_run_without_data_says_where_to_put_the_table(tmp_path):
     assert "Traceback" not in out.stderr
     assert "no preprocessed data in data/processed/" in out.stderr
     assert "data/posts.csv" in out.stderr and "--data DIR" in out.stderr
-    assert 'section "Your own data"' in out.stderr
+    assert 'section "On your own data"' in out.stderr
     assert not (tmp_path / "runs").exists()  # nothing written for a run that never started
 
 

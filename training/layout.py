@@ -24,7 +24,7 @@ from training.config import DEFAULT_DATA, LATEST, RUNS_DIR, DataRefused
 log = logging.getLogger(__name__)
 
 TIMESTAMP = "%Y%m%d-%H%M%S"  # local time, sorts by age: runs/20261207-183000
-README_SECTION = '"Your own data"'
+README_SECTION = '"On your own data"'
 
 
 def check_data_dir(data: str) -> None:
