@@ -65,7 +65,7 @@ def _as_api_errors():
     try:
         yield
     except FeatureError as e:
-        raise APIError(422, e.reason, e.message) from None
+        raise APIError(422, e.api_reason, e.message) from None
     except ImageError as e:
         raise APIError(IMAGE_ERROR_STATUS.get(e.reason, 422), e.reason, e.message) from None
     except Exception as e:  # noqa: BLE001 - a decoder failing on a damaged header is a bad image
