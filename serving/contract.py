@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from typing import Annotated, Any, Sequence
 
 from fastapi import Request, UploadFile
@@ -63,12 +65,13 @@ def _decode_base64(value: Any) -> bytes:
                                   {"error": str(e)}) from None
 
 
+# minLength 1: an empty image is refused (422 empty_file), and the document says so.
 Base64Image = Annotated[bytes, BeforeValidator(_decode_base64), WithJsonSchema(
-    {"type": "string", "format": "byte",
+    {"type": "string", "format": "byte", "minLength": 1,
      "description": "the image file's bytes (JPEG, PNG, WEBP, BMP or GIF), base64; a 'data:image/...;base64,' "
                     "prefix is accepted"})]
 ImageFile = Annotated[UploadFile, WithJsonSchema(
-    {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
+    {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream", "minLength": 1,
      "description": "an image file: JPEG, PNG, WEBP, BMP or GIF"})]
 
 
@@ -107,12 +110,18 @@ def _with_required(base: type[BaseModel], *names: str) -> type[BaseModel]:
 
 
 class _PostJSONBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE]})
+    model_config = ConfigDict(extra="forbid")
 
 
 class _BatchJSONBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"posts": [
-        _EXAMPLE, {**_EXAMPLE, "text": ""}]}]})
+    model_config = ConfigDict(extra="forbid")
+
+
+def _with_examples(base: type[BaseModel], *examples: dict) -> type[BaseModel]:
+    """``base`` with these documented examples: each holds every field the model requires (the
+    feature columns as null, "unknown"), so each works as sent (tests/test_schemathesis.py)."""
+    config = ConfigDict(**base.model_config, json_schema_extra={"examples": list(examples)})
+    return type(base.__name__, (base,), {"model_config": config, "__module__": __name__})
 
 
 class _BatchFormBase(BaseModel):
@@ -176,13 +185,15 @@ def build_contract(feature_names: Sequence[str], max_caption_chars: int, max_pos
     feature_column = {n: (list[str] | None, Field(None, description=f"'{n}' of each post, in image order{what}"))
                       for n in names}
     posts = dict(min_length=1, max_length=max_posts)
+    example = {**_EXAMPLE, **dict.fromkeys(names)}
     post_form = create_model(
         "PostForm", __base__=_with_required(_PostFormBase, "text", *names),
         __doc__="One post as multipart/form-data (curl -F image=@photo.jpg -F text=...).",
         image=(ImageFile, Field(description="the image file")),
         text=(str, _caption(max_caption_chars, default="")), **form_feature)
     post_json = create_model(
-        "PostJSON", __base__=_PostJSONBase, __doc__="One post as JSON; the image travels inline, never as a URL.",
+        "PostJSON", __base__=_with_examples(_PostJSONBase, example),
+        __doc__="One post as JSON; the image travels inline, never as a URL.",
         image_base64=(Base64Image, Field(examples=[EXAMPLE_IMAGE_BASE64])), text=(str, _caption(max_caption_chars)),
         **json_feature)
     batch_form = create_model(
@@ -193,7 +204,8 @@ def build_contract(feature_names: Sequence[str], max_caption_chars: int, max_pos
         text=(list[Annotated[str, _caption(max_caption_chars)]], Field(description="one caption per image", **posts)),
         **feature_column)
     batch_json = create_model(
-        "BatchJSON", __base__=_BatchJSONBase, __doc__="Several posts as JSON; results come back in the same order.",
+        "BatchJSON", __base__=_with_examples(_BatchJSONBase, {"posts": [example, {**example, "text": ""}]}),
+        __doc__="Several posts as JSON; results come back in the same order.",
         posts=(list[post_json], Field(description=f"1 to {max_posts} posts (MAX_POSTS_PER_REQUEST)", **posts)))
     return Contract(names, max_caption_chars, max_posts, post_form, post_json, batch_form, batch_json)
 
@@ -242,3 +254,124 @@ async def check_features_sent(request: Request) -> None:
         if name not in form:
             raise APIError(422, "missing_feature", f"{name}: the feature field '{name}' is missing; send "
                                                    f"{name}= for an unknown value")
+
+
+# --- variants: one image, several captions, maybe a week of posting times ------------------
+
+MAX_VARIANTS = 5  # captions per /predict/variants request
+MAX_GRID_DAYS = 7
+_DAY_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+
+
+def _day(value: Any) -> date:
+    """A grid's start day: exactly YYYY-MM-DD (``date.fromisoformat`` alone takes more forms)."""
+    if not isinstance(value, str) or not re.fullmatch(_DAY_RE, value):
+        raise PydanticCustomError("invalid_day", "a day is written YYYY-MM-DD")
+    try:
+        return date.fromisoformat(value)
+    except ValueError as e:
+        raise PydanticCustomError("invalid_day", "not a calendar day: {error}", {"error": str(e)}) from None
+
+
+Day = Annotated[date, BeforeValidator(_day), WithJsonSchema({"type": "string", "format": "date", "pattern": _DAY_RE})]
+Hour = Annotated[StrictInt, Field(ge=0, le=23)]
+GridDays = Annotated[StrictInt, Field(ge=1, le=MAX_GRID_DAYS)]
+
+
+class TimeGrid(BaseModel):
+    """Posting times to score: every ``hours`` hour of ``days`` days from ``start``, local time in
+    the timestamp column's zone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: Day = Field(description="the first day, YYYY-MM-DD")
+    days: GridDays = Field(description=f"how many days, 1 to {MAX_GRID_DAYS}")
+    hours: list[Hour] = Field(default_factory=lambda: list(range(24)), min_length=1, max_length=24,
+                              description="hours of the day, 0 to 23 (default: all 24)")
+
+    def times(self) -> list[tuple[int, int, str]]:
+        """(day offset, hour, the timestamp column's value: ISO local time without an offset)."""
+        return [(d, h, f"{self.start + timedelta(days=d):%Y-%m-%d}T{h:02d}:00") for d in range(self.days)
+                for h in self.hours]
+
+
+@dataclass(frozen=True)
+class RawVariants:
+    """One /predict/variants request as the client sent it."""
+
+    image: bytes
+    captions: tuple[str, ...]
+    features: dict[str, str | None]  # feature column -> value as sent (the timestamp: the chosen time)
+    grid: TimeGrid | None = None  # with it, the first timestamp column takes every time of the grid
+    grid_column: str | None = None
+
+
+@dataclass(frozen=True)
+class VariantsContract:
+    """The request models of /predict/variants and /predict/variants/json for one model."""
+
+    feature_names: tuple[str, ...]
+    datetime_names: tuple[str, ...]  # the timestamp columns; a grid exists only with one
+    VariantsForm: type[BaseModel]
+    VariantsJSON: type[BaseModel]
+
+    async def read(self, req: BaseModel) -> RawVariants:
+        """A validated VariantsForm or VariantsJSON -> RawVariants."""
+        if isinstance(req, self.VariantsJSON):
+            image, grid = req.image_base64, getattr(req, "grid", None)
+        else:
+            image = await req.image.read()
+            start, days = getattr(req, "grid_start", None), getattr(req, "grid_days", None)
+            grid = None if start is None else TimeGrid(start=start, days=days, **(
+                {"hours": req.grid_hours} if req.grid_hours else {}))
+        return RawVariants(image, tuple(req.captions), {n: getattr(req, n) for n in self.feature_names}, grid,
+                           self.datetime_names[0] if grid is not None else None)
+
+
+def _grid_form_fields() -> dict[str, Any]:
+    """Multipart's grid: three plain fields (a form has no objects); sent together or not at all."""
+    return {"grid_start": (Day | None, Field(None, description="the grid's first day, YYYY-MM-DD (with grid_days)")),
+            "grid_days": (GridDays | None, Field(None, description=f"days in the grid, 1 to {MAX_GRID_DAYS}")),
+            "grid_hours": (list[Hour] | None, Field(None, description="hours of the day, repeated (default all 24)"))}
+
+
+def _grid_together(schema: dict) -> None:
+    """The form document: the grid's fields come together (grid_hours needs the other two), no null."""
+    schema["dependentRequired"] = {"grid_start": ["grid_days"], "grid_days": ["grid_start"],
+                                   "grid_hours": ["grid_start", "grid_days"]}
+    for name in ("grid_start", "grid_days", "grid_hours"):
+        prop = schema["properties"][name]
+        prop.pop("default", None)
+        branches = [b for b in prop.pop("anyOf", []) if b.get("type") != "null"]
+        prop.update(branches[0] if branches else {})
+
+
+def build_variants_contract(feature_names: Sequence[str], datetime_names: Sequence[str],
+                            max_caption_chars: int) -> VariantsContract:
+    """The variants request models for these feature columns (``datetime_names``: the timestamp
+    ones among them, which add the grid)."""
+    names, dt = tuple(feature_names), tuple(datetime_names)
+    what = "; required, an empty value means 'unknown' (imputed as in training)"
+    captions = (list[Annotated[str, _caption(max_caption_chars)]],
+                Field(min_length=1, max_length=MAX_VARIANTS, description=f"1 to {MAX_VARIANTS} caption variants "
+                                                                         "of the post, each scored with the image"))
+    json_feature = {n: (StrictInt | StrictFloat | StrictStr | None, Field(description=f"the post's '{n}'{what}"))
+                    for n in names}
+    grid_json = {"grid": (TimeGrid | None, Field(None, description=f"score every time of this grid in '{dt[0]}' "
+                                                                   "instead of one"))} if dt else {}
+    example = {"image_base64": EXAMPLE_IMAGE_BASE64, "captions": [EXAMPLE_CAPTION, "Golden hour, no filter"],
+               **dict.fromkeys(names)}
+    variants_json = create_model(
+        "VariantsJSON", __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [example]}),
+        __doc__="One image and its caption variants as JSON.",
+        image_base64=(Base64Image, Field(examples=[EXAMPLE_IMAGE_BASE64])), captions=captions, **json_feature,
+        **grid_json)
+    form_feature = {n: (str, Field("", description=f"the post's '{n}'{what}")) for n in names}
+    required = _form_fields_required("captions", *names)
+    extra = (lambda schema: (required(schema), _grid_together(schema))) if dt else required
+    variants_form = create_model(
+        "VariantsForm", __config__=ConfigDict(extra="forbid", json_schema_extra=extra),
+        __doc__="One image and its caption variants as multipart/form-data (repeat captions=...).",
+        image=(ImageFile, Field(description="the image file")), captions=captions, **form_feature,
+        **(_grid_form_fields() if dt else {}))
+    return VariantsContract(names, dt, variants_form, variants_json)

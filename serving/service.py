@@ -24,12 +24,12 @@ from typing import Sequence
 from fastapi import Request
 
 from serving.batching import MicroBatcher, QueueFull
-from serving.contract import RawPost
+from serving.contract import RawPost, RawVariants
 from serving.errors import APIError
 from serving.metrics import ServingMetrics
 from data_preprocessing.posts import Post
 from serving.predictor import Predictor
-from serving.schemas import Prediction
+from serving.schemas import Prediction, VariantsResponse
 from serving.settings import ServingSettings
 
 
@@ -108,6 +108,19 @@ class Service:
                            f"the server is at capacity ({e.queued} posts queued, MAX_QUEUE={e.max_queue}); "
                            "retry later", {"Retry-After": str(e.retry_after_s)}) from None
         return [p if isinstance(p, APIError) else next(results) for p in prepared]
+
+    async def predict_variants(self, raw: RawVariants) -> VariantsResponse:
+        """One image's caption variants (and grid times): prepared in a decoding thread, then the model's
+        one thread runs them as one job, queued there with the micro-batches (it is one forward of the
+        image and the captions). The deadline is the same as a post's."""
+        s, loop = self.settings, asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(s.request_timeout_s):
+                prepared = await loop.run_in_executor(self.prep_pool, self.predictor.prepare_variants, raw)
+                return await loop.run_in_executor(self.torch_thread, self.predictor.run_variants, prepared)
+        except TimeoutError:
+            raise APIError(504, "deadline_exceeded",
+                           f"no prediction within {s.request_timeout_s:g}s (REQUEST_TIMEOUT_S)") from None
 
     async def predict_one(self, post: RawPost) -> Prediction:
         (out,) = await self.predict([post])

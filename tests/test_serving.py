@@ -151,7 +151,9 @@ def _refs(node) -> set[str]:
 PREDICT_PATHS = [("/predict", "multipart/form-data", "PostForm", "Prediction"),
                  ("/predict/json", "application/json", "PostJSON", "Prediction"),
                  ("/predict/batch", "multipart/form-data", "BatchForm", "BatchResponse"),
-                 ("/predict/batch/json", "application/json", "BatchJSON", "BatchResponse")]
+                 ("/predict/batch/json", "application/json", "BatchJSON", "BatchResponse"),
+                 ("/predict/variants", "multipart/form-data", "VariantsForm", "VariantsResponse"),
+                 ("/predict/variants/json", "application/json", "VariantsJSON", "VariantsResponse")]
 
 
 def test_openapi_documents_each_path_with_one_body_type(client):
