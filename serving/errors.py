@@ -65,7 +65,7 @@ def _reason_of(error: dict, multipart: bool) -> tuple[int, str] | None:
         return 413, "too_many_posts"
     if name == "posts" and kind == "too_short":
         return 422, "no_posts"
-    if name == "text" and kind == "string_too_long":
+    if name in ("text", "captions") and kind == "string_too_long":
         return 422, "caption_too_long"
     if kind == "missing" and not multipart and name and name not in ("image_base64", "text", "posts"):
         return 422, "missing_feature"  # every other required JSON key is a feature column

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
-import time
-from contextlib import contextmanager
 from email.parser import BytesParser
 from email.policy import HTTP
 
@@ -39,7 +36,7 @@ from schemathesis.openapi.checks import RejectedPositiveData
 from serving.app import create_app
 from serving.schemas import EXAMPLE_CAPTION, EXAMPLE_IMAGE_BASE64
 from serving.settings import ServingSettings
-from tests.serving_fixtures import free_port
+from tests.serving_fixtures import loopback
 
 LIMITS = dict(max_caption_chars=40, max_posts_per_request=3)  # small limits: the boundaries get reached
 MAX_EXAMPLES = 60  # per operation, fuzzing phase; the module takes ~45 s on 2 cores, model build included
@@ -112,25 +109,6 @@ def filter_failure(context, failure, case, response):
     if isinstance(failure, AcceptedNegativeData) and (case.media_type or "").startswith("multipart/"):
         return not _valid_as_sent(case, response.request)
     return True
-
-
-@contextmanager
-def loopback(app):
-    """uvicorn serving ``app`` on a free loopback port, in a thread; yields the base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")
