@@ -223,10 +223,7 @@ function tooClose(a, b) {
 }
 
 function effectWords(c) {
-  if (state.logScale) {
-    const factor = Math.exp(c);
-    return factor >= 1 ? `×${factor.toFixed(2)}` : `×${factor.toFixed(2)}`;
-  }
+  if (state.logScale) return `×${Math.exp(c).toFixed(2)}`;  // log1p target: a factor on likes
   return `${c >= 0 ? "+" : "−"}${Math.abs(c).toFixed(2)}`;
 }
 
@@ -271,7 +268,8 @@ function render(answer) {
   cards.replaceChildren();
   for (const i of answer.ranking) {
     const v = variants[i];
-    const close = variants.filter((w) => w.index !== v.index && tooClose(v, w)).map((w) => w.index);
+    const close = variants.filter((w) => w.index !== v.index && tooClose(v, w))
+      .sort((a, b) => a.rank - b.rank).map((w) => w.index);
     cards.append(card(v, rankOf, close, scale));
   }
   $("scale-note").textContent = state.logScale
