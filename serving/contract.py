@@ -7,7 +7,7 @@ models with ``pydantic.create_model``:
 |-------------|----------------------------|-----------------------------------------------|
 | `PostForm`  | `POST /predict`            | multipart: `image` file, `text`, features     |
 | `PostJSON`  | `POST /predict/json`       | JSON: `image_base64`, `text`, features        |
-| `BatchForm` | `POST /predict/batch`      | multipart: repeated fields, paired by order   |
+| `BatchForm` | `POST /predict/batch`      | multipart: image_0, text_0, ..., image_1, ... |
 | `BatchJSON` | `POST /predict/batch/json` | JSON: `{"posts": [PostJSON, ...]}`            |
 
 FastAPI validates requests with them and derives the OpenAPI document from them, so the
@@ -28,14 +28,13 @@ from typing import Annotated, Any, Sequence
 
 from fastapi import Request, UploadFile
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, WithJsonSchema,
-                      create_model, model_validator)
+                      create_model)
 from pydantic_core import PydanticCustomError
 
 from serving.errors import APIError
 from serving.schemas import EXAMPLE_CAPTION, EXAMPLE_IMAGE_BASE64
 
 FIXED_FIELDS = ("image", "image_base64", "text")  # a feature column may not take these names
-ABSENT = object()  # a batch feature column that was not sent at all
 
 
 @dataclass(frozen=True)
@@ -50,11 +49,22 @@ class RawPost:
 # --- field types ------------------------------------------------------------------------
 
 
+async def read_image_file(image: UploadFile) -> bytes:
+    """An image file part's bytes; a 0-byte one breaks the document's minLength 1, so the request
+    fails as a whole (422 empty_file), a batch's too."""
+    data = await image.read()
+    if not data:
+        raise APIError(422, "empty_file", f"the image file {image.filename or '(no name)'!r} is empty (0 bytes)")
+    return data
+
+
 def _decode_base64(value: Any) -> bytes:
     """image_base64 -> bytes. A data URL prefix (data:image/png;base64,) and line breaks
     (``base64`` wraps at 76 columns) are accepted; anything else that is not base64 is not."""
     if not isinstance(value, str):
         raise PydanticCustomError("string_type", "Input should be a valid string")
+    if value == "":  # the document's minLength 1: the request breaks the schema (a batch fails as a whole)
+        raise PydanticCustomError("empty_file", "the image is empty (0 bytes)")
     data = value.strip()
     if data.startswith("data:") and "," in data:
         data = data.split(",", 1)[1]
@@ -127,16 +137,27 @@ def _with_examples(base: type[BaseModel], *examples: dict) -> type[BaseModel]:
 class _BatchFormBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    @model_validator(mode="after")
-    def _paired(self):
-        """Repeated fields pair by order, so every column needs one value per image."""
-        columns = {name: value for name, value in self if name != "image" and value is not None}
-        unpaired = {name: len(value) for name, value in columns.items() if len(value) != len(self.image)}
-        if unpaired:
-            raise PydanticCustomError(
-                "unpaired_fields", "{images} 'image' fields but {counts}; send one value per image, in the same "
-                "order (text= for an image-only post)", {"images": len(self.image), "counts": str(unpaired)})
-        return self
+
+def post_field(name: str, i: int) -> str:
+    """A multipart batch's field ``name`` of post ``i``: image_0, text_0, followers_0, image_1, ..."""
+    return f"{name}_{i}"
+
+
+def _numbered_posts(fields: Sequence[str], max_posts: int):
+    """json_schema_extra of the multipart batch: post 0's fields required; a post's fields come all
+    together, and post i only after post i - 1 (``dependentRequired``), no defaults, no null. The
+    pairing that repeated fields left to words, in terms JSON Schema states."""
+    def extra(schema: dict) -> None:
+        schema["required"] = [post_field(f, 0) for f in fields]
+        schema["dependentRequired"] = {
+            post_field(f, i): [post_field(g, i) for g in fields if g != f] + ([post_field("image", i - 1)] if i else [])
+            for i in range(max_posts) for f in fields}
+        for prop in schema["properties"].values():
+            prop.pop("default", None)
+            branches = [b for b in prop.pop("anyOf", []) if b.get("type") != "null"]
+            prop.update(branches[0] if branches else {})
+
+    return extra
 
 
 # --- the contract -----------------------------------------------------------------------
@@ -156,19 +177,20 @@ class Contract:
 
     async def read_post(self, post: BaseModel) -> RawPost:
         """A validated PostForm or PostJSON -> RawPost (image bytes, raw caption, features)."""
-        image = post.image_base64 if isinstance(post, self.PostJSON) else await post.image.read()
-        # A feature absent from a batch (see posts_of) stays absent: prepare answers missing_feature.
+        image = post.image_base64 if isinstance(post, self.PostJSON) else await read_image_file(post.image)
+        # A JSON feature key not sent stays absent: prepare answers missing_feature. (Multipart paths
+        # check that every feature field was sent before the body is read: check_features_sent.)
         sent = post.model_fields_set if isinstance(post, self.PostJSON) else self.feature_names
-        return RawPost(image, post.text, {n: getattr(post, n) for n in self.feature_names
-                                          if n in sent and getattr(post, n, None) is not ABSENT})
+        return RawPost(image, post.text, {n: getattr(post, n) for n in self.feature_names if n in sent})
 
     def posts_of(self, batch: BaseModel) -> list[BaseModel]:
-        """A validated BatchForm or BatchJSON -> its posts, in order, each a PostForm or PostJSON."""
+        """A validated BatchForm or BatchJSON -> its posts, in order, each a PostForm or PostJSON.
+        (``check_batch_form`` made sure a multipart batch's posts are whole and numbered from 0.)"""
         if isinstance(batch, self.BatchJSON):
             return list(batch.posts)
-        columns = {n: getattr(batch, n) or [ABSENT] * len(batch.image) for n in self.feature_names}
-        return [self.PostForm.model_construct(image=image, text=text, **{n: c[i] for n, c in columns.items()})
-                for i, (image, text) in enumerate(zip(batch.image, batch.text))]
+        sent = [i for i in range(self.max_posts) if getattr(batch, post_field("image", i)) is not None]
+        return [self.PostForm.model_construct(**{f: getattr(batch, post_field(f, i))
+                                                 for f in ("image", "text", *self.feature_names)}) for i in sent]
 
 
 def build_contract(feature_names: Sequence[str], max_caption_chars: int, max_posts: int) -> Contract:
@@ -182,8 +204,14 @@ def build_contract(feature_names: Sequence[str], max_caption_chars: int, max_pos
     # JSON: a number or a string, null or "" for unknown; strict, so true/false are not numbers.
     json_feature = {n: (StrictInt | StrictFloat | StrictStr | None,
                         Field(description=f"the post's '{n}' feature column{what}")) for n in names}
-    feature_column = {n: (list[str] | None, Field(None, description=f"'{n}' of each post, in image order{what}"))
-                      for n in names}
+    numbered = {}  # the multipart batch: post i's fields image_i, text_i, <feature>_i
+    for i in range(max_posts):
+        numbered[post_field("image", i)] = (ImageFile | None, Field(None, description=f"post {i}'s image file"))
+        numbered[post_field("text", i)] = (str, _caption(max_caption_chars, default=""))
+        numbered.update({post_field(n, i): (str, Field("", description=f"post {i}'s '{n}'{what}")) for n in names})
+    clash = set(numbered) & set(names)
+    if clash:
+        raise ValueError(f"feature columns {sorted(clash)} collide with the batch's numbered fields")
     posts = dict(min_length=1, max_length=max_posts)
     example = {**_EXAMPLE, **dict.fromkeys(names)}
     post_form = create_model(
@@ -197,12 +225,11 @@ def build_contract(feature_names: Sequence[str], max_caption_chars: int, max_pos
         image_base64=(Base64Image, Field(examples=[EXAMPLE_IMAGE_BASE64])), text=(str, _caption(max_caption_chars)),
         **json_feature)
     batch_form = create_model(
-        "BatchForm", __base__=_with_required(_BatchFormBase, *names),
-        __doc__="Several posts as multipart/form-data: repeated fields, paired by order.",
-        image=(list[ImageFile], Field(description=f"the posts' image files, 1 to {max_posts} (MAX_POSTS_PER_REQUEST)",
-                                      **posts)),
-        text=(list[Annotated[str, _caption(max_caption_chars)]], Field(description="one caption per image", **posts)),
-        **feature_column)
+        "BatchForm", __config__=ConfigDict(extra="forbid", json_schema_extra=_numbered_posts(
+            ("image", "text", *names), max_posts)),
+        __doc__=f"Several posts as multipart/form-data, numbered from 0: post i is image_i, text_i and each feature "
+                f"column's <name>_i, all sent; 1 to {max_posts} posts (MAX_POSTS_PER_REQUEST).",
+        **numbered)
     batch_json = create_model(
         "BatchJSON", __base__=_with_examples(_BatchJSONBase, {"posts": [example, {**example, "text": ""}]}),
         __doc__="Several posts as JSON; results come back in the same order.",
@@ -242,6 +269,34 @@ async def check_post_form(request: Request) -> None:
     if repeated:
         raise APIError(422, "too_many_fields", f"fields {repeated} are repeated: /predict takes one post; "
                                                "use /predict/batch for several")
+
+
+_NUMBERED = re.compile(r"(?P<name>.+)_(?P<i>[0-9]+)")
+
+
+async def check_batch_form(request: Request) -> None:
+    """Dependency of POST /predict/batch: each post's fields all sent (an empty value is a value), the
+    posts numbered 0, 1, ... without a gap, at most MAX_POSTS_PER_REQUEST, no field twice: what the
+    document's dependentRequired says, checked on the raw form (FastAPI reads `text_1=` as absent)."""
+    form = await request.form()  # cached by Starlette
+    contract: Contract = request.app.state.contract
+    fields = ("image", "text", *contract.feature_names)
+    numbered = {(m["name"], int(m["i"])) for key in form.keys() if (m := _NUMBERED.fullmatch(key)) and
+                m["name"] in fields}
+    posts = sorted({i for _, i in numbered})
+    if posts and posts[-1] >= contract.max_posts:
+        raise APIError(413, "too_many_posts", f"post {posts[-1]}: at most {contract.max_posts} posts "
+                                              "(MAX_POSTS_PER_REQUEST), numbered 0 to "
+                                              f"{contract.max_posts - 1}")
+    for i in range(posts[-1] + 1 if posts else 1):
+        missing = [post_field(f, i) for f in fields if (f, i) not in numbered]
+        if missing:
+            raise APIError(422, "missing_field" if not posts else "unpaired_fields",
+                           f"post {i} lacks {missing}: post i sends image_i, text_i and each feature column as "
+                           "<name>_i (text_i= for an image-only post), and posts are numbered 0, 1, ... in order")
+    repeated = sorted(key for key in set(form.keys()) if len(form.getlist(key)) > 1)
+    if repeated:
+        raise APIError(422, "too_many_fields", f"fields {repeated} are repeated: each post's fields are numbered")
 
 
 async def check_features_sent(request: Request) -> None:
@@ -320,7 +375,7 @@ class VariantsContract:
         if isinstance(req, self.VariantsJSON):
             image, grid = req.image_base64, getattr(req, "grid", None)
         else:
-            image = await req.image.read()
+            image = await read_image_file(req.image)
             start, days = getattr(req, "grid_start", None), getattr(req, "grid_days", None)
             grid = None if start is None else TimeGrid(start=start, days=days, **(
                 {"hours": req.grid_hours} if req.grid_hours else {}))

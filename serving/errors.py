@@ -9,6 +9,7 @@ error types into the table's codes, so a client sees ``caption_too_long`` rather
 from __future__ import annotations
 
 import http
+import re
 from contextvars import ContextVar
 from typing import Any
 
@@ -44,7 +45,7 @@ def error_response(status: int, reason: str, detail: Any, headers: dict[str, str
 # --- request validation -> reason codes ---------------------------------------------------
 
 # Error types our own validators raise (serving.contract); they are reason codes already.
-CUSTOM_REASONS = {"invalid_base64": 422, "unpaired_fields": 422}
+CUSTOM_REASONS = {"invalid_base64": 422, "unpaired_fields": 422, "empty_file": 422}
 
 
 def _field(error: dict) -> str:
@@ -55,6 +56,8 @@ def _field(error: dict) -> str:
 
 def _reason_of(error: dict, multipart: bool) -> tuple[int, str] | None:
     kind, name = error["type"], _field(error)
+    if multipart:  # a multipart batch numbers its posts' fields: text_3 is a text
+        name = re.sub(r"_[0-9]+$", "", name)
     if kind == "json_invalid":
         return 400, "invalid_json"
     if kind == "extra_forbidden" and name == "image_url":

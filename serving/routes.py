@@ -13,8 +13,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.responses import JSONResponse
 
-from serving.contract import (MAX_GRID_DAYS, Contract, VariantsContract, check_features_sent, check_post_form,
-                              require_media_type)
+from serving.contract import (MAX_GRID_DAYS, Contract, VariantsContract, check_batch_form, check_features_sent,
+                              check_post_form, require_media_type)
 from serving.errors import APIError
 from serving.schemas import (BatchItem, BatchResponse, ErrorBody, Health, Metadata, PostError, Prediction, Ready,
                              VariantsResponse)
@@ -124,11 +124,12 @@ def prediction_router(contract: Contract) -> APIRouter:
                  "image cannot be used, its own error {index, status, reason, detail}; one bad image does not "
                  "fail the others. A request that breaks the schema fails as a whole.")
 
-    @router.post("/predict/batch", response_model=BatchResponse, dependencies=[multipart, Depends(check_features_sent)],
+    @router.post("/predict/batch", response_model=BatchResponse, dependencies=[multipart, Depends(check_batch_form)],
                  summary="Predict several posts (multipart/form-data)",
-                 description="Repeated `image` and `text` fields, paired by order: "
-                             "`curl -F image=@a.jpg -F text=first -F image=@b.png -F text= HOST/predict/batch`. "
-                             "Every field needs one value per image (else 422 unpaired_fields). " + batch_doc)
+                 description="Post i's fields are numbered i, from 0: `curl -F image_0=@a.jpg -F text_0=first "
+                             "-F image_1=@b.png -F text_1= HOST/predict/batch`. Each post sends all its fields (a "
+                             "feature column `<name>_i`; an empty value means unknown), else 422 unpaired_fields. "
+                             + batch_doc)
     async def predict_batch(batch: Annotated[BatchForm, Form(media_type="multipart/form-data")],
                             service: Service = Depends(get_service)) -> BatchResponse:
         return await batch_response(service, [await contract.read_post(p) for p in contract.posts_of(batch)])

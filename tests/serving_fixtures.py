@@ -163,6 +163,13 @@ def multipart(image: bytes, text: str | None, filename: str = "photo.jpg", mime:
     return kw
 
 
+def numbered(files: list, **columns: list) -> dict:
+    """kwargs for ``client.post`` sending a multipart batch: ``files`` (filename, bytes, mime) and each
+    column's values (text, followers, ...) as post i's fields image_i, text_i, followers_i, ..."""
+    data = {f"{name}_{i}": v for name, values in columns.items() for i, v in enumerate(values)}
+    return {"files": {f"image_{i}": f for i, f in enumerate(files)}, "data": data}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ import pytest
 
 from bench.benchlib import goal
 
-BENCHMARKS = {"preprocess", "train_datapath", "quality", "serving"}
+BENCHMARKS = {"preprocess", "train_datapath", "quality", "serving", "variants"}
 OVERHEAD = ("serving overhead, RUNTIME={runtime}: p50 at concurrency 1 / its raw forward at batch 1 (median of the "
             "repeats' ratios, each to the round just before it)")
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -176,7 +176,8 @@ def test_report_shows_each_goal_with_the_status_its_figure_implies(smoke):
     _, results, md = smoke
     rows = goal_table(md)
     goals = list(goals_of(results).values())
-    assert len(goals) == 14  # train 1, preprocess 2, serving 8 + table scorer 1, quality 2 (phase 1: no target)
+    # train 1, preprocess 2, serving 8 + table scorer 1, quality 2 (phase 1: no target), variants 2
+    assert len(goals) == 16
     for g in goals:
         ops = {">=": g["measured"] >= g["target"], "<=": g["measured"] <= g["target"], ">": g["measured"] > g["target"],
                "==": g["measured"] == g["target"]} if g["measured"] is not None else {}
@@ -295,3 +296,19 @@ def test_preprocess_sizes_and_record_bytes(smoke):
     assert (p["memory"]["small"]["posts"], p["memory"]["large"]["posts"]) == (24, 96)  # no row rejected
     # 640x480 at full size vs pre-resized to a 224 px shortest edge (298x224): the pixel ratio, give or take headers.
     assert p["record_bytes"]["full_over_resized"] == pytest.approx(640 * 480 / (298 * 224), rel=0.01)
+
+
+def test_variants_ratio_pairs_each_repeat_and_the_grid_waits_for_a_timestamp_column(smoke):
+    import statistics
+
+    _, r, _ = smoke
+    v = r["variants"]
+    p50 = v["p50_ms"]
+    assert len(p50["post"]) == len(p50["variants"]) == 2  # smoke: two repeats, each kind in each
+    goals = {g["goal"].split(",")[0]: g for g in v["goals"]}
+    ratios = [a / b for a, b in zip(p50["variants"], p50["post"])]
+    assert goals["five caption variants of one image / one post"]["measured"] == round(statistics.median(ratios), 3)
+    # The bench's random-init CLIP has no timestamp column: the grid is not measured, and the report says why.
+    grid = goals["the week x 24 h grid for one caption / one post"]
+    assert (v["timestamp_column"], "grid" in p50, grid["measured"], grid["met"]) == (None, False, None, None)
+    assert "no timestamp column" in grid["note"]

@@ -19,7 +19,7 @@ from data_preprocessing.features import FEATURE_KINDS
 from serving.app import create_app
 from serving.contract import TimeGrid, build_variants_contract
 from serving.settings import ServingSettings
-from tests.serving_fixtures import jpeg_bytes, loopback, png_bytes
+from tests.serving_fixtures import jpeg_bytes, loopback, numbered, png_bytes
 
 IMAGE = jpeg_bytes(seed=21)
 CAPTIONS = ["Sunset at the beach! #travel", "", "<img src=x onerror=alert(1)>", "so sad, worst day ever :("]
@@ -145,10 +145,10 @@ def test_a_repeated_image_is_embedded_once_while_it_is_cached(server):
 def test_a_batch_embeds_its_identical_images_once(server):
     client, size = server
     a, b = jpeg_bytes(seed=41), jpeg_bytes(seed=42)
-    files = [("image", (f"{i}.jpg", im, "image/jpeg")) for i, im in enumerate((a, b, a, a))]
+    files = [(f"{i}.jpg", im, "image/jpeg") for i, im in enumerate((a, b, a, a))]
     before = cache_counts(client)
-    r = client.post("/predict/batch", files=files, data={"text": ["1", "2", "3", "4"],
-                                                         "followers": ["1"] * 4, "platform": ["x"] * 4})
+    r = client.post("/predict/batch", **numbered(files, text=["1", "2", "3", "4"], followers=["1"] * 4,
+                                                 platform=["x"] * 4))
     assert [x["status"] for x in r.json()["results"]] == [200] * 4, r.text
     hits, misses = (a - b for a, b in zip(cache_counts(client), before))
     assert (hits, misses) == (2, 2)  # two distinct images through the tower; the repeats reuse them
