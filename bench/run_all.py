@@ -30,7 +30,8 @@ SECTIONS = {"train_datapath": ("1. Training data path", "bench/train_bench.py"),
             "gpu_train": ("1b. Training on GPU (ViT-B/32, bf16)", "bench/gpu_train.py"),
             "preprocess": ("3. Preprocessing", "bench/preprocess_bench.py"),
             "serving": ("4. Serving and scoring a table", "bench/serve_bench.py"),
-            "quality": ("5. Quality on the demo set", "bench/quality_bench.py")}
+            "quality": ("5. Quality on the demo set", "bench/quality_bench.py"),
+            "variants": ("6. Caption variants and posting times", "bench/variants_bench.py")}
 # name -> module of every CPU benchmark, in report order (gpu_train runs by hand on a GPU machine).
 BENCHMARKS = {stem: script.removesuffix(".py").replace("/", ".") for stem, (_, script) in SECTIONS.items()
               if stem != "gpu_train"}
