@@ -129,6 +129,18 @@ def _form(data: dict) -> bytes:
     return (body + "--xyz--\r\n").encode()
 
 
+def test_every_documented_example_works_as_sent_for_a_model_with_feature_columns(server):
+    client, _ = server
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for name, path in (("PostJSON", "/predict/json"), ("BatchJSON", "/predict/batch/json"),
+                       ("VariantsJSON", "/predict/variants/json")):
+        (example,) = schemas[name]["examples"]
+        r = client.post(path, json=example)
+        assert r.status_code == 200, (name, r.text)
+        assert "results" not in r.json() or [x["status"] for x in r.json()["results"]] == [200, 200]
+    assert {"followers": None, "platform": None}.items() <= schemas["PostJSON"]["examples"][0].items()
+
+
 # --- the image embedding cache ------------------------------------------------------------------
 
 
