@@ -129,7 +129,7 @@ class _BatchJSONBase(BaseModel):
 
 def _with_examples(base: type[BaseModel], *examples: dict) -> type[BaseModel]:
     """``base`` with these documented examples: each holds every field the model requires (the
-    feature columns as null, "unknown"), so each works as sent (tests/test_schemathesis.py)."""
+    feature columns as "", unknown), so each works as sent (tests/test_schemathesis.py)."""
     config = ConfigDict(**base.model_config, json_schema_extra={"examples": list(examples)})
     return type(base.__name__, (base,), {"model_config": config, "__module__": __name__})
 
@@ -213,7 +213,7 @@ def build_contract(feature_names: Sequence[str], max_caption_chars: int, max_pos
     if clash:
         raise ValueError(f"feature columns {sorted(clash)} collide with the batch's numbered fields")
     posts = dict(min_length=1, max_length=max_posts)
-    example = {**_EXAMPLE, **dict.fromkeys(names)}
+    example = {**_EXAMPLE, **dict.fromkeys(names, "")}  # "": unknown (FastAPI drops nulls from the document)
     post_form = create_model(
         "PostForm", __base__=_with_required(_PostFormBase, "text", *names),
         __doc__="One post as multipart/form-data (curl -F image=@photo.jpg -F text=...).",
@@ -415,7 +415,7 @@ def build_variants_contract(feature_names: Sequence[str], datetime_names: Sequen
     grid_json = {"grid": (TimeGrid | None, Field(None, description=f"score every time of this grid in '{dt[0]}' "
                                                                    "instead of one"))} if dt else {}
     example = {"image_base64": EXAMPLE_IMAGE_BASE64, "captions": [EXAMPLE_CAPTION, "Golden hour, no filter"],
-               **dict.fromkeys(names)}
+               **dict.fromkeys(names, "")}
     variants_json = create_model(
         "VariantsJSON", __config__=ConfigDict(extra="forbid", json_schema_extra={"examples": [example]}),
         __doc__="One image and its caption variants as JSON.",
