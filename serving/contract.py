@@ -12,9 +12,15 @@ models with ``pydantic.create_model``:
 
 FastAPI validates requests with them and derives the OpenAPI document from them, so the
 two cannot drift. Each feature column becomes a field of every model
-(a form field or a JSON key of that name), required, with an empty value (or JSON null)
-for "unknown". ``Contract.read_post`` is the one function
-that turns a validated post into a ``RawPost``, the typed input of ``Predictor.prepare``.
+(a form field or a JSON key of that name; `<name>_i` for post i of a multipart batch),
+required, with an empty value (or JSON null) for "unknown". ``Contract.read_post`` is the
+one function that turns a validated post into a ``RawPost``, the typed input of
+``Predictor.prepare``.
+
+``build_variants_contract(feature_names, datetime_names, max_caption_chars)`` makes those of
+/predict/variants: `VariantsForm` (multipart: `image`, repeated `captions`, features) and
+`VariantsJSON`; with a timestamp column, a `TimeGrid` too (`grid_start`, `grid_days`,
+`grid_hours` in multipart). ``VariantsContract.read`` turns one into a ``RawVariants``.
 """
 
 from __future__ import annotations
