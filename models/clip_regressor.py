@@ -426,11 +426,12 @@ class LoadedModel:
         return img.to(device), txt.to(device)
 
     @torch.no_grad()
-    def explain_variants(self, posts: Sequence[Post], rows: Sequence[dict]) -> "VariantPredictions":
+    def explain_variants(self, posts: Sequence[Post], rows: Sequence[dict], best_from: int = 0) -> "VariantPredictions":
         """C captions of one image (``posts``: the same image, each post's features ``rows[0]``) at
         R feature rows (posting times): the image embedded once, each caption once, the head once per
-        caption x row, and exact contributions for each caption at ``rows[0]`` and for the best pair.
-        Each number is what ``explain_batch`` answers for that post, up to float rounding."""
+        caption x row, and exact contributions for each caption at ``rows[0]`` and for the best pair
+        among rows ``best_from`` on. Each number is what ``explain_batch`` answers for that post, up
+        to float rounding."""
         b = self._inputs(self.batcher(posts))
         img, txt = self._embed_one_image(b)
         feats = torch.from_numpy(self.batcher.features.encode(list(rows))).to(txt.device)  # (R, F)
@@ -438,7 +439,8 @@ class LoadedModel:
         ci, ri = torch.arange(c).repeat_interleave(r), torch.arange(r).repeat(c)  # caption-major pairs
         grid = self.explain_embeddings(img.expand(c * r, -1), txt[ci], b["sentiment"][ci], feats[ri],
                                        contributions=False)
-        best = int(torch.argmax(grid.score))
+        best = int(torch.argmax(grid.score.view(c, r)[:, best_from:].flatten()))
+        best = (best // (r - best_from)) * r + best_from + best % (r - best_from)  # back to the (C * R) index
         # Contributions one post at a time: the head's shapes, so its numbers, of a lone /predict
         # (2^k tiny head passes each; the cost is in the towers).
         pairs = [(i, 0) for i in range(c)] + [(best // r, best % r)]

@@ -136,7 +136,8 @@ class Predictor:
 
     def run_variants(self, prepared: PreparedVariants) -> VariantsResponse:
         """Every caption at every time (``LoadedModel.explain_variants``) as the API's answer."""
-        out = self.loaded.explain_variants(prepared.posts, prepared.rows)
+        # With a grid, the best is among its times; without one, among the captions at the time sent.
+        out = self.loaded.explain_variants(prepared.posts, prepared.rows, best_from=1 if prepared.times else 0)
         n = len(prepared.posts)
         variants = [self._prediction(p, e, 0) for p, e in zip(prepared.posts, out.explained)]
         ranking = sorted(range(n), key=lambda i: (-variants[i].score, i))

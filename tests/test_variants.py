@@ -73,7 +73,7 @@ def test_every_variant_is_what_predict_answers_for_that_post(server):
     r = variants(client)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert [v["caption"] for v in body["variants"]] == CAPTIONS and [v["index"] for v in body["variants"]] == [0, 1, 2, 3]
+    assert [(v["index"], v["caption"]) for v in body["variants"]] == list(enumerate(CAPTIONS))
     for v in body["variants"]:
         assert_same_prediction(v, predict(client, v["caption"]))
     scores = [v["score"] for v in body["variants"]]
@@ -108,9 +108,11 @@ def test_the_account_fields_reach_every_variant(server):
     ({"captions": ["x" * 2201], **ACCOUNT}, None, 422, "caption_too_long"),
     ({"captions": ["a"], "platform": "x"}, None, 422, "missing_feature"),
     ({"captions": ["a"], "followers": "lots", "platform": "x"}, None, 422, "invalid_feature"),
-    ({"captions": ["a"], **ACCOUNT}, {"image": ("notes.txt", b"not an image", "text/plain")}, 415, "unsupported_format"),
+    ({"captions": ["a"], **ACCOUNT}, {"image": ("notes.txt", b"not an image", "text/plain")}, 415,
+     "unsupported_format"),
     ({"captions": ["a"], **ACCOUNT}, {}, 422, "missing_field"),
-], ids=["no_caption", "six_captions", "caption_too_long", "missing_feature", "invalid_feature", "text_file", "no_image"])
+], ids=["no_caption", "six_captions", "caption_too_long", "missing_feature", "invalid_feature", "text_file",
+        "no_image"])
 def test_variant_errors_name_the_reason(server, data, files, status, reason):
     client, _ = server
     files = {"image": ("p.jpg", IMAGE, "image/jpeg")} if files is None else files
@@ -197,7 +199,8 @@ def test_a_grid_is_every_hour_of_its_days_in_order():
     assert grid.times() == [(0, 9, "2025-03-30T09:00"), (0, 21, "2025-03-30T21:00"), (1, 9, "2025-03-31T09:00"),
                             (1, 21, "2025-03-31T21:00"), (2, 9, "2025-04-01T09:00"), (2, 21, "2025-04-01T21:00")]
     assert len(TimeGrid(start=date(2025, 1, 1).isoformat(), days=7).times()) == 7 * 24
-    for bad in ({"start": "2025-02-30", "days": 1}, {"start": "20250301", "days": 1}, {"start": "2025-03-01", "days": 8},
+    for bad in ({"start": "2025-02-30", "days": 1}, {"start": "20250301", "days": 1},
+                {"start": "2025-03-01", "days": 8},
                 {"start": "2025-03-01", "days": 1, "hours": [24]}, {"start": "2025-03-01", "days": 1, "hours": []}):
         with pytest.raises(ValueError):
             TimeGrid(**bad)
@@ -234,6 +237,36 @@ def test_caption_by_row_scores_are_explain_batchs_for_each_post(featured_model_d
     assert out.best == best
     for k, e in zip([(i, 0) for i in range(len(CAPTIONS))] + [best], out.explained):
         assert torch.allclose(e.contributions, alone[k].contributions, atol=TOL, rtol=0)
+
+
+def test_the_grid_answer_names_every_time_and_the_best(featured_model_dir):
+    """The server's grid path (Predictor.prepare_variants + run_variants), before timestamp columns
+    exist: the categorical ``platform`` stands in for the time column. Its times are categories the
+    model never saw, so each cell must score as /predict does with that value, and the best (the
+    first of equals) must be named with its contributions."""
+    from models.clip_regressor import load_model
+    from serving.contract import RawPost, RawVariants
+    from serving.predictor import Predictor
+
+    predictor = Predictor(load_model(featured_model_dir), max_pixels=40_000_000)
+    grid = TimeGrid(start="2025-03-30", days=2, hours=[9, 21])
+    raw = RawVariants(IMAGE, tuple(CAPTIONS[:2]), dict(ACCOUNT), grid, grid_column="platform")
+    answer = predictor.run_variants(predictor.prepare_variants(raw))
+    assert (answer.grid.column, answer.grid.start, answer.grid.days, answer.grid.hours) == (
+        "platform", "2025-03-30", 2, [9, 21])
+    assert [(c.day, c.hour, c.time) for c in answer.grid.cells] == grid.times()
+    for cell in answer.grid.cells:
+        for i, p in enumerate(cell.predictions):
+            post = predictor.prepare(RawPost(IMAGE, CAPTIONS[i], {**ACCOUNT, "platform": cell.time}))
+            assert p.score == pytest.approx(predictor.run_batch([post])[0].score, abs=TOL)
+    best = max(((i, c) for c in answer.grid.cells for i in range(2)), key=lambda ic: ic[1].predictions[ic[0]].score)
+    assert (answer.best.index, answer.best.time) == (best[0], best[1].time)
+    alone = lambda caption, account: predictor.run_batch(  # noqa: E731 - /predict's answer, in process
+        [predictor.prepare(RawPost(IMAGE, caption, account))])[0].model_dump()
+    assert_same_prediction(answer.best.prediction.model_dump(),
+                           alone(CAPTIONS[best[0]], {**ACCOUNT, "platform": best[1].time}))
+    # the cards stay at the time the request gave
+    assert_same_prediction(answer.variants[1].model_dump(), alone(CAPTIONS[1], ACCOUNT))
 
 
 DATETIME = "datetime" in FEATURE_KINDS  # issue 30's timestamp columns; the grid's HTTP test waits for them
