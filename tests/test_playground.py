@@ -131,6 +131,10 @@ def test_three_variants_are_ranked_with_predicts_numbers_and_the_hostile_caption
                                                                                   b["high"] - b["low"])
                  for j, b in enumerate(iv) if j != i) for i, a in enumerate(iv)]
     assert [c["close"] for c in got] == close
+    # Every input has a label (its own <label for>, or an aria-label where a visible one would repeat).
+    unlabelled = page.eval_on_selector_all("input, select, button", """els => els.filter(e =>
+        !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim()).map(e => e.outerHTML)""")
+    assert unlabelled == []
     # The hostile caption is text: no element came of it, no script ran, no dialog opened.
     assert page.locator("#cards img").count() == 0 and browsing.dialogs == []
     assert "&lt;img src=x onerror=alert(1)&gt;" in next(c["html"] for c in got if c["caption"] == CAPTIONS[1])
