@@ -14,8 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.serving_fixtures import jpeg_bytes
-from tests.test_variants import DATETIME
+from tests.serving_fixtures import DATETIME, jpeg_bytes
 
 CAPTIONS = ["Sunset at the beach! #travel", "<img src=x onerror=alert(1)>", "so sad, worst day ever :("]
 ACCOUNT = {"followers": "1200", "platform": "x"}

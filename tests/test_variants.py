@@ -15,11 +15,10 @@ import httpx
 import pytest
 import torch
 
-from data_preprocessing.features import FEATURE_KINDS
 from serving.app import create_app
 from serving.contract import TimeGrid, build_variants_contract
 from serving.settings import ServingSettings
-from tests.serving_fixtures import jpeg_bytes, loopback, numbered, png_bytes
+from tests.serving_fixtures import DATETIME, jpeg_bytes, loopback, numbered, png_bytes
 
 IMAGE = jpeg_bytes(seed=21)
 CAPTIONS = ["Sunset at the beach! #travel", "", "<img src=x onerror=alert(1)>", "so sad, worst day ever :("]
@@ -267,9 +266,6 @@ def test_the_grid_answer_names_every_time_and_the_best(featured_model_dir):
                            alone(CAPTIONS[best[0]], {**ACCOUNT, "platform": best[1].time}))
     # the cards stay at the time the request gave
     assert_same_prediction(answer.variants[1].model_dump(), alone(CAPTIONS[1], ACCOUNT))
-
-
-DATETIME = "datetime" in FEATURE_KINDS  # issue 30's timestamp columns; the grid's HTTP test waits for them
 
 
 @pytest.mark.skipif(not DATETIME, reason="needs the datetime feature kind (issue 30)")
