@@ -32,7 +32,8 @@ SECTIONS = {"train_datapath": ("1. Training data path", "bench/train_bench.py"),
             "download": ("3b. Downloading image URLs", "bench/download_bench.py"),
             "serving": ("4. Serving and scoring a table", "bench/serve_bench.py"),
             "quality": ("5. Quality on the demo set", "bench/quality_bench.py"),
-            "hostile": ("6. Hostile inputs", "bench/hostile_bench.py")}
+            "hostile": ("6. Hostile inputs", "bench/hostile_bench.py"),
+            "variants": ("7. Caption variants and posting times", "bench/variants_bench.py")}
 # name -> module of every CPU benchmark, in report order (gpu_train runs by hand on a GPU machine).
 BENCHMARKS = {stem: script.removesuffix(".py").replace("/", ".") for stem, (_, script) in SECTIONS.items()
               if stem != "gpu_train"}

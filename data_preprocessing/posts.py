@@ -193,9 +193,15 @@ def prepare_post(image: ImageSource, raw_text: object, raw_features: Mapping[str
     # EXIF/ICC/dpi are not used downstream, cost bytes, and may hold classes the safe
     # unpickler refuses (e.g. TIFF rationals), so a prepared image carries no info.
     im.info = {}
+    text, compound, scores = caption_parts(raw_text)
+    return Post(image=im, text=text, sentiment=compound, features=features, sentiment_scores=scores)
+
+
+def caption_parts(raw_text: object) -> tuple[str, float, dict[str, float]]:
+    """A raw caption -> (cleaned text, VADER compound, the four VADER scores), as a ``Post`` holds
+    them; ``prepare_post`` and serving's caption variants of one image (``Predictor.prepare_variants``)."""
     scores = sentiment(raw_text)  # VADER reads the raw caption (capitals, emoji, "!!!")
-    return Post(image=im, text=clean_text(raw_text), sentiment=scores["compound"], features=features,
-                sentiment_scores=scores)
+    return clean_text(raw_text), scores["compound"], scores
 
 
 
@@ -213,3 +219,16 @@ def artifact_feature_names(model_dir) -> tuple[str, ...]:
         return tuple(PrepareConfig.from_dict(config["prepare"]).features.names)
     except (TypeError, OSError, ValueError, KeyError):
         return ()
+
+
+def artifact_feature_kinds(model_dir) -> dict[str, str]:
+    """Feature column -> kind (numeric, categorical, ...) of a model artifact, as
+    ``artifact_feature_names`` reads them; {} when there is no readable artifact there."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        return {f["column"]["name"]: f["column"]["kind"] for f in config["prepare"]["features"]["features"]}
+    except (TypeError, OSError, ValueError, KeyError):
+        return {}

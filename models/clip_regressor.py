@@ -298,9 +298,17 @@ class CLIPRegressor(nn.Module):
 
         ``pixel_values`` is uint8 (``PostBatcher``), normalised here, or already-normalised floats.
         """
+        return self.embed_image(pixel_values), self.embed_text(input_ids, attention_mask)
+
+    def embed_image(self, pixel_values) -> torch.Tensor:
+        """(B, D) image embeddings alone, as ``embed`` computes them (the towers are independent)."""
         img = self.clip.get_image_features(pixel_values=self.normalize_pixels(pixel_values)).pooler_output
+        return F.normalize(img, dim=-1)
+
+    def embed_text(self, input_ids, attention_mask) -> torch.Tensor:
+        """(B, D) caption embeddings alone, as ``embed`` computes them."""
         txt = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+        return F.normalize(txt, dim=-1)
 
     @staticmethod
     def head_input(img: torch.Tensor, txt: torch.Tensor, sentiment: torch.Tensor,
@@ -366,19 +374,31 @@ class LoadedModel:
     @torch.no_grad()
     def explain_batch(self, batch: dict[str, torch.Tensor]) -> "Predictions":
         """Model tensors -> scores, engagement, conformal intervals and Shapley contributions."""
+        b = self._inputs(batch)
+        img, txt = self._embed(b)
+        return self.explain_embeddings(img, txt, b["sentiment"], b["features"])
+
+    @torch.no_grad()
+    def explain_embeddings(self, img: torch.Tensor, txt: torch.Tensor, sentiment: torch.Tensor,
+                           features: torch.Tensor, contributions: bool = True) -> "Predictions":
+        """``explain_batch`` from the towers' output on: (B, D) img and txt, (B,) sentiment, (B, F)
+        encoded features, on the head's device. ``contributions=False`` runs the head once instead
+        of 2^k times (no ``contributions``; the reference score still comes with it)."""
         from models.explain import shapley
 
-        b = self._inputs(batch)
-        device = b["sentiment"].device
-        img, txt = self._embed(b)
-        if self.reference is None:
-            s = self.model.head_forward(img, txt, b["sentiment"], b["features"]).double().cpu()
-            groups, phi, ref = [], None, None
+        device = sentiment.device
+        ref_t = None if self.reference is None else Reference(
+            **{k: v.to(device) for k, v in vars(self.reference).items()})
+        if ref_t is None or not contributions:
+            s = self.model.head_forward(img, txt, sentiment, features).double().cpu()
+            groups, phi = [], None
+            ref = None if ref_t is None else float(self.model.head_forward(
+                ref_t.img[None], ref_t.txt[None], ref_t.sentiment.reshape(1), ref_t.features[None]).double()[0])
         else:
-            ref_t = Reference(**{k: v.to(device) for k, v in vars(self.reference).items()})
-            groups, phi, s, ref = shapley(self.model, img, txt, b["sentiment"], b["features"], ref_t,
+            groups, phi, s, ref = shapley(self.model, img, txt, sentiment, features, ref_t,
                                           self.prepare.features.slices())
             s, phi = s.cpu(), phi.cpu() * self.target.std  # contributions on the model scale
+        if ref is not None:
             ref = float(self.target.unstandardise(torch.tensor(ref, dtype=torch.float64)))
         score = self.target.unstandardise(s)
         intervals = {}
@@ -386,6 +406,51 @@ class LoadedModel:
             low, high = self.calibration.interval(score, level)
             intervals[level] = (self.target.to_label_units(low), self.target.to_label_units(high))
         return Predictions(score, self.target.to_label_units(score), intervals, groups, phi, ref)
+
+    def _embed_one_image(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, D) img of the batch's first image and (B, D) txt of every caption: the image tower
+        runs once where the embedder can run its towers apart (torch, bf16), else (an ONNX graph
+        computes both) once per caption, as ``_embed`` would."""
+        from models.embedding_cache import has_towers
+
+        px, ids, mask = b["pixel_values"], b["input_ids"], b["attention_mask"]
+        embedder = self.embedder or self.model
+        if has_towers(embedder) or embedder is self.model:
+            image, text = (embedder.image, embedder.text) if has_towers(embedder) else (
+                self.model.embed_image, self.model.embed_text)
+            # Each caption alone, unpadded: the very shapes, so the very numbers, of a lone /predict
+            # (padding a short caption to a long one moves its embedding by ~1e-7).
+            n = mask.sum(1)
+            img = image(px[:1])
+            txt = torch.cat([text(ids[i:i + 1, :n[i]], mask[i:i + 1, :n[i]]) for i in range(len(ids))])
+        else:
+            img, txt = embedder(px, ids, mask)
+            img = img[:1]
+        device = b["sentiment"].device
+        return img.to(device), txt.to(device)
+
+    @torch.no_grad()
+    def explain_variants(self, posts: Sequence[Post], rows: Sequence[dict], best_from: int = 0) -> "VariantPredictions":
+        """C captions of one image (``posts``: the same image, each post's features ``rows[0]``) at
+        R feature rows (posting times): the image embedded once, each caption once, the head once per
+        caption x row, and exact contributions for each caption at ``rows[0]`` and for the best pair
+        among rows ``best_from`` on. Each number is what ``explain_batch`` answers for that post, up
+        to float rounding."""
+        b = self._inputs(self.batcher(posts))
+        img, txt = self._embed_one_image(b)
+        feats = torch.from_numpy(self.batcher.features.encode(list(rows))).to(txt.device)  # (R, F)
+        c, r = len(posts), len(rows)
+        ci, ri = torch.arange(c).repeat_interleave(r), torch.arange(r).repeat(c)  # caption-major pairs
+        grid = self.explain_embeddings(img.expand(c * r, -1), txt[ci], b["sentiment"][ci], feats[ri],
+                                       contributions=False)
+        best = int(torch.argmax(grid.score.view(c, r)[:, best_from:].flatten()))
+        best = (best // (r - best_from)) * r + best_from + best % (r - best_from)  # back to the (C * R) index
+        # Contributions one post at a time: the head's shapes, so its numbers, of a lone /predict
+        # (2^k tiny head passes each; the cost is in the towers).
+        pairs = [(i, 0) for i in range(c)] + [(best // r, best % r)]
+        explained = [self.explain_embeddings(img, txt[i:i + 1], b["sentiment"][i:i + 1], feats[j:j + 1])
+                     for i, j in pairs]
+        return VariantPredictions(grid, r, explained, pairs[-1])
 
     @property
     def resize_policy(self):
@@ -402,6 +467,17 @@ class Predictions:
     groups: list[str]  # contribution groups: image, caption, sentiment, then each feature column
     contributions: torch.Tensor | None  # (B, len(groups)) model scale; sums to score - reference_score
     reference_score: float | None  # the prediction for the reference post (train means), model scale
+
+
+@dataclass
+class VariantPredictions:
+    """``LoadedModel.explain_variants``'s answer for C captions at R feature rows."""
+
+    grid: Predictions  # (C * R,) caption-major: caption i at row j is entry i * rows + j; no contributions
+    rows: int
+    # C + 1 predictions of one post each, with contributions: each caption at row 0, then the best pair
+    explained: list[Predictions]
+    best: tuple[int, int]  # (caption, row) of the highest score in the grid
 
 
 def save_artifact(model: CLIPRegressor, processor, target: TargetTransform, out_dir: str | os.PathLike,

@@ -68,6 +68,13 @@ class TorchEmbedder:
     def __call__(self, pixel_values, input_ids, attention_mask):
         return self.model.embed(pixel_values, input_ids, attention_mask)
 
+    # Each tower alone (models/embedding_cache.py): an image embedded once serves many captions.
+    def image(self, pixel_values):
+        return self.model.embed_image(pixel_values)
+
+    def text(self, input_ids, attention_mask):
+        return self.model.embed_text(input_ids, attention_mask)
+
 
 class Bf16Embedder:
     """``CLIPRegressor.embed`` under bf16 autocast; fp32 embeddings out, re-normalised in fp32."""
@@ -83,6 +90,16 @@ class Bf16Embedder:
             img, txt = self.model.embed(pixel_values, input_ids, attention_mask)
         unit = torch.nn.functional.normalize  # the head was trained on unit fp32 embeddings
         return unit(img.float(), dim=-1), unit(txt.float(), dim=-1)
+
+    def image(self, pixel_values):
+        with torch.autocast(pixel_values.device.type, dtype=torch.bfloat16):
+            img = self.model.embed_image(pixel_values)
+        return torch.nn.functional.normalize(img.float(), dim=-1)
+
+    def text(self, input_ids, attention_mask):
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16):
+            txt = self.model.embed_text(input_ids, attention_mask)
+        return torch.nn.functional.normalize(txt.float(), dim=-1)
 
 
 def native_bf16() -> str:

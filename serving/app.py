@@ -15,6 +15,7 @@ The package follows FastAPI's "Bigger Applications" layout:
 | `batching.py`   | the micro-batcher                                                       |
 | `middleware.py` | request ID and deadline, access log, metrics, 500, body limits          |
 | `errors.py`     | `APIError`, the error body, validation errors -> reason codes           |
+| `pages.py`      | the playground page (`static/`) and the offline /docs, not in OpenAPI   |
 | `metrics.py`    | the Prometheus series (`GET /metrics`)                                  |
 | `schemas.py`    | response models                                                         |
 | `settings.py`   | environment settings (`get_settings`)                                   |
@@ -43,12 +44,13 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from common.config import config_dict, field, parse_config, setup_logging
-from serving.contract import Contract, build_contract
+from serving.contract import Contract, VariantsContract, build_contract, build_variants_contract
 from serving.errors import install_error_handlers
 from serving.metrics import ServingMetrics
 from serving.middleware import BodyLimitsMiddleware, RequestContextMiddleware
 from serving.predictor import Predictor, get_model_loader
-from serving.routes import prediction_router, router
+from serving.pages import mount_pages
+from serving.routes import prediction_router, router, variants_router
 from serving.service import Service, torch_thread
 from serving.settings import DEFAULT_SETTINGS, ServingSettings, get_settings
 
@@ -95,7 +97,7 @@ async def _load_predictor(app: FastAPI, settings: ServingSettings, torch_pool) -
     loop = asyncio.get_running_loop()
     try:
         loaded = await loop.run_in_executor(torch_pool, functools.partial(load, model_dir, runtime=settings.runtime))
-        predictor = Predictor(loaded, settings.max_pixels)
+        predictor = Predictor(loaded, settings.max_pixels, settings.image_cache_size, app.state.metrics.observe_cache)
         await loop.run_in_executor(torch_pool, predictor.warm_up)
     except Exception as e:  # noqa: BLE001
         raise RuntimeError(f"could not load the model from MODEL_DIR={model_dir}: {type(e).__name__}: {e}") from e
@@ -109,6 +111,14 @@ def _check_contract(contract: Contract, settings: ServingSettings, predictor: Pr
     if built != wanted:
         raise RuntimeError(f"the app was built for (features, MAX_CAPTION_CHARS, MAX_POSTS_PER_REQUEST) = {built}, "
                            f"but the settings and MODEL_DIR say {wanted}: pass them to create_app")
+
+
+def _check_variants_contract(contract: VariantsContract, predictor: Predictor) -> None:
+    """The variants' grid was built for the timestamp columns MODEL_DIR declared; so must the model take."""
+    wanted = tuple(n for n, kind in predictor.feature_kinds.items() if kind == "datetime")
+    if contract.datetime_names != wanted:
+        raise RuntimeError(f"the app was built for the timestamp columns {contract.datetime_names}, but MODEL_DIR "
+                           f"has {wanted}: pass them to create_app")
 
 
 @asynccontextmanager
@@ -125,12 +135,15 @@ async def lifespan(app: FastAPI):
     try:
         predictor = await _load_predictor(app, settings, torch_pool)
         _check_contract(app.state.contract, settings, predictor)
+        _check_variants_contract(app.state.variants_contract, predictor)
     except BaseException:
         torch_pool.shutdown(wait=False, cancel_futures=True)
         raise
     metrics: ServingMetrics = app.state.metrics
     metrics.model_load_seconds.set(time.perf_counter() - t0)
     metrics.model.info(predictor.info.model_dump())
+    if predictor.image_cache is not None:
+        metrics.track_cache(lambda: len(predictor.image_cache))
     service = app.state.service = await Service.start(settings, predictor, metrics, torch_pool)
     threads = await asyncio.get_running_loop().run_in_executor(torch_pool, _torch_threads)
     log.info("loaded model %s (version %s) from %s in %.1fs; torch threads %d; micro-batching %s "
@@ -158,14 +171,16 @@ def _limits(settings: ServingSettings | None) -> ServingSettings:
         return DEFAULT_SETTINGS
 
 
-def create_app(settings: ServingSettings | None = None, feature_names: tuple[str, ...] | None = None) -> FastAPI:
+def create_app(settings: ServingSettings | None = None, feature_names: tuple[str, ...] | None = None,
+               datetime_names: tuple[str, ...] | None = None) -> FastAPI:
     """Build the app for ``settings`` (default: the environment's) and the model's feature
-    columns (default: those MODEL_DIR's config.json declares, a small JSON read). The model
-    loads in the lifespan, i.e. when a server (or ``with TestClient(app)``) starts, not here."""
-    from data_preprocessing.posts import artifact_feature_names
+    columns (default: those MODEL_DIR's config.json declares, a small JSON read; ``datetime_names``
+    the timestamp columns among them). The model loads in the lifespan, i.e. when a server (or
+    ``with TestClient(app)``) starts, not here."""
+    from data_preprocessing.posts import artifact_feature_kinds, artifact_feature_names
 
     app = FastAPI(
-        title="Engagement prediction", version=API_VERSION, lifespan=lifespan,
+        title="Engagement prediction", version=API_VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,
         description="Predict a social-media post's engagement (likes) from its image and caption with a "
                     "fine-tuned CLIP regressor. Send a post as multipart/form-data to /predict (image file + "
                     "text) or as JSON to /predict/json (image_base64 + text); the server never fetches URLs.")
@@ -174,7 +189,10 @@ def create_app(settings: ServingSettings | None = None, feature_names: tuple[str
     limits = _limits(settings)
     if feature_names is None:
         feature_names = artifact_feature_names(limits.model_dir)
+    if datetime_names is None:
+        datetime_names = tuple(n for n, kind in artifact_feature_kinds(limits.model_dir).items() if kind == "datetime")
     app.state.contract = build_contract(feature_names, limits.max_caption_chars, limits.max_posts_per_request)
+    app.state.variants_contract = build_variants_contract(feature_names, datetime_names, limits.max_caption_chars)
     app.state.metrics = ServingMetrics()
     app.state.service = None
     app.add_middleware(BodyLimitsMiddleware)
@@ -182,6 +200,8 @@ def create_app(settings: ServingSettings | None = None, feature_names: tuple[str
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(prediction_router(app.state.contract))
+    app.include_router(variants_router(app.state.variants_contract))
+    mount_pages(app)  # the playground at /, and /docs with Swagger UI's files served from here
     return app
 
 

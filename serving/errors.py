@@ -9,6 +9,7 @@ error types into the table's codes, so a client sees ``caption_too_long`` rather
 from __future__ import annotations
 
 import http
+import re
 from contextvars import ContextVar
 from typing import Any
 
@@ -46,7 +47,7 @@ def error_response(status: int, reason: str, detail: Any, headers: dict[str, str
 # --- request validation -> reason codes ---------------------------------------------------
 
 # Error types our own validators raise (serving.contract); they are reason codes already.
-CUSTOM_REASONS = {"invalid_base64": 422, "unpaired_fields": 422, "invalid_feature": 422}
+CUSTOM_REASONS = {"invalid_base64": 422, "unpaired_fields": 422, "invalid_feature": 422, "empty_file": 422}
 
 
 def _field(error: dict) -> str:
@@ -57,6 +58,8 @@ def _field(error: dict) -> str:
 
 def _reason_of(error: dict, multipart: bool) -> tuple[int, str] | None:
     kind, name = error["type"], _field(error)
+    if multipart:  # a multipart batch numbers its posts' fields: text_3 is a text
+        name = re.sub(r"_[0-9]+$", "", name)
     if kind == "json_invalid":
         return 400, "invalid_json"
     if kind == "extra_forbidden" and name == "image_url":
@@ -67,7 +70,7 @@ def _reason_of(error: dict, multipart: bool) -> tuple[int, str] | None:
         return 413, "too_many_posts"
     if name == "posts" and kind == "too_short":
         return 422, "no_posts"
-    if name == "text" and kind == "string_too_long":
+    if name in ("text", "captions") and kind == "string_too_long":
         return 422, "caption_too_long"
     if kind == "missing" and not multipart and name and name not in ("image_base64", "text", "posts"):
         return 422, "missing_feature"  # every other required JSON key is a feature column

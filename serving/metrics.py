@@ -13,6 +13,9 @@ separate counts. ``/metadata`` keeps its human-readable counters; this is for sc
 | `prediction_rejected_total`              | counter   | status, reason        | 503 and 504 answers           |
 | `model_load_seconds`                     | gauge     |                       | load + warm-up at startup     |
 | `model_info`                             | info      | name, version         | the model being served        |
+| `image_embedding_cache_hits_total`       | counter   |                       | images not embedded again     |
+| `image_embedding_cache_misses_total`     | counter   |                       | images through the image tower|
+| `image_embedding_cache_entries`          | gauge     |                       | embeddings in the LRU cache   |
 
 ``path`` is the route template, never the raw URL, so clients cannot grow the label set.
 """
@@ -44,6 +47,11 @@ class ServingMetrics:
                                 "(deadline)", ["status", "reason"], registry=r)
         self.model_load_seconds = Gauge("model_load_seconds", "Seconds to load and warm up the model", registry=r)
         self.model = Info("model", "The model being served", registry=r)
+        self.cache_hits = Counter("image_embedding_cache_hits", "Images whose embedding was not computed again "
+                                  "(in the cache, or met earlier in the same batch)", registry=r)
+        self.cache_misses = Counter("image_embedding_cache_misses", "Distinct images through the image tower",
+                                    registry=r)
+        self.cache_entries = Gauge("image_embedding_cache_entries", "Image embeddings in the LRU cache", registry=r)
 
     def observe_request(self, path: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(path=path, method=method, status=str(status)).inc()
@@ -53,6 +61,14 @@ class ServingMetrics:
         """Called by the micro-batcher after each forward pass."""
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
+
+    def observe_cache(self, hits: int, misses: int) -> None:
+        """Called by the image embedding cache after each lookup round (in the model's thread)."""
+        self.cache_hits.inc(hits)
+        self.cache_misses.inc(misses)
+
+    def track_cache(self, entries: Callable[[], int]) -> None:
+        self.cache_entries.set_function(entries)
 
     def track_queue(self, queued: Callable[[], int]) -> None:
         """Read the queue depth from the live batcher at scrape time."""

@@ -11,15 +11,19 @@ import dataclasses
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from data_preprocessing.features import FeatureError
-from data_preprocessing.posts import Post, parse_features, prepare_post
+from data_preprocessing.posts import Post, caption_parts, parse_features, prepare_post
 from data_preprocessing.prepare import ImageError, ImageHeader, clean_text, probe_image, sentiment
-from serving.contract import RawPost
+from serving.contract import RawPost, RawVariants, TimeGrid
 from serving.errors import APIError
 from serving.middleware import log_safe
-from serving.schemas import Interval, ModelInfo, Prediction, Sentiment
+from serving.schemas import (Best, Estimate, GridAnswer, GridCell, Interval, ModelInfo, Prediction, Sentiment, Variant,
+                             VariantsResponse)
+
+if TYPE_CHECKING:
+    from models.embedding_cache import ImageEmbeddingCache
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,18 @@ IMAGE_ERROR_STATUS = {
     "missing_path": 422,  # not reachable from bytes; mapped so no reason can become a 500
     "not_found": 422,
 }
+
+
+@dataclasses.dataclass
+class PreparedVariants:
+    """A /predict/variants request, prepared: what ``Predictor.run_variants`` takes."""
+
+    captions: list[str]  # as sent
+    posts: list[Post]  # one per caption: the same image, the request's features
+    rows: list[dict]  # parsed feature rows: the request's own, then one per grid time
+    times: list[tuple[int, int, str]]  # (day, hour, value) per grid time, in ``rows[1:]`` order
+    grid: TimeGrid | None
+    grid_column: str | None
 
 
 def get_model_loader() -> Callable[..., Any]:
@@ -77,15 +93,18 @@ def _as_api_errors():
 class Predictor:
     """The loaded model (``models.clip_regressor.LoadedModel``) and the steps around it."""
 
-    def __init__(self, loaded, max_pixels: int):
+    def __init__(self, loaded, max_pixels: int, image_cache_size: int = 0,
+                 observe_cache: Callable[[int, int], None] | None = None):
         self.loaded = loaded
         self.max_pixels = max_pixels
         self.policy = loaded.resize_policy  # from the processor saved with the model
         self.info = model_info(loaded)
+        self.image_cache = self._cache_images(image_cache_size, observe_cache)
         # The artifact's own preparation config (MAX_PIXELS from the settings), and its
         # feature columns: the request models are built from the same list (serving.contract).
         self.prepare_config = dataclasses.replace(loaded.prepare, max_pixels=max_pixels)
         self.feature_names: tuple[str, ...] = tuple(loaded.prepare.features.names)
+        self.feature_kinds: dict[str, str] = {c.name: c.kind for c in loaded.prepare.features.columns}
 
     def check(self, raw: RawPost) -> ImageHeader:
         """What can be known of a post before decoding it: its features parse, and its
@@ -101,6 +120,67 @@ class Predictor:
         with _as_api_errors():
             return prepare_post(raw.image, raw.caption, raw.features, self.prepare_config)
 
+    def _cache_images(self, entries: int, observe) -> "ImageEmbeddingCache | None":
+        """Route the model's image tower through an LRU cache of ``entries`` embeddings (IMAGE_CACHE_SIZE),
+        where the embedder runs its towers apart (torch, bf16; not the ONNX graphs). Even at 0 entries a
+        batch embeds each distinct image once."""
+        from models.embedding_cache import CachingEmbedder, ImageEmbeddingCache, has_towers
+
+        if not has_towers(getattr(self.loaded, "embedder", None)):
+            return None
+        cache = ImageEmbeddingCache(entries, self.info.version, observe)
+        self.loaded.embedder = CachingEmbedder(self.loaded.embedder, cache)
+        return cache
+
+    def _features(self, raw: dict) -> dict:
+        with _as_api_errors():
+            return parse_features(raw, self.prepare_config.features)
+
+    def prepare_variants(self, raw: RawVariants, first: Post) -> PreparedVariants:
+        """``first``: the image and the first caption, prepared (``prepare``) once; then each other
+        caption cleaned and scored, and the feature rows parsed: the request's own, then one per grid
+        time (the timestamp column set to it)."""
+        posts = [first]
+        for caption in raw.captions[1:]:
+            text, compound, scores = caption_parts(caption)
+            posts.append(dataclasses.replace(first, text=text, sentiment=compound, sentiment_scores=scores))
+        times = raw.grid.times() if raw.grid is not None else []
+        rows = [first.features] + [self._features({**raw.features, raw.grid_column: t}) for _, _, t in times]
+        return PreparedVariants(list(raw.captions), posts, rows, times, raw.grid, raw.grid_column)
+
+    def run_variants(self, prepared: PreparedVariants) -> VariantsResponse:
+        """Every caption at every time (``LoadedModel.explain_variants``) as the API's answer."""
+        # With a grid, the best is among its times; without one, among the captions at the time sent.
+        out = self.loaded.explain_variants(prepared.posts, prepared.rows, best_from=1 if prepared.times else 0)
+        n = len(prepared.posts)
+        variants = [self._prediction(p, e, 0) for p, e in zip(prepared.posts, out.explained)]
+        ranking = sorted(range(n), key=lambda i: (-variants[i].score, i))
+        rank = {i: r + 1 for r, i in enumerate(ranking)}
+        (c, row), best = out.best, out.explained[-1]
+        grid = None
+        if prepared.grid is not None:
+            est = [[self._estimate(out.grid, i * out.rows + j) for i in range(n)] for j in range(1, out.rows)]
+            cells = [GridCell(day=d, hour=h, time=t, predictions=p) for (d, h, t), p in zip(prepared.times, est)]
+            g = prepared.grid
+            grid = GridAnswer(column=prepared.grid_column, start=g.start.isoformat(), days=g.days, hours=g.hours,
+                              cells=cells)
+        return VariantsResponse(
+            variants=[Variant(index=i, caption=prepared.captions[i], rank=rank[i], **v.model_dump())
+                      for i, v in enumerate(variants)],
+            ranking=ranking, grid=grid, model=self.info,
+            best=Best(index=c, time=prepared.times[row - 1][2] if row else None,
+                      prediction=self._prediction(prepared.posts[c], best, 0)))
+
+    @staticmethod
+    def _interval(out, i: int) -> Interval | None:
+        if not out.intervals:  # the first level the artifact was calibrated for
+            return None
+        level, (low, high) = next(iter(out.intervals.items()))
+        return Interval(level=float(level), low=float(low[i]), high=float(high[i]))
+
+    def _estimate(self, out, i: int) -> Estimate:
+        return Estimate(engagement=float(out.engagement[i]), score=float(out.score[i]), interval=self._interval(out, i))
+
     def run_batch(self, posts: list[Post]) -> list[Prediction]:
         """Prepared posts -> one Prediction each, in order (in the batcher's inference thread)."""
         out = self.loaded.explain_batch(self.loaded.batcher(posts))
@@ -108,10 +188,7 @@ class Predictor:
 
     def _prediction(self, post: Post, out, i: int) -> Prediction:
         """Post ``i`` of ``explain_batch``'s answer as the API's Prediction."""
-        interval = None
-        if out.intervals:  # the first level the artifact was calibrated for
-            level, (low, high) = next(iter(out.intervals.items()))
-            interval = Interval(level=float(level), low=float(low[i]), high=float(high[i]))
+        interval = self._interval(out, i)
         contributions = (None if out.contributions is None
                          else {g: float(c) for g, c in zip(out.groups, out.contributions[i])})
         return Prediction(engagement=float(out.engagement[i]), score=float(out.score[i]),

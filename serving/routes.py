@@ -14,9 +14,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.responses import JSONResponse
 
-from serving.contract import Contract, check_features_sent, check_post_form, require_media_type
+from serving.contract import (MAX_GRID_DAYS, Contract, VariantsContract, check_batch_form, check_features_sent,
+                              check_post_form, require_media_type)
 from serving.errors import APIError
-from serving.schemas import BatchItem, BatchResponse, ErrorBody, Health, Metadata, PostError, Prediction, Ready
+from serving.schemas import (BatchItem, BatchResponse, ErrorBody, Health, Metadata, PostError, Prediction, Ready,
+                             VariantsResponse)
 from serving.service import Service, get_service
 
 PREDICT_TAG = "predict"
@@ -145,11 +147,12 @@ def prediction_router(contract: Contract) -> APIRouter:
                  "image cannot be used, its own error {index, status, reason, detail}; one bad image does not "
                  "fail the others. A request that breaks the schema fails as a whole.")
 
-    @router.post("/predict/batch", response_model=BatchResponse, dependencies=[multipart, Depends(check_features_sent)],
+    @router.post("/predict/batch", response_model=BatchResponse, dependencies=[multipart, Depends(check_batch_form)],
                  summary="Predict several posts (multipart/form-data)",
-                 description="Repeated `image` and `text` fields, paired by order: "
-                             "`curl -F image=@a.jpg -F text=first -F image=@b.png -F text= HOST/predict/batch`. "
-                             "Every field needs one value per image (else 422 unpaired_fields). " + batch_doc)
+                 description="Post i's fields are numbered i, from 0: `curl -F image_0=@a.jpg -F text_0=first "
+                             "-F image_1=@b.png -F text_1= HOST/predict/batch`. Each post sends all its fields (a "
+                             "feature column `<name>_i`; an empty value means unknown), else 422 unpaired_fields. "
+                             + batch_doc)
     async def predict_batch(batch: Annotated[BatchForm, Form(media_type="multipart/form-data")],
                             service: Service = Depends(get_service)) -> BatchResponse:
         return await batch_response(service, [await contract.read_post(p) for p in contract.posts_of(batch)])
@@ -158,5 +161,36 @@ def prediction_router(contract: Contract) -> APIRouter:
                  summary="Predict several posts (JSON)", description="`{\"posts\": [PostJSON, ...]}`. " + batch_doc)
     async def predict_batch_json(batch: BatchJSON, service: Service = Depends(get_service)) -> BatchResponse:
         return await batch_response(service, [await contract.read_post(p) for p in contract.posts_of(batch)])
+
+    return router
+
+
+def variants_router(contract: VariantsContract) -> APIRouter:
+    """/predict/variants (multipart) and /predict/variants/json for ``contract``."""
+    router = APIRouter(tags=[PREDICT_TAG], responses=documented(*PREDICT_ERRORS))
+    multipart = Depends(require_media_type("multipart", other_path="/predict/variants/json"))
+    json_body = Depends(require_media_type("json", other_path="/predict/variants"))
+    VariantsForm, VariantsJSON = contract.VariantsForm, contract.VariantsJSON
+    grid = (f" With a grid (a start day, 1 to {MAX_GRID_DAYS} days, the hours), every caption is scored at every "
+            f"time of it in the timestamp column '{contract.datetime_names[0]}', and the best (caption, time) "
+            "is named; only the variants at the time sent and the best carry contributions."
+            if contract.datetime_names else "")
+    doc = ("One image and 1 to 5 caption variants (and the account fields): each variant's prediction, interval and "
+           "contributions, the same as /predict answers for that post, ranked; the image is embedded once." + grid)
+
+    @router.post("/predict/variants", response_model=VariantsResponse,
+                 dependencies=[multipart, Depends(check_features_sent)],
+                 summary="Compare caption variants of one post (multipart/form-data)",
+                 description="`curl -F image=@photo.jpg -F 'captions=Sunset!' -F 'captions=Golden hour' "
+                             "HOST/predict/variants`. " + doc)
+    async def predict_variants(req: Annotated[VariantsForm, Form(media_type="multipart/form-data")],
+                               service: Service = Depends(get_service)) -> VariantsResponse:
+        return await service.predict_variants(await contract.read(req))
+
+    @router.post("/predict/variants/json", response_model=VariantsResponse, dependencies=[json_body],
+                 summary="Compare caption variants of one post (JSON)",
+                 description="`{\"image_base64\": ..., \"captions\": [...]}`. " + doc)
+    async def predict_variants_json(req: VariantsJSON, service: Service = Depends(get_service)) -> VariantsResponse:
+        return await service.predict_variants(await contract.read(req))
 
     return router

@@ -102,3 +102,53 @@ class Metadata(BaseModel):
                                        "what training recorded")
     settings: dict = Field(description="the limits and settings this server runs with, and micro-batching "
                                        "counters")
+
+
+# --- /predict/variants ----------------------------------------------------------------------
+
+
+class Variant(Prediction):
+    """One caption with the image, at the time the request gave: what /predict answers for that post."""
+
+    index: int = Field(description="position of the caption in the request")
+    caption: str = Field(description="the caption as sent")
+    rank: int = Field(description="1 for the highest prediction, then 2, ...; ties keep request order")
+
+
+class Estimate(BaseModel):
+    """A grid cell's prediction for one caption: as /predict's, without contributions."""
+
+    engagement: float = Field(description="predicted engagement in label units (likes)")
+    score: float = Field(description="the same on the model's scale")
+    interval: Interval | None = None
+
+
+class GridCell(BaseModel):
+    day: int = Field(description="days after the grid's start, 0 first")
+    hour: int = Field(description="hour of the day, local time in the timestamp column's zone")
+    time: str = Field(description="the value the timestamp column took (ISO local time, no offset)")
+    predictions: list[Estimate] = Field(description="one per caption, in request order")
+
+
+class GridAnswer(BaseModel):
+    column: str = Field(description="the timestamp column the grid's times went into")
+    start: str
+    days: int
+    hours: list[int]
+    cells: list[GridCell] = Field(description="day by day, then hour by hour")
+
+
+class Best(BaseModel):
+    """The highest prediction of every caption x time combination, with its contributions."""
+
+    index: int = Field(description="the caption's position in the request")
+    time: str | None = Field(description="the grid time (null without a grid: the time the request gave)")
+    prediction: Prediction
+
+
+class VariantsResponse(BaseModel):
+    variants: list[Variant] = Field(description="one per caption, in request order")
+    ranking: list[int] = Field(description="caption positions, highest prediction first")
+    best: Best
+    grid: GridAnswer | None = Field(None, description="every caption at every grid time (null without a grid)")
+    model: ModelInfo

@@ -30,12 +30,12 @@ from fastapi import Request
 
 from data_preprocessing.posts import Post
 from serving.batching import MicroBatcher, QueueFull
-from serving.contract import RawPost
+from serving.contract import RawPost, RawVariants
 from serving.errors import INTERNAL_ERROR, APIError
 from serving.metrics import ServingMetrics
 from serving.middleware import request_deadline
 from serving.predictor import Predictor
-from serving.schemas import Prediction
+from serving.schemas import Prediction, VariantsResponse
 from serving.settings import ServingSettings
 
 
@@ -206,24 +206,49 @@ class Service:
                 ready = [p for p in prepared if isinstance(p, Post)]
                 results = iter(await self.batcher.submit_many(ready, return_exceptions=True))
         except TimeoutError:
-            raise APIError(504, "deadline_exceeded",
-                           f"no prediction within {s.request_timeout_s:g}s (REQUEST_TIMEOUT_S)") from None
+            raise deadline_error(s) from None
         except QueueFull as e:
             raise APIError(503, "overloaded",
                            f"the server is at capacity ({e.queued} posts queued, MAX_QUEUE={e.max_queue}); "
                            "retry later", {"Retry-After": str(e.retry_after_s)}) from None
         except DecodeBusy:
-            raise APIError(503, "overloaded",
-                           f"the server is decoding as many pixels as it may (MAX_DECODE_PIXELS="
-                           f"{s.max_decode_pixels:,}); retry later",
-                           {"Retry-After": str(math.ceil(s.decode_wait_s))}) from None
+            raise decode_busy_error(s) from None
         return [p if isinstance(p, APIError) else _answer(next(results)) for p in prepared]
+
+    async def predict_variants(self, raw: RawVariants) -> VariantsResponse:
+        """One image's caption variants (and grid times): prepared in a decoding thread, then the model's
+        one thread runs them as one job, queued there with the micro-batches (it is one forward of the
+        image and the captions). The deadline is the same as a post's."""
+        s, loop = self.settings, asyncio.get_running_loop()
+        deadline = request_deadline() or loop.time() + s.request_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                # The image is decoded once, as a post's is: admitted by the decode budget.
+                first = await self._prepare(RawPost(raw.image, raw.captions[0], raw.features), deadline)
+                if isinstance(first, APIError):
+                    raise first
+                prepared = await loop.run_in_executor(self.prep_pool, self.predictor.prepare_variants, raw, first)
+                return await loop.run_in_executor(self.torch_thread, self.predictor.run_variants, prepared)
+        except TimeoutError:
+            raise deadline_error(s) from None
+        except DecodeBusy:
+            raise decode_busy_error(s) from None
 
     async def predict_one(self, post: RawPost) -> Prediction:
         (out,) = await self.predict([post])
         if isinstance(out, APIError):
             raise out
         return out
+
+
+def deadline_error(s: ServingSettings) -> APIError:
+    return APIError(504, "deadline_exceeded", f"no prediction within {s.request_timeout_s:g}s (REQUEST_TIMEOUT_S)")
+
+
+def decode_busy_error(s: ServingSettings) -> APIError:
+    return APIError(503, "overloaded", f"the server is decoding as many pixels as it may (MAX_DECODE_PIXELS="
+                                       f"{s.max_decode_pixels:,}); retry later",
+                    {"Retry-After": str(math.ceil(s.decode_wait_s))})
 
 
 def _answer(result: Prediction | Exception) -> Prediction | APIError:

@@ -63,6 +63,10 @@ class ServingSettings(BaseSettings):
         2200, ge=1, description="longest raw caption accepted (Instagram's own limit); past it 422")
     max_posts_per_request: int = Field(
         32, ge=1, description="most posts in one /predict/batch request; past it 413")
+    image_cache_size: int = Field(
+        256, ge=0, description="image embeddings kept (LRU, by pixels and model version) so a repeated image "
+                               "skips the image tower (/predict/variants while captions are tweaked); 0 keeps "
+                               "none. Torch and bf16 runtimes only: the ONNX graphs run both towers at once")
     micro_batching: bool = Field(
         True, description="group concurrent requests into micro-batches; 0 runs each post alone (benchmarks)")
     torch_threads: int | None = Field(

@@ -17,17 +17,20 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from data_preprocessing.features import FeatureColumn, FeatureSchema
+from data_preprocessing.features import FEATURE_KINDS, FeatureColumn, FeatureSchema
 from data_preprocessing.posts import PrepareConfig
 
 
+# Whether timestamp columns exist (issue 30's datetime kind): the grid's HTTP and browser tests wait for them.
+DATETIME = "datetime" in FEATURE_KINDS
 FEATURE_COLUMNS = (FeatureColumn("followers", "numeric", 0.0, None), FeatureColumn("platform", "categorical"))
 
 
-def build_artifact(root: Path, seed: int = 0, features: bool = False) -> Path:
+def build_artifact(root: Path, seed: int = 0, features: bool = False, datetime_column: str | None = None) -> Path:
     """A complete model artifact around a random tiny CLIP: ``root/run/model``, with a
     conformal calibration (80%: +-0.7 on the model scale) and a contributions reference;
-    ``features=True`` adds a numeric ``followers`` and a categorical ``platform`` column."""
+    ``features=True`` adds a numeric ``followers`` and a categorical ``platform`` column,
+    ``datetime_column`` a timestamp column of that name (the datetime kind of issue 30)."""
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
@@ -39,16 +42,22 @@ def build_artifact(root: Path, seed: int = 0, features: bool = False) -> Path:
     clip_dir = build_tiny_clip(root / "tiny_clip", preset="tiny", seed=seed)
     processor = CLIPProcessor.from_pretrained(clip_dir)
     schema = FeatureSchema()
-    if features:
-        schema = FeatureSchema.fit(FEATURE_COLUMNS, {"followers": [10.0, 1000.0, 50000.0, None],
-                                                     "platform": ["x", "tiktok", "x", None]})
+    columns, values = (FEATURE_COLUMNS, {"followers": [10.0, 1000.0, 50000.0, None],
+                                         "platform": ["x", "tiktok", "x", None]}) if features else ((), {})
+    if datetime_column:
+        column = FeatureColumn(datetime_column, "datetime")
+        columns += (column,)
+        values[datetime_column] = [column.parse(t) for t in ("2025-03-03T08:00", "2025-03-05T19:30",
+                                                             "2025-03-08T23:00", None)]
+    if columns:
+        schema = FeatureSchema.fit(columns, values)
     torch.manual_seed(seed)  # the head's init
     model = CLIPRegressor(CLIPModel.from_pretrained(clip_dir), n_features=schema.width)
     torch.nn.init.normal_(model.head.mlp[-1].weight, std=0.5)  # not just the linear path
     d = model.clip.config.projection_dim
     g = torch.Generator().manual_seed(seed + 1)
     ref = Reference(torch.randn(d, generator=g), torch.randn(d, generator=g), torch.tensor(0.1),
-                    torch.from_numpy(schema.encode([{"followers": 1000.0, "platform": "x"}])[0]))
+                    torch.from_numpy(schema.encode([{"followers": 1000.0, "platform": "x"}])[0]))  # others missing
     prep = PrepareConfig(ResizePolicy.from_image_processor(processor.image_processor), features=schema)
     extra = {"metrics": {"test": {"rmse": 1.25, "r2": 0.1}}, "git_commit": "test", "training_args": {"epochs": 0}}
     return save_artifact(model, processor, TargetTransform("log1p", 3.0, 1.5), root / "run" / "model",
@@ -183,7 +192,37 @@ def multipart(image: bytes, text: str | None, filename: str = "photo.jpg", mime:
     return kw
 
 
+def numbered(files: list, **columns: list) -> dict:
+    """kwargs for ``client.post`` sending a multipart batch: ``files`` (filename, bytes, mime) and each
+    column's values (text, followers, ...) as post i's fields image_i, text_i, followers_i, ..."""
+    data = {f"{name}_{i}": v for name, values in columns.items() for i, v in enumerate(values)}
+    return {"files": {f"image_{i}": f for i, f in enumerate(files)}, "data": data}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def loopback(app):
+    """uvicorn serving ``app`` on a free loopback port, in a thread; yields the base URL once it
+    has started (the lifespan, so the model load, has run)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -12,7 +12,7 @@ import pytest
 
 from bench.benchlib import goal
 
-BENCHMARKS = {"preprocess", "download", "train_datapath", "quality", "serving", "hostile"}
+BENCHMARKS = {"preprocess", "download", "train_datapath", "quality", "serving", "hostile", "variants"}
 OVERHEAD = ("serving overhead, RUNTIME={runtime}: p50 at concurrency 1 / its raw forward at batch 1 (median of the "
             "repeats' ratios, each to the round just before it)")
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
@@ -227,8 +227,9 @@ def test_report_shows_each_goal_with_the_status_its_figure_implies(smoke):
     _, results, md = smoke
     rows = goal_table(md)
     goals = list(goals_of(results).values())
-    # train 1, preprocess 2, download 1, serving 8 + table scorer 1, quality 2 (phase 1: no target), hostile 4
-    assert len(goals) == 19
+    # train 1, preprocess 2, download 1, serving 8 + table scorer 1, quality 2 (phase 1: no target), hostile 4,
+    # variants 2
+    assert len(goals) == 21
     for g in goals:
         ops = {">=": g["measured"] >= g["target"], "<=": g["measured"] <= g["target"], ">": g["measured"] > g["target"],
                "==": g["measured"] == g["target"]} if g["measured"] is not None else {}
@@ -373,3 +374,19 @@ def test_hostile_goals_are_the_measurements_beside_them(smoke):
     assert measured["peak server RSS during 4 concurrent uploads of a 1 MP 16-bit PNG"] == round(
         burst["peak_mib"] / 1024, 3)
     assert sum(burst["status"].values()) == burst["uploads"] == 4 and burst["peak_mib"] >= burst["rss_before_mib"]
+
+
+def test_variants_ratio_pairs_each_repeat_and_the_grid_waits_for_a_timestamp_column(smoke):
+    import statistics
+
+    _, r, _ = smoke
+    v = r["variants"]
+    p50 = v["p50_ms"]
+    assert len(p50["post"]) == len(p50["variants"]) == 2  # smoke: two repeats, each kind in each
+    goals = {g["goal"].split(",")[0]: g for g in v["goals"]}
+    ratios = [a / b for a, b in zip(p50["variants"], p50["post"])]
+    assert goals["five caption variants of one image / one post"]["measured"] == round(statistics.median(ratios), 3)
+    # The bench's random-init CLIP has no timestamp column: the grid is not measured, and the report says why.
+    grid = goals["the week x 24 h grid for one caption / one post"]
+    assert (v["timestamp_column"], "grid" in p50, grid["measured"], grid["met"]) == (None, False, None, None)
+    assert "no timestamp column" in grid["note"]

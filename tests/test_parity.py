@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.serving_fixtures import ModelSpy, encode, jpeg_bytes, photo_array, png_bytes, serving_client
+from tests.serving_fixtures import ModelSpy, encode, jpeg_bytes, numbered, photo_array, png_bytes, serving_client
 
 MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "sentiment", "features")
 
@@ -119,8 +119,8 @@ def test_batch_parity_with_dynamic_padding(client, spy, records, offline):
     Collator pads a training batch of the same records in the same order."""
     loaded, collate = offline
     captured = _capture(spy)
-    files = [("image", (name, data, "application/octet-stream")) for name, data, _, _ in POSTS]
-    r = client.post("/predict/batch", files=files, data={"text": [p[2] for p in POSTS]})
+    files = [(name, data, "application/octet-stream") for name, data, _, _ in POSTS]
+    r = client.post("/predict/batch", **numbered(files, text=[p[2] for p in POSTS]))
     assert r.status_code == 200, r.text
     assert len(captured) == 1 and len(captured[0]["input_ids"]) == len(POSTS)
 

@@ -16,18 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from data_preprocessing.prepare import clean_text, sentiment
 from serving.schemas import EXAMPLE_IMAGE_BASE64
-from tests.serving_fixtures import (
-    ModelSpy,
-    corrupt_png_bytes,
-    encode,
-    jpeg_bytes,
-    multipart,
-    photo_array,
-    png_bytes,
-    service,
-    serving_client,
-    zero_size_png_bytes,
-)
+from tests.serving_fixtures import (ModelSpy, corrupt_png_bytes, encode, jpeg_bytes, multipart, numbered, photo_array,
+                                    png_bytes, service, serving_client, zero_size_png_bytes)
 
 CAPTION = "Sunset at the beach!!! 😍 #travel @bob https://x.co/a"
 LIMITS = dict(max_body_bytes=2_000_000, max_caption_chars=300, max_pixels=200_000, max_posts_per_request=4)
@@ -109,8 +99,7 @@ def test_metadata_counts_the_posts_predicted(model_dir):
     with serving_client(model_dir) as c:
         assert c.get("/metadata").json()["settings"]["batching"]["posts"] == 0  # the warm-up is not counted
         c.post("/predict", **multipart(jpeg_bytes(), "one"))
-        c.post("/predict/batch", files=[("image", ("a.jpg", jpeg_bytes(), "image/jpeg"))] * 2,
-               data={"text": ["two", "three"]})
+        c.post("/predict/batch", **numbered([("a.jpg", jpeg_bytes(), "image/jpeg")] * 2, text=["two", "three"]))
         c.post("/predict", **multipart(b"not an image", "never reaches the model"))
         batching = c.get("/metadata").json()["settings"]["batching"]
     assert (batching["posts"], batching["batches"], batching["largest_batch"]) == (3, 2, 2)
@@ -151,7 +140,9 @@ def _refs(node) -> set[str]:
 PREDICT_PATHS = [("/predict", "multipart/form-data", "PostForm", "Prediction"),
                  ("/predict/json", "application/json", "PostJSON", "Prediction"),
                  ("/predict/batch", "multipart/form-data", "BatchForm", "BatchResponse"),
-                 ("/predict/batch/json", "application/json", "BatchJSON", "BatchResponse")]
+                 ("/predict/batch/json", "application/json", "BatchJSON", "BatchResponse"),
+                 ("/predict/variants", "multipart/form-data", "VariantsForm", "VariantsResponse"),
+                 ("/predict/variants/json", "application/json", "VariantsJSON", "VariantsResponse")]
 
 
 def test_openapi_documents_each_path_with_one_body_type(client):
@@ -180,10 +171,11 @@ def test_openapi_declares_the_limits_in_force(client):
     assert form["additionalProperties"] is False and js["additionalProperties"] is False
     assert form["properties"]["image"]["format"] == "binary" and js["properties"]["image_base64"]["format"] == "byte"
     assert form["properties"]["text"]["maxLength"] == js["properties"]["text"]["maxLength"] == 300
-    assert batch_form["properties"]["text"]["items"]["maxLength"] == 300
-    for limits in (batch_form["properties"]["image"], batch_form["properties"]["text"], batch_json["properties"]["posts"]):
-        assert (limits["minItems"], limits["maxItems"]) == (1, 4)
-    assert set(batch_form["required"]) == {"image", "text"} and batch_json["required"] == ["posts"]
+    assert batch_form["properties"]["text_3"]["maxLength"] == 300 and "text_4" not in batch_form["properties"]
+    assert (batch_json["properties"]["posts"]["minItems"], batch_json["properties"]["posts"]["maxItems"]) == (1, 4)
+    assert batch_form["required"] == ["image_0", "text_0"] and batch_json["required"] == ["posts"]
+    # post i's fields come together, and only after post i - 1's: pairing is in the schema, not in words
+    assert sorted(batch_form["dependentRequired"]["text_2"]) == ["image_1", "image_2"]
 
 
 def test_every_documented_example_is_accepted(client):
@@ -208,10 +200,11 @@ def test_feature_columns_join_every_request_model(model_dir):
 
     app = create_app(ServingSettings(model_dir=model_dir), feature_names=("followers", "platform"))
     schemas = TestClient(app).get("/openapi.json").json()["components"]["schemas"]
-    for name in ("PostForm", "PostJSON", "BatchForm"):
+    for name in ("PostForm", "PostJSON"):
         assert {"followers", "platform"} <= set(schemas[name]["properties"]), name
         # required: a client that forgot one gets missing_feature, never a silent guess
         assert {"followers", "platform"} <= set(schemas[name]["required"]), name
+    assert {"followers_0", "platform_0"} <= set(schemas["BatchForm"]["required"])  # post i's: <name>_i
     contract = build_contract(("followers", "platform"), max_caption_chars=50, max_posts=2)
     post = contract.PostJSON.model_validate({"image_base64": EXAMPLE_IMAGE_BASE64, "text": "hi", "followers": 1200,
                                              "platform": None})
@@ -336,19 +329,22 @@ def test_unknown_route_and_method_are_json(client):
 
 def test_batch_multipart_mixed(client):
     good1, good2 = jpeg_bytes(seed=5), png_bytes(seed=6)
-    files = [("image", ("a.jpg", good1, "image/jpeg")), ("image", ("b.png", corrupt_png_bytes(), "image/png")),
-             ("image", ("c.png", good2, "image/png")), ("image", ("d.jpg", b"", "image/jpeg"))]
+    files = [("a.jpg", good1, "image/jpeg"), ("b.png", corrupt_png_bytes(), "image/png"),
+             ("c.png", good2, "image/png"), ("d.jpg", b"not an image", "image/jpeg")]
     texts = ["first #one", "second", "third 😍", ""]
-    r = client.post("/predict/batch", files=files, data={"text": texts})
+    r = client.post("/predict/batch", **numbered(files, text=texts))
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [x["index"] for x in results] == [0, 1, 2, 3]
-    assert [x["status"] for x in results] == [200, 422, 200, 422]
-    assert results[1]["reason"] in ("corrupt", "truncated") and results[3]["reason"] == "empty_file"
+    assert [x["status"] for x in results] == [200, 422, 200, 415]
+    assert results[1]["reason"] in ("corrupt", "truncated") and results[3]["reason"] == "unsupported_format"
     assert results[0]["cleaned_text"] == "first one" and results[2]["cleaned_text"] == "third 😍"
     # the batched predictions equal one-at-a-time ones (padding does not change a post's score)
     single = client.post("/predict", **multipart(good2, "third 😍", "c.png", "image/png")).json()
     assert results[2]["score"] == pytest.approx(single["score"], abs=1e-5)
+    # A 0-byte file breaks the document (minLength 1), so the batch fails as a whole.
+    r = client.post("/predict/batch", **numbered(files[:1] + [("e.jpg", b"", "image/jpeg")], text=["a", "b"]))
+    assert (r.status_code, r.json()["reason"]) == (422, "empty_file"), r.text
 
 
 def test_batch_json_mixed(client):
@@ -372,18 +368,17 @@ def test_batch_json_mixed(client):
     ("/predict/batch/json", dict(json={"posts": [{"image_base64": "AAAA", "text": ""}] * 5}), 413, "too_many_posts"),
     ("/predict/batch/json", dict(json={"posts": []}), 422, "no_posts"),
     ("/predict/batch/json", dict(json={"items": []}), 422, "unknown_field"),
-    ("/predict/batch", dict(files=[("image", ("a.jpg", b"1", "image/jpeg"))] * 2, data={"text": ["x"]}),
-     422, "unpaired_fields"),
-    ("/predict/batch", dict(files=[("image", ("a.jpg", b"1", "image/jpeg"))] * 5, data={"text": ["x"] * 5}),
-     413, "too_many_posts"),
-    ("/predict/batch", dict(files=[("image", ("a.jpg", b"1", "image/jpeg"))], data={"text": ["d" * 301]}),
-     422, "caption_too_long"),
+    ("/predict/batch", numbered([("a.jpg", b"1", "image/jpeg")] * 2, text=["x"]), 422, "unpaired_fields"),
+    ("/predict/batch", numbered([("a.jpg", b"1", "image/jpeg")] * 5, text=["x"] * 5), 413, "too_many_posts"),
+    ("/predict/batch", numbered([("a.jpg", b"1", "image/jpeg")], text=["d" * 301]), 422, "caption_too_long"),
+    ("/predict/batch", {"files": {"image_0": ("a.jpg", b"1", "image/jpeg"), "image_2": ("c.jpg", b"1", "image/jpeg")},
+                        "data": {"text_0": "", "text_2": ""}}, 422, "unpaired_fields"),
     ("/predict/batch", dict(content=b"--b--\r\n", headers={"content-type": "multipart/form-data; boundary=b"}),
      422, "missing_field"),
     ("/predict/batch", dict(content=b"x", headers={"content-type": "image/jpeg"}), 415, "unsupported_media_type"),
 ], ids=["json_image_url", "json_post_missing_image", "json_caption_too_long", "json_bad_base64", "json_too_many",
         "json_empty", "json_wrong_shape", "multipart_unpaired", "multipart_too_many", "multipart_caption_too_long",
-        "multipart_empty", "raw_jpeg"])
+        "multipart_gap", "multipart_empty", "raw_jpeg"])
 def test_batch_request_errors(client, path, kwargs, status, reason):
     r = client.post(path, **kwargs)
     assert (r.status_code, r.json()["reason"]) == (status, reason), r.text
@@ -439,8 +434,7 @@ def test_metrics_count_what_happened(model_dir):
         c.post("/predict", **multipart(jpeg_bytes(), "one"))
         c.post("/predict", **multipart(jpeg_bytes(seed=2), "two"))
         c.post("/predict", **multipart(b"not an image", "three"))
-        c.post("/predict/batch", files=[("image", ("a.jpg", jpeg_bytes(), "image/jpeg"))] * 3,
-               data={"text": ["a", "b", "c"]})
+        c.post("/predict/batch", **numbered([("a.jpg", jpeg_bytes(), "image/jpeg")] * 3, text=["a", "b", "c"]))
         c.get("/nope")
         after = _scrape(c)
     requests = dict(name="http_requests_total", method="POST")

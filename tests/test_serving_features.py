@@ -10,7 +10,7 @@ import csv
 import pytest
 import torch
 
-from tests.serving_fixtures import ModelSpy, jpeg_bytes, png_bytes, serving_client
+from tests.serving_fixtures import ModelSpy, jpeg_bytes, numbered, png_bytes, serving_client
 
 IMAGE = jpeg_bytes(320, 240, seed=5)
 MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "sentiment", "features")
@@ -89,23 +89,24 @@ def test_feature_errors_json(client):
 
 
 def test_batch_takes_features_per_post(client):
-    files = [("image", ("a.jpg", IMAGE, "image/jpeg")), ("image", ("b.png", png_bytes(), "image/png"))]
-    data = {"text": ["first", "second"], "followers": ["100", "lots"], "platform": ["x", ""]}
-    r = client.post("/predict/batch", files=files, data=data)
+    files = [("a.jpg", IMAGE, "image/jpeg"), ("b.png", png_bytes(), "image/png")]
+    r = client.post("/predict/batch", **numbered(files, text=["first", "second"], followers=["100", "lots"],
+                                                 platform=["x", ""]))
     assert r.status_code == 200, r.text
     first, second = r.json()["results"]
     assert first["status"] == 200 and set(first["contributions"]) >= {"followers", "platform"}
     assert (second["status"], second["reason"]) == (422, "invalid_feature")
-    r = client.post("/predict/batch", files=files, data={"text": ["a", "b"], "followers": ["1", "2"]})
-    assert (r.status_code, r.json()["reason"]) == (422, "missing_feature")
+    r = client.post("/predict/batch", **numbered(files, text=["a", "b"], followers=["1", "2"]))
+    assert (r.status_code, r.json()["reason"]) == (422, "unpaired_fields") and "platform_0" in r.json()["detail"]
 
 
 def test_metadata_and_openapi_list_the_features(client):
     meta = client.get("/metadata").json()["model"]["features"]
     assert [f["column"]["name"] for f in meta] == ["followers", "platform"]
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
-    for name in ("PostForm", "PostJSON", "BatchForm"):
+    for name in ("PostForm", "PostJSON"):
         assert {"followers", "platform"} <= set(schemas[name]["required"]), name
+    assert {"followers_0", "platform_0"} <= set(schemas["BatchForm"]["required"])
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,7 @@ README_CURL = "curl -F image=@photo.jpg -F 'text=Sunset at the beach! #travel' l
 README_JSON = ("""python -c 'import base64,json; print(json.dumps({"image_base64": base64.b64encode(open("photo.jpg","rb")"""
                """.read()).decode(), "text": "Sunset!"}))' \\\n"""
                "  | curl -H 'Content-Type: application/json' -d @- localhost:8000/predict/json")
-README_BATCH = "curl -F image=@a.jpg -F 'text=first' -F image=@b.png -F 'text=' localhost:8000/predict/batch"
+README_BATCH = "curl -F image_0=@a.jpg -F 'text_0=first' -F image_1=@b.png -F 'text_1=' localhost:8000/predict/batch"
 README_METRICS = "curl localhost:8000/metrics"
 
 
@@ -138,7 +138,7 @@ def test_curl_contract(server, tmp_path):
     out = _sh(README_JSON, tmp_path, base)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["cleaned_text"] == "Sunset!"
-    # Batch: repeated fields, paired by order; text= (empty) is an image-only post.
+    # Batch: post i's fields numbered i; text_1= (empty) is an image-only post.
     out = _sh(README_BATCH, tmp_path, base)
     results = json.loads(out.stdout)["results"]
     assert [(r["index"], r["status"], r["cleaned_text"]) for r in results] == [(0, 200, "first"), (1, 200, "")]
