@@ -339,6 +339,8 @@ _DAY_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
 
 def _day(value: Any) -> date:
     """A grid's start day: exactly YYYY-MM-DD (``date.fromisoformat`` alone takes more forms)."""
+    if type(value) is date:  # already read (a form's field becomes a TimeGrid's)
+        return value
     if not isinstance(value, str) or not re.fullmatch(_DAY_RE, value):
         raise PydanticCustomError("invalid_day", "a day is written YYYY-MM-DD")
     try:
@@ -350,6 +352,9 @@ def _day(value: Any) -> date:
 Day = Annotated[date, BeforeValidator(_day), WithJsonSchema({"type": "string", "format": "date", "pattern": _DAY_RE})]
 Hour = Annotated[StrictInt, Field(ge=0, le=23)]
 GridDays = Annotated[StrictInt, Field(ge=1, le=MAX_GRID_DAYS)]
+# Multipart carries every value as text: its grid numbers are read from their digits.
+FormHour = Annotated[int, Field(ge=0, le=23)]
+FormGridDays = Annotated[int, Field(ge=1, le=MAX_GRID_DAYS)]
 
 
 class TimeGrid(BaseModel):
@@ -405,8 +410,8 @@ class VariantsContract:
 def _grid_form_fields() -> dict[str, Any]:
     """Multipart's grid: three plain fields (a form has no objects); sent together or not at all."""
     return {"grid_start": (Day | None, Field(None, description="the grid's first day, YYYY-MM-DD (with grid_days)")),
-            "grid_days": (GridDays | None, Field(None, description=f"days in the grid, 1 to {MAX_GRID_DAYS}")),
-            "grid_hours": (list[Hour] | None, Field(None, description="hours of the day, repeated (default all 24)"))}
+            "grid_days": (FormGridDays | None, Field(None, description=f"days in the grid, 1 to {MAX_GRID_DAYS}")),
+            "grid_hours": (list[FormHour] | None, Field(None, description="hours of the day, repeated (default all 24)"))}
 
 
 def _grid_together(schema: dict) -> None:
@@ -429,8 +434,7 @@ def build_variants_contract(feature_names: Sequence[str], datetime_names: Sequen
     captions = (list[Annotated[str, _caption(max_caption_chars)]],
                 Field(min_length=1, max_length=MAX_VARIANTS, description=f"1 to {MAX_VARIANTS} caption variants "
                                                                          "of the post, each scored with the image"))
-    json_feature = {n: (StrictInt | StrictFloat | StrictStr | None, Field(description=f"the post's '{n}'{what}"))
-                    for n in names}
+    json_feature = {n: (JSONFeature, Field(description=f"the post's '{n}'{what}")) for n in names}
     grid_json = {"grid": (TimeGrid | None, Field(None, description=f"score every time of this grid in '{dt[0]}' "
                                                                    "instead of one"))} if dt else {}
     example = {"image_base64": EXAMPLE_IMAGE_BASE64, "captions": [EXAMPLE_CAPTION, "Golden hour, no filter"],

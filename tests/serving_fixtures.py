@@ -17,12 +17,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from data_preprocessing.features import FEATURE_KINDS, FeatureColumn, FeatureSchema
+from data_preprocessing.features import FeatureColumn, FeatureSchema
 from data_preprocessing.posts import PrepareConfig
 
 
-# Whether timestamp columns exist (issue 30's datetime kind): the grid's HTTP and browser tests wait for them.
-DATETIME = "datetime" in FEATURE_KINDS
 FEATURE_COLUMNS = (FeatureColumn("followers", "numeric", 0.0, None), FeatureColumn("platform", "categorical"))
 
 

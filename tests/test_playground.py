@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.serving_fixtures import DATETIME, jpeg_bytes
+from tests.serving_fixtures import jpeg_bytes
 
 CAPTIONS = ["Sunset at the beach! #travel", "<img src=x onerror=alert(1)>", "so sad, worst day ever :("]
 ACCOUNT = {"followers": "1200", "platform": "x"}
@@ -231,7 +231,6 @@ def test_docs_render_offline(browsing, base):
     browsing.check_loopback_only()
 
 
-@pytest.mark.skipif(not DATETIME, reason="needs the datetime feature kind (issue 30)")
 def test_the_week_heatmap_of_a_model_with_a_timestamp_column(chromium, tmp_path_factory, photo):
     from docs.screenshot import fill_form, score_with_enter
     from serving.launch import run_server

@@ -18,7 +18,7 @@ import torch
 from serving.app import create_app
 from serving.contract import TimeGrid, build_variants_contract
 from serving.settings import ServingSettings
-from tests.serving_fixtures import DATETIME, jpeg_bytes, loopback, numbered, png_bytes
+from tests.serving_fixtures import jpeg_bytes, loopback, numbered, png_bytes
 
 IMAGE = jpeg_bytes(seed=21)
 CAPTIONS = ["Sunset at the beach! #travel", "", "<img src=x onerror=alert(1)>", "so sad, worst day ever :("]
@@ -269,13 +269,33 @@ def test_the_grid_answer_names_every_time_and_the_best(featured_model_dir):
     assert_same_prediction(answer.variants[1].model_dump(), alone(CAPTIONS[1], ACCOUNT))
 
 
-@pytest.mark.skipif(not DATETIME, reason="needs the datetime feature kind (issue 30)")
-def test_a_week_grid_answers_every_caption_at_every_hour_as_predict_does(tmp_path_factory):
+@pytest.fixture(scope="module")
+def timed_model_dir(tmp_path_factory):
     from tests.serving_fixtures import build_artifact
 
-    model_dir = build_artifact(tmp_path_factory.mktemp("timed"), features=True, datetime_column="posted_at")
-    with loopback(create_app(ServingSettings(model_dir=model_dir))) as base, httpx.Client(base_url=base,
-                                                                                          timeout=60) as client:
+    return build_artifact(tmp_path_factory.mktemp("timed"), features=True, datetime_column="posted_at")
+
+
+def test_a_post_with_a_timestamp_is_answered_and_a_bad_timestamp_is_invalid_feature(timed_model_dir):
+    """/predict takes the timestamp column as the table does (ISO with an offset, or Unix seconds:
+    the same instant scores the same), and a bad value is 422 invalid_feature naming the column."""
+    with loopback(create_app(ServingSettings(model_dir=timed_model_dir))) as base, httpx.Client(
+            base_url=base, timeout=60) as client:
+        iso = predict(client, CAPTIONS[0], **{**ACCOUNT, "posted_at": "2025-03-05T23:30:00+0000"})
+        unix = predict(client, CAPTIONS[0], **{**ACCOUNT, "posted_at": "1741217400"})
+        assert iso["score"] == pytest.approx(unix["score"], abs=TOL)
+        r = client.post("/predict", files={"image": ("p.jpg", IMAGE, "image/jpeg")},
+                        data={"text": CAPTIONS[0], **ACCOUNT, "posted_at": "next tuesday"})
+        assert (r.status_code, r.json()["reason"]) == (422, "invalid_feature")
+        assert "posted_at" in r.json()["detail"]
+        meta = client.get("/metadata").json()["model"]["features"]
+        column = next(f["column"] for f in meta if f["column"]["name"] == "posted_at")
+        assert (column["kind"], column["timezone"]) == ("datetime", "UTC")
+
+
+def test_a_week_grid_answers_every_caption_at_every_hour_as_predict_does(timed_model_dir):
+    with loopback(create_app(ServingSettings(model_dir=timed_model_dir))) as base, httpx.Client(
+            base_url=base, timeout=60) as client:
         account = {**ACCOUNT, "posted_at": "2025-03-05T19:00"}
         r = variants(client, CAPTIONS[:2], **account, grid_start="2025-03-10", grid_days="7")
         assert r.status_code == 200, r.text
