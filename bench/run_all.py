@@ -20,6 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python folder/script.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import plots
 from bench.benchlib import OUT_DIR, start
 from common.config import REPO_ROOT, field
 
@@ -115,12 +116,14 @@ def build(results: dict) -> str:
 
 
 def write_report(in_dir: str | Path, md: str | Path) -> Path:
-    """``md`` from the JSON files in ``in_dir`` (and the committed GPU run where it has none)."""
+    """``md`` from the JSON files in ``in_dir`` (and the committed GPU run where it has none), with its plots
+    (``bench/plots.py``)."""
     paths = {stem: Path(in_dir, f"{stem}.json") for stem in SECTIONS}
     if not paths["gpu_train"].is_file():
         paths["gpu_train"] = GPU_RESULT
     results = {stem: json.loads(p.read_text()) for stem, p in paths.items() if p.is_file()}
-    Path(md).write_text(build(results))
+    drawn = plots.write_plots(results, plots.plots_dir(md))  # from the same JSON; a missing one is noted
+    Path(md).write_text(build(results) + "\n" + plots.markdown(drawn, md))
     log.info("wrote %s from: %s", md, ", ".join(results) or "no results")
     return Path(md)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -689,21 +688,3 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
         runtime=runtime_info,
     )
 
-
-def regression_metrics(y_true, y_pred) -> dict[str, float]:
-    """rmse, mae, r2, pearson, spearman of two 1-D arrays (same keys everywhere)."""
-    import numpy as np
-    from scipy.stats import pearsonr, spearmanr
-
-    y_true = np.asarray(y_true, dtype=np.float64)
-    y_pred = np.asarray(y_pred, dtype=np.float64)
-    err = y_pred - y_true
-    ss_tot = float(((y_true - y_true.mean()) ** 2).sum())
-    const = np.ptp(y_pred) == 0 or np.ptp(y_true) == 0  # correlations undefined: report 0
-    return {
-        "rmse": float(math.sqrt((err ** 2).mean())),
-        "mae": float(np.abs(err).mean()),
-        "r2": float(1.0 - (err ** 2).sum() / ss_tot) if ss_tot > 0 else 0.0,
-        "pearson": 0.0 if const else float(pearsonr(y_true, y_pred)[0]),
-        "spearman": 0.0 if const else float(spearmanr(y_true, y_pred)[0]),
-    }

@@ -305,7 +305,7 @@ def summarize(cfg: PredictConfig, out: Path, loaded, n_rows: int, rejects: list,
     not see in training or validation; printed and written."""
     import torch
 
-    from models.clip_regressor import regression_metrics
+    from common.metrics import regression_metrics
 
     with open(out, newline="") as fh:
         kept = list(csv.DictReader(fh))

@@ -390,3 +390,72 @@ def test_variants_ratio_pairs_each_repeat_and_the_grid_waits_for_a_timestamp_col
     grid = goals["the week x 24 h grid for one caption / one post"]
     assert (v["timestamp_column"], "grid" in p50, grid["measured"], grid["met"]) == (None, False, None, None)
     assert "no timestamp column" in grid["note"]
+
+
+def test_the_report_draws_each_plot_and_links_it_beside_its_markdown(smoke):
+    from PIL import Image
+
+    from bench.plots import TITLES
+
+    out, md = Path(smoke[0]["out_dir"]), smoke[2]
+    assert set(TITLES) == {"train_datapath", "serving", "quality"}
+    for stem, title in TITLES.items():
+        assert f"![{title}](plots/{stem}.png)" in md  # relative to the smoke run's own BENCHMARKS.md
+        with Image.open(out / "plots" / f"{stem}.png") as png:
+            assert png.format == "PNG" and min(png.size) >= 400
+            assert png.convert("L").getextrema() == (0, 255)  # drawn on: black text and lines on white
+
+
+def test_each_plot_draws_the_figures_of_its_json(smoke):
+    """The plots redraw the JSON the tables come from: bar heights, lines and ceilings are its numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from bench.plots import plot_quality, plot_serving, plot_train
+
+    _, r, _ = smoke
+    fig = Figure()
+    ax = fig.subplots(1, 1, squeeze=False)[0]
+    plot_train(r["train_datapath"], ax)
+    sps = r["train_datapath"]["presets"]["tiny"]["samples_per_s"]
+    assert [b.get_height() for b in ax[0].patches] == [sps["project"]["median"]]
+    assert [tuple(line.get_ydata()) for line in ax[0].lines if line.get_linestyle() == "--"] == [
+        (sps["ceiling"]["median"],) * 2]
+
+    lat, rps = Figure().subplots(1, 2)
+    plot_serving(r["serving"], lat, rps)
+    servers = r["serving"]["servers"]
+    drawn = {line.get_label(): list(line.get_ydata()) for line in rps.lines}
+    for rt, d in servers.items():
+        levels = sorted(d["levels"], key=int)
+        assert drawn[f"{rt} ({d['reported_runtime']})"] == [d["levels"][c]["rps"] for c in levels]
+        probe = r["serving"]["forward"]["main" if rt == "torch" else rt]
+        assert drawn[f"{rt}: model alone, batch 16"] == [1000 / probe["b16_per_post_ms"]] * 2
+    assert {line.get_label(): list(line.get_ydata()) for line in lat.lines}["torch (torch) p50"] == [
+        servers["torch"]["levels"][c]["p50_ms"] for c in sorted(servers["torch"]["levels"], key=int)]
+
+    q = Figure().subplots()
+    plot_quality(r["quality"], q)
+    assert [b.get_width() for b in q.patches] == list(r["quality"]["r2"].values())
+    ceilings = {line.get_label(): line.get_xdata()[0] for line in q.lines}
+    assert ceilings[f"ceiling, theoretical ({r['quality']['ceiling_r2']['theoretical']:.3f})"] == \
+        r["quality"]["ceiling_r2"]["theoretical"]
+
+
+def test_a_missing_json_skips_its_plot_with_a_note_and_the_repos_plots_are_committed_beside_it(smoke, tmp_path):
+    from bench.plots import PLOTS_DIR, markdown, plots_dir
+    from bench.run_all import write_report
+    from common.config import REPO_ROOT
+
+    shutil.copy(Path(smoke[0]["out_dir"], "quality.json"), tmp_path)
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "serving.png").write_bytes(b"an older run's plot")  # must not outlive its JSON
+    md = write_report(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["quality.png"]
+    assert "![Quality against the baselines and the ceiling](plots/quality.png)" in md
+    assert "not drawn, no `serving.json`" in md and "not drawn, no `train_datapath.json`" in md
+    # make bench: the repository's BENCHMARKS.md links bench/plots/, the folder committed with it.
+    assert plots_dir(REPO_ROOT / "BENCHMARKS.md") == PLOTS_DIR == REPO_ROOT / "bench" / "plots"
+    assert "](bench/plots/serving.png)" in markdown({"serving": PLOTS_DIR / "serving.png"}, REPO_ROOT / "BENCHMARKS.md")

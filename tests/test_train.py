@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.clip_regressor import CLIPRegressor, HeadConfig, TargetTransform, load_model, regression_metrics
+from common.metrics import regression_metrics
+from models.clip_regressor import CLIPRegressor, HeadConfig, TargetTransform, load_model
 from tiny_posts import write_tiny_posts
 from data_preprocessing.posts import Record
 from common.config import parse_config

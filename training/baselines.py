@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.clip_regressor import regression_metrics
+from common.metrics import regression_metrics
 
 RIDGE_ALPHAS = np.logspace(-3, 4, 15)  # RidgeCV picks by efficient leave-one-out on train
 

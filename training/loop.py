@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import bar_disabled
-from models.clip_regressor import CLIPRegressor, TargetTransform, regression_metrics
+from common.metrics import regression_metrics
+from models.clip_regressor import CLIPRegressor, TargetTransform
 from training.config import SELECT_METRICS, NonFiniteLoss
 
 if TYPE_CHECKING:
