@@ -193,19 +193,31 @@ def train_run(out_dir: str | os.PathLike, records: Path, run_dir: Path, *args: s
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def artifact(out_dir: str | os.PathLike, preset: str) -> Path:
-    """A servable model artifact around a random-init CLIP of ``preset`` (cached)."""
+def artifact(out_dir: str | os.PathLike, preset: str, timestamp_column: str | None = None) -> Path:
+    """A servable model artifact around a random-init CLIP of ``preset`` (cached); with
+    ``timestamp_column``, its head also takes that datetime feature (hour and weekday)."""
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
+    from data_preprocessing.features import FeatureColumn, FeatureSchema
+    from data_preprocessing.posts import PrepareConfig
+    from data_preprocessing.prepare import ResizePolicy
     from models.clip_regressor import CLIPRegressor, TargetTransform, save_artifact
 
-    path = work_dir(out_dir) / f"artifact-{preset}"
+    path = work_dir(out_dir) / (f"artifact-{preset}" + (f"-{timestamp_column}" if timestamp_column else ""))
     if not (path / "config.json").is_file():
         clip_dir = clip_checkpoint(out_dir, preset)
+        processor = CLIPProcessor.from_pretrained(clip_dir)
+        schema = FeatureSchema()
+        if timestamp_column:  # fitted on a few times, as preprocessing fits a train split
+            column = FeatureColumn(timestamp_column, "datetime")
+            times = [column.parse(f"2025-03-{d:02d}T{h:02d}:00") for d in range(3, 10) for h in (8, 13, 19)]
+            schema = FeatureSchema.fit((column,), {timestamp_column: times})
         torch.manual_seed(0)
-        save_artifact(CLIPRegressor(CLIPModel.from_pretrained(clip_dir)), CLIPProcessor.from_pretrained(clip_dir),
+        save_artifact(CLIPRegressor(CLIPModel.from_pretrained(clip_dir), n_features=schema.width), processor,
                       TargetTransform(kind="log1p", mean=4.0, std=1.2), path,  # a plausible likes scale
+                      prepare=PrepareConfig(ResizePolicy.from_image_processor(processor.image_processor),
+                                            features=schema),
                       extra_config={"run_name": f"bench-{preset}", "note": "random weights, for benchmarks only"})
     return path
 
