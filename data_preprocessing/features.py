@@ -454,6 +454,10 @@ class FeatureSchema:
     def input_names(self) -> list[str]:
         return [n for f in self.features for n in f.input_names()]
 
+    def datetime_inputs(self) -> np.ndarray:
+        """(width,) bool: which encoded inputs come from timestamp columns."""
+        return np.array([f.column.kind == "datetime" for f in self.features for _ in range(f.width)], dtype=bool)
+
     def slices(self) -> dict[str, slice]:
         """Each column's span in the encoded vector (for attributions)."""
         out, start = {}, 0

@@ -147,3 +147,24 @@ def test_label_expression_comes_from_meta():
     assert label_expression({"table": {"columns": {"label": "engagement"}}})["description"] == \
         "the post's 'engagement' count"
     assert label_expression({}) is None
+
+
+def test_the_features_baseline_without_the_posting_time_shows_what_the_time_adds():
+    """With a timestamp column, a second features-only baseline leaves its inputs out; on a label
+    made of the time inputs it must do worse than features_only, and it exists only with them."""
+    import numpy as np
+
+    from training.baselines import baseline_metrics
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        features = rng.normal(size=(n, 4))  # inputs 0-1: an account column; 2-3: the time's (sin, cos)
+        return {"img": rng.normal(size=(n, 3)), "txt": rng.normal(size=(n, 3)), "sentiment": rng.normal(size=n),
+                "features": features, "z": features[:, 0] + 2 * features[:, 2] + 0.1 * rng.normal(size=n)}
+
+    train, test = split(400), split(200)
+    time_inputs = np.array([False, False, True, True])
+    out = baseline_metrics(train, test, time_inputs)
+    assert out["features_only"]["r2"] > 0.95 and out["features_without_time"]["r2"] < 0.3
+    assert "features_without_time" not in baseline_metrics(train, test)

@@ -12,6 +12,8 @@ comparison stays fair:
   It reuses the phase-1 embedding cache, so it costs no extra CLIP pass.
 - ``features_only`` (only with feature columns): RidgeCV on the features alone, so a user
   sees what the image and the caption add over the account data.
+- ``features_without_time`` (only with a timestamp column): the same without the inputs of
+  the timestamp columns, so a user sees what the posting time adds.
 
 When one of them beats the kept model on test, ``beaten_message`` says so, plainly, at the
 end of the training log (and metrics.json lists them: ``beaten_by``).
@@ -26,9 +28,11 @@ from common.metrics import regression_metrics
 RIDGE_ALPHAS = np.logspace(-3, 4, 15)  # RidgeCV picks by efficient leave-one-out on train
 
 
-def baseline_metrics(train: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+def baseline_metrics(train: dict[str, np.ndarray], test: dict[str, np.ndarray],
+                     time_inputs: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """``train``/``test`` hold ``img`` (N, D), ``txt`` (N, D), ``sentiment`` (N,), ``features``
-    (N, F) and ``z`` (N,), the model-scale label. Returns ``{name: regression_metrics}`` on test."""
+    (N, F) and ``z`` (N,), the model-scale label; ``time_inputs`` (F,) marks the feature inputs of
+    timestamp columns. Returns ``{name: regression_metrics}`` on test."""
     from sklearn.linear_model import LinearRegression, RidgeCV
 
     def inputs(split, *keys):  # (N, sum of widths)
@@ -45,6 +49,10 @@ def baseline_metrics(train: dict[str, np.ndarray], test: dict[str, np.ndarray]) 
     }
     if train["features"].shape[1] > 0:
         preds["features_only"] = fit_predict(RidgeCV(alphas=RIDGE_ALPHAS), "features")
+    if time_inputs is not None and time_inputs.any() and not time_inputs.all():
+        keep = ~time_inputs
+        preds["features_without_time"] = RidgeCV(alphas=RIDGE_ALPHAS).fit(
+            train["features"][:, keep], z_train).predict(test["features"][:, keep])
     return {name: regression_metrics(z_test, p) for name, p in preds.items()}
 
 
@@ -58,6 +66,8 @@ BEATEN_HINTS = {
                          "lower --clip-lr or fewer --finetune-epochs",
     "features_only": "the feature columns alone do better: the image and caption add nothing the model could "
                      "use on this data",
+    "features_without_time": "the feature columns without the posting time do better: the image and caption "
+                             "add nothing the model could use on this data",
 }
 
 

@@ -56,15 +56,16 @@ class EmbeddingCache:
         c = self.splits[split]
         return CLIPRegressor.head_input(c["img"], c["txt"], c["sentiment"], c["features"])
 
-    def baselines(self, target: TargetTransform) -> dict:
-        """The reference models (training/baselines.py) on the test split."""
+    def baselines(self, target: TargetTransform, time_inputs=None) -> dict:
+        """The reference models (training/baselines.py) on the test split; ``time_inputs``: which
+        feature inputs come from timestamp columns (FeatureSchema.datetime_inputs)."""
         from training.baselines import baseline_metrics
 
         def arrays(c):
             return {"img": c["img"].numpy(), "txt": c["txt"].numpy(), "sentiment": c["sentiment"].double().numpy(),
                     "features": c["features"].double().numpy(), "z": target.to_model_scale(c["label"]).numpy()}
 
-        out = baseline_metrics(arrays(self.splits["train"]), arrays(self.splits["test"]))
+        out = baseline_metrics(arrays(self.splits["train"]), arrays(self.splits["test"]), time_inputs)
         for name, m in out.items():
-            log.info("baseline %-17s test r2 %.4f rmse %.4f", name, m["r2"], m["rmse"])
+            log.info("baseline %-21s test r2 %.4f rmse %.4f", name, m["r2"], m["rmse"])
         return out

@@ -246,7 +246,7 @@ def setup(cfg: TrainConfig) -> Run:
     if state.baselines is None or (state.test_after_frozen is None and (cfg.frozen_epochs or cfg.linear_probe_init)):
         run.cache = EmbeddingCache(model, datasets, collate, cfg, accelerator)
         state.cache_timings = state.cache_timings or run.cache.timings
-        state.baselines = state.baselines or run.cache.baselines(target)
+        state.baselines = state.baselines or run.cache.baselines(target, prep.features.datetime_inputs())
     return run
 
 
