@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,8 @@ STATUS = {True: "**MET**", False: "**NOT MET**", None: "not measured"}
 class RunAllConfig:
     smoke: bool = field(False, help="toy sizes; results and their Markdown in OUT (default bench/out/smoke)")
     out_dir: str | None = field(None, help="results folder (default bench/out, or bench/out/smoke with --smoke)")
-    only: str = field("", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    only: str = field("", help="comma-separated subset of: " + ", ".join(BENCHMARKS) + " (the report keeps the "
+                                   "other sections' last measured text and goals, each with its own 'Ran' line)")
     report_only: bool = field(False, help="run nothing: write the Markdown from the JSON files in the out dir")
     quality_run_dir: str | None = field(None, help="finished train_torch.py run for the quality benchmark "
                                                    "(default: runs/demo/run; skipped if it has no metrics.json)")
@@ -74,9 +76,14 @@ def markdown(header: list, rows: list[list], note: str = "") -> list[str]:
     return out + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows] + [""] + ([note, ""] if note else [])
 
 
-def goal_rows(results: dict) -> list[list]:
-    rows = []
+def goal_rows(results: dict, kept: dict | None = None) -> list[list]:
+    """The goals table's rows, section by section; a section in ``kept`` (``previous_report``) and not
+    in ``results`` keeps its earlier rows."""
+    rows, kept = [], kept or {}
     for stem, (title, _) in SECTIONS.items():
+        if stem not in results and title in kept:
+            rows += kept[title]["goals"]
+            continue
         if stem == "gpu_train" and stem not in results:
             rows.append([title, "GPU training throughput, ViT-B/32 bf16 (one H100)", ">= 3,000", "–", "not run"])
         for g in results.get(stem, {}).get("goals", []):
@@ -84,6 +91,24 @@ def goal_rows(results: dict) -> list[list]:
             rows.append([title, g["goal"] + (f" ({g['note']})" if g["note"] else ""),
                          f"{g['op']} {fmt(g['target'])}", fmt(g["measured"]) + unit, STATUS[g["met"]]])
     return rows
+
+
+def previous_report(md: str | Path) -> dict[str, dict]:
+    """The sections of the report already at ``md``, by title: ``{"body": lines, "goals": rows}``, so a
+    run of some benchmarks (``--only``) keeps the others' last measured text, each with its own "Ran ..."
+    line. Cells of kept goal rows are copied as written."""
+    md = Path(md)
+    if not md.is_file():
+        return {}
+    parts = re.split(r"^## (.+)$", md.read_text(), flags=re.M)  # [preamble, title, body, title, body, ...]
+    sections = {parts[i].strip(): parts[i + 1].strip("\n").splitlines() for i in range(1, len(parts), 2)}
+    goals: dict[str, list] = {}
+    for line in sections.get("Goals", [])[2:]:  # past the header and its rule
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5:
+            goals.setdefault(cells[0], []).append(cells)
+    titles = {title for title, _ in SECTIONS.values()}
+    return {t: {"body": body, "goals": goals.get(t, [])} for t, body in sections.items() if t in titles}
 
 
 def ran(r: dict) -> str:
@@ -100,8 +125,9 @@ def section(stem: str, r: dict | None) -> list[str]:
     return [r["about"], "", ran(r), ""] + [line for t in r["tables"] for line in markdown(t["header"], t["rows"], t["note"])]
 
 
-def build(results: dict) -> str:
-    """The whole Markdown."""
+def build(results: dict, kept: dict | None = None) -> str:
+    """The whole Markdown; sections without results keep their text from ``kept`` (``previous_report``)."""
+    kept = kept or {}
     lines = ["# Benchmarks", "", "Written by `bench/run_all.py` from the JSON that the scripts in `bench/` write; "
              "do not edit by hand (`bench/README.md` says how to run them). Each comparison is a ratio measured in "
              "one run on one machine; figures are medians over interleaved repeats.", ""]
@@ -109,21 +135,24 @@ def build(results: dict) -> str:
     if smoke:
         lines += [f"> **SMOKE RUN** ({', '.join(smoke)}): toy sizes that only check the scripts run. "
                   "The numbers below mean nothing.", ""]
-    lines += ["## Goals", "", *markdown(["benchmark", "goal", "target", "measured", "status"], goal_rows(results))]
+    lines += ["## Goals", "",
+              *markdown(["benchmark", "goal", "target", "measured", "status"], goal_rows(results, kept))]
     for stem, (title, _) in SECTIONS.items():
-        lines += [f"## {title}", "", *section(stem, results.get(stem))]
+        body = kept[title]["body"] + [""] if stem not in results and title in kept else section(stem, results.get(stem))
+        lines += [f"## {title}", "", *body]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_report(in_dir: str | Path, md: str | Path) -> Path:
+def write_report(in_dir: str | Path, md: str | Path, keep_previous: bool = False) -> Path:
     """``md`` from the JSON files in ``in_dir`` (and the committed GPU run where it has none), with its plots
-    (``bench/plots.py``)."""
+    (``bench/plots.py``); with ``keep_previous``, a section with no JSON there keeps its text from ``md``."""
     paths = {stem: Path(in_dir, f"{stem}.json") for stem in SECTIONS}
     if not paths["gpu_train"].is_file():
         paths["gpu_train"] = GPU_RESULT
     results = {stem: json.loads(p.read_text()) for stem, p in paths.items() if p.is_file()}
+    kept = previous_report(md) if keep_previous else {}
     drawn = plots.write_plots(results, plots.plots_dir(md))  # from the same JSON; a missing one is noted
-    Path(md).write_text(build(results) + "\n" + plots.markdown(drawn, md))
+    Path(md).write_text(build(results, kept) + "\n" + plots.markdown(drawn, md))
     log.info("wrote %s from: %s", md, ", ".join(results) or "no results")
     return Path(md)
 
@@ -151,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         seconds[name] = round(time.perf_counter() - t0, 1)
 
     # 3. The report, from whatever JSON is in the out dir.
-    write_report(out, cfg.md)
+    write_report(out, cfg.md, keep_previous=bool(cfg.only))  # --only: the other sections keep their last text
     log.info("benchmarks took %s", ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) or "nothing (report only)")
     return {"seconds": seconds, "out_dir": str(out), "md": str(cfg.md)}
 

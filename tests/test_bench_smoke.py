@@ -458,3 +458,21 @@ def test_a_missing_json_skips_its_plot_with_a_note_and_the_repos_plots_are_commi
     # make bench: the repository's BENCHMARKS.md links bench/plots/, the folder committed with it.
     assert plots_dir(REPO_ROOT / "BENCHMARKS.md") == PLOTS_DIR == REPO_ROOT / "bench" / "plots"
     assert "](bench/plots/serving.png)" in markdown({"serving": PLOTS_DIR / "serving.png"}, REPO_ROOT / "BENCHMARKS.md")
+
+
+def test_a_run_of_some_benchmarks_keeps_the_other_sections_of_the_last_report(smoke, tmp_path):
+    """`run_all.py --only X`: X's section and goals come from its new JSON; every other section
+    keeps its text and goal rows from the report already there (each with its own "Ran" line)."""
+    from bench.run_all import write_report
+
+    md = tmp_path / "BENCHMARKS.md"
+    shutil.copy(Path(smoke[0]["out_dir"], "quality.json"), tmp_path)
+    shutil.copy(Path(smoke[0]["out_dir"], "preprocess.json"), tmp_path)
+    first = write_report(tmp_path, md).read_text()  # quality and preprocess measured
+    (tmp_path / "preprocess.json").unlink()  # the next run measures quality alone
+    kept = write_report(tmp_path, md, keep_previous=True).read_text()
+    section = lambda text, title: text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]  # noqa: E731
+    assert section(kept, "3. Preprocessing") == section(first, "3. Preprocessing")
+    assert "| 3. Preprocessing | preprocess speedup, 2 workers vs 1 |" in section(kept, "Goals")
+    fresh = write_report(tmp_path, md).read_text()  # without keep_previous the section is "not run"
+    assert section(fresh, "3. Preprocessing").startswith("Not run") and "| 3. Preprocessing |" not in fresh
