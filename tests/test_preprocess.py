@@ -242,17 +242,16 @@ def test_missing_column_lists_available_columns(tmp_path):
 
 
 def test_empty_table_and_unknown_type(tmp_path):
-    empty = tmp_path / "posts.csv"
-    empty.write_text("image_path,description,engagement\n")
+    empty = write_table(tmp_path / "posts.csv", POSTS_HEADER, [])
     assert "no data rows" in _error(["--input", str(empty), "--out", str(tmp_path / "o")])
     nothing = tmp_path / "nothing.csv"
-    nothing.write_text("")
+    nothing.write_text("")  # zero bytes: write_table always writes a header
     assert "not found" in _error(["--input", str(nothing), "--out", str(tmp_path / "o")])  # no columns at all
     xlsx = tmp_path / "posts.xlsx"
     xlsx.write_bytes(b"PK")
     assert "unsupported input type" in _error(["--input", str(xlsx), "--out", str(tmp_path / "o")])
     bad_jsonl = tmp_path / "posts.jsonl"
-    bad_jsonl.write_text('{"image_path": "a.jpg"}\n{not json\n')
+    bad_jsonl.write_text('{"image_path": "a.jpg"}\n{not json\n')  # raw: write_table writes only valid JSON
     assert "line 2" in _error(["--input", str(bad_jsonl), "--out", str(tmp_path / "o")])
 
 
