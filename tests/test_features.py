@@ -16,7 +16,7 @@ from data_preprocessing.features import (FeatureColumn, FeatureError, FeatureSch
 from data_preprocessing.posts import PrepareConfig, Record, parse_features
 from data_preprocessing.records import SPLITS, RecordReader
 from tests.test_preprocess import read_rejects
-from tests.tiny_posts import write_images
+from tests.tiny_posts import POSTS_HEADER, write_posts
 
 FOLLOWERS = FeatureColumn("followers", "numeric", 0.0, None)
 HOUR = FeatureColumn("posted_hour", "numeric", 0.0, 23.0)
@@ -159,14 +159,10 @@ ROWS = [  # followers, posted_hour, platform, expected reason (None = kept)
 @pytest.fixture(scope="module")
 def featured(tmp_path_factory):
     root = tmp_path_factory.mktemp("featured")
-    names = write_images(root / "images", len(ROWS))
-    with open(root / "posts.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image_path", "description", "engagement", "followers", "posted_hour", "platform"])
-        for i, (name, r) in enumerate(zip(names, ROWS)):
-            w.writerow([f"images/{name}", f"post {i}", str(10 * i), *r[:3]])
+    posts = write_posts(root, [[i, f"post {i}", str(10 * i), *r[:3]] for i, r in enumerate(ROWS)],
+                        (*POSTS_HEADER, "followers", "posted_hour", "platform"))
     out = root / "out"
-    assert preprocess.main(["--input", str(root / "posts.csv"), "--out", str(out), "--workers", "1",
+    assert preprocess.main(["--input", str(posts), "--out", str(out), "--workers", "1",
                             "--numeric-cols", "followers:0:,posted_hour:0:23", "--categorical-cols", "platform",
                             "--val-frac", "0", "--test-frac", "0", "--max-reject-frac", "0.9",
                             "--no-progress"]) == 0
@@ -219,12 +215,9 @@ def test_validation_script_passes_featured_records(featured):
 
 def test_thousands_separators_go_through_preprocessing(tmp_path):
     """A spreadsheet export: followers formatted "13,579" are numbers, not invalid_feature."""
-    from tests.tiny_posts import write_table
-
-    names = write_images(tmp_path / "images", 4)
     followers = ["13,579", "1 204 000", "950", "12,34"]
-    posts = write_table(tmp_path / "posts.csv", ["image_path", "description", "engagement", "followers"],
-                        [[f"images/{n}", f"post {i}", i, f] for i, (n, f) in enumerate(zip(names, followers))])
+    posts = write_posts(tmp_path, [[i, f"post {i}", i, f] for i, f in enumerate(followers)],
+                        (*POSTS_HEADER, "followers"))
     out = tmp_path / "out"
     assert preprocess.main(["--input", str(posts), "--out", str(out), "--workers", "1", "--numeric-cols",
                             "followers:0:", "--val-frac", "0", "--test-frac", "0", "--max-reject-frac", "0.5",

@@ -297,11 +297,11 @@ def test_server_with_runtime_int8_says_so_and_stays_within_its_bound(exported, t
 def test_table_scorer_with_runtime_onnx_writes_torch_s_predictions(exported, tmp_path, monkeypatch):
     """serving/predict.py --runtime onnx: the same rows and scores as the default torch runtime."""
     from serving import predict
-    from tests.test_predict import ROWS, _read, write_table
+    from tests.test_predict import ROWS, _read, write_rows
 
     calls, onnx_call = [], runtime.OnnxEmbedder.__call__
     monkeypatch.setattr(runtime.OnnxEmbedder, "__call__", lambda self, *a: calls.append(1) or onnx_call(self, *a))
-    posts = write_table(tmp_path)
+    posts = write_rows(tmp_path)
     out = {}
     for rt in ("torch", "onnx"):
         out[rt] = tmp_path / f"{rt}.csv"

@@ -4,13 +4,12 @@ returns the prediction that load_model + Collator + predict_batch give offline."
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 import torch
 from PIL import Image
 
 from tests.serving_fixtures import ModelSpy, encode, jpeg_bytes, numbered, photo_array, png_bytes, serving_client
+from tests.tiny_posts import write_posts
 
 MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "sentiment", "features")
 
@@ -42,14 +41,9 @@ def records(model_dir, tmp_path_factory):
     from training.train_torch import EngagementDataset
 
     root = tmp_path_factory.mktemp("parity")
-    (root / "images").mkdir()
-    with open(root / "posts.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image_path", "description", "engagement"])
-        for name, data, caption, likes in POSTS:
-            (root / "images" / name).write_bytes(data)
-            w.writerow([f"images/{name}", caption, likes])
-    preprocess_main(["--input", str(root / "posts.csv"), "--out", str(root / "processed"), "--val-frac", "0",
+    posts = write_posts(root, [[f"images/{name}", caption, likes] for name, _, caption, likes in POSTS],
+                        images={name: data for name, data, *_ in POSTS})
+    preprocess_main(["--input", str(posts), "--out", str(root / "processed"), "--val-frac", "0",
                      "--test-frac", "0", "--workers", "1", "--clip-processor", str(model_dir / "clip"),
                      "--no-progress"])
     ds = EngagementDataset(root / "processed", "train")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from serving import predict
-from tests.tiny_posts import write_images, write_table
+from tests.tiny_posts import write_images, write_posts, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,17 +31,15 @@ ROWS = [  # image, caption, followers, platform, engagement; None image -> missi
     (None, "no image", "5", "x", "1"),
     (2, "bad followers", "lots", "x", "2"),
     (3, "ok", "10", "", "not a number"),  # scored, left out of the metrics
-    ("missing.jpg", "file gone", "10", "x", "5"),
+    ("images/missing.jpg", "file gone", "10", "x", "5"),
     (4, "WOW 😍!!", "98000", "x", "900"),
 ]
 
 
 def write_rows(root: Path) -> Path:
     """ROWS as ``root/posts.csv`` with their images."""
-    names = write_images(root / "images", 5, size=(300, 240))
-    return write_table(root / "posts.csv", ["image_path", "description", "followers", "platform", "engagement"],
-                       [["" if img is None else (f"images/{names[img]}" if isinstance(img, int) else f"images/{img}"),
-                         cap, fol, plat, likes] for img, cap, fol, plat, likes in ROWS])
+    return write_posts(root, ROWS, ["image_path", "description", "followers", "platform", "engagement"],
+                       size=(300, 240))
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +96,7 @@ def test_matches_load_model_on_the_same_posts(one_process, model_dir, table):
 
 
 def test_missing_feature_column_is_a_clear_error(model_dir, tmp_path):
-    posts = tmp_path / "p.csv"
-    posts.write_text("image_path,description\nx.jpg,hi\n")
+    posts = write_table(tmp_path / "p.csv", ["image_path", "description"], [["x.jpg", "hi"]])
     with pytest.raises(SystemExit) as e:
         predict.main(["--model", str(model_dir), "--input", str(posts), "--out", str(tmp_path / "o.csv")])
     # Both feature columns at once; the label is optional when scoring.
@@ -155,10 +152,9 @@ def own_run(tmp_path_factory, model_dir):
     from training import train_torch
 
     root = tmp_path_factory.mktemp("own")
-    names = write_images(root / "images", 34)
-    rows = [[f"p{i}", f"images/{n}", f"=1+{i} formula-looking caption" if i == 5 else f"post number {i} #fun", 3 * i]
-            for i, n in enumerate(names[:30])]
-    table = write_table(root / "train.csv", OWN_HEADER, rows, sep=";")
+    rows = [[f"p{i}", i, f"=1+{i} formula-looking caption" if i == 5 else f"post number {i} #fun", 3 * i]
+            for i in range(30)]
+    table = write_posts(root, rows, OWN_HEADER, image_cols=["photo"], name="train.csv", sep=";")
     assert preprocess.main(["--input", str(table), "--out", str(root / "data"), "--image-col", "photo",
                             "--text-col", "caption", "--label-col", "likes", "--val-frac", "0.2",
                             "--test-frac", "0.2", "--workers", "1", "--no-progress"]) == 0
@@ -171,8 +167,9 @@ def own_run(tmp_path_factory, model_dir):
                              "--eval-batch-size", "16", "--num-workers", "0", "--head-hidden", "32"]) == 0
     # To score: every training-table row, four new posts, and a copy of a train post (same image
     # and caption, another id).
-    new = [[f"n{i}", f"images/{n}", f"a new post {i}", 7 * i] for i, n in enumerate(names[30:])]
-    scored = write_table(root / "score.csv", OWN_HEADER, rows + new + [["copy", *rows[in_train][1:]]], sep=";")
+    new = [[f"n{i}", 30 + i, f"a new post {i}", 7 * i] for i in range(4)]
+    scored = write_posts(root, rows + new + [["copy", *rows[in_train][1:]]], OWN_HEADER, image_cols=["photo"],
+                         name="score.csv", sep=";")  # writes images 0-29 again, byte for byte
     return root, scored
 
 

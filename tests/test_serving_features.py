@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.serving_fixtures import ModelSpy, jpeg_bytes, numbered, png_bytes, serving_client
+from tests.tiny_posts import write_posts
 
 IMAGE = jpeg_bytes(320, 240, seed=5)
 MODEL_KEYS = ("pixel_values", "input_ids", "attention_mask", "sentiment", "features")
@@ -112,16 +113,12 @@ def test_metadata_and_openapi_list_the_features(client):
 @pytest.fixture(scope="module")
 def table(featured_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("featured_parity")
-    (root / "images").mkdir()
     rows = [("a.jpg", IMAGE, "Sunset! #travel", "1200", "instagram", "40"),
             ("b.png", png_bytes(300, 260, seed=2), "I LOVE it!!! 😍", "", "tiktok", "3"),
             ("c.jpg", jpeg_bytes(100, 80, seed=3), "", "98000", "", "0")]
-    with open(root / "posts.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image_path", "description", "followers", "platform", "engagement"])
-        for name, data, *cells in rows:
-            (root / "images" / name).write_bytes(data)
-            w.writerow([f"images/{name}", *cells])
+    write_posts(root, [[f"images/{name}", *cells] for name, _, *cells in rows],
+                ["image_path", "description", "followers", "platform", "engagement"],
+                images={name: data for name, data, *_ in rows})
     return root, rows
 
 

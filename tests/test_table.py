@@ -17,7 +17,7 @@ from data_preprocessing.table import (MAX_LISTED_COLUMNS, ColumnMap, ReadOptions
                                       read_table, resolve_image_sources, safe_cell, safe_csv_writer,
                                       save_fingerprints, write_rejects)
 from tests.image_server import LoopbackServer, static
-from tests.tiny_posts import write_table
+from tests.tiny_posts import ABSENT, POSTS_HEADER, write_table
 
 HEADER = ["post_id", "image_path", "description", "engagement", "followers"]
 ROWS = [["p1", "a.jpg", "Café crème €5 „quoted“", "10", "13,579"],  # all in cp1252 too
@@ -76,8 +76,9 @@ def test_a_cp1252_file_is_read_as_cp1252_and_the_log_says_so(tmp_path, caplog):
 
 
 def test_an_undecodable_file_is_one_line_with_the_byte_offset(tmp_path):
-    path = tmp_path / "posts.csv"
-    path.write_bytes(b"image_path,description,engagement\na.jpg,ok,1\nb.jpg,bad \x81 byte,2\n")
+    # latin-1 writes U+0081 as the byte 0x81, which neither UTF-8 nor cp1252 decodes.
+    path = write_table(tmp_path / "posts.csv", POSTS_HEADER, [["a.jpg", "ok", 1], ["b.jpg", "bad \x81 byte", 2]],
+                       encoding="latin-1")
     offset = path.read_bytes().index(b"\x81")
     with pytest.raises(TableError) as e:
         read_table(path, ColumnMap())
@@ -117,27 +118,28 @@ def test_a_wrong_sep_gets_a_hint(tmp_path):
 
 def test_a_long_cell_stops_reading_and_names_its_row(tmp_path):
     rows = [["a.jpg", "short", "1"], ["b.jpg", "", "2"], ["c.jpg", "x" * 2000, "3"]]
-    path = write_table(tmp_path / "posts.csv", ["image_path", "description", "engagement"], rows)
+    path = write_table(tmp_path / "posts.csv", POSTS_HEADER, rows)
     assert len(read_table(path, ColumnMap(), ReadOptions(max_cell_chars=2000))) == 3
     with pytest.raises(TableError) as e:
         read_table(path, ColumnMap(), ReadOptions(max_cell_chars=1999))
     assert str(e.value) == "posts.csv: row 2 (line 4) has a cell longer than --max-cell-chars 1,999 characters"
     # An unclosed quote would swallow the rest of the file into one cell: stopped at the cap.
+    # Raw text: write_table's csv.writer would close the quote.
     path.write_text('image_path,description,engagement\na.jpg,"open quote,1\n' + "b.jpg,more,2\n" * 500)
     with pytest.raises(TableError, match="row 0 .* has a cell longer than --max-cell-chars 1,000"):
         read_table(path, ColumnMap(), ReadOptions(max_cell_chars=1000))
 
 
 def test_a_long_line_is_not_read_whole(tmp_path):
-    path = tmp_path / "posts.csv"
-    path.write_text("image_path,description,engagement\na.jpg,ok,1\n" + "b.jpg," + "y," * 200_000 + "2\n")
+    path = write_table(tmp_path / "posts.csv", POSTS_HEADER,
+                       [["a.jpg", "ok", 1], ["b.jpg", *["y"] * 200_000, 2]])  # 200,002 short cells
     with pytest.raises(TableError) as e:
         read_table(path, ColumnMap(), ReadOptions(max_cell_chars=1000))
     assert str(e.value).startswith("posts.csv: row 1 (line 3) is longer than 8,000 characters")
 
 
 def test_jsonl_cells_are_capped_and_image_columns_fall_back(tmp_path):
-    rows = [[None, "https://cdn.example/v.jpg", "video cover", 5],  # no thumbnail column in this object
+    rows = [[ABSENT, "https://cdn.example/v.jpg", "video cover", 5],  # no thumbnail column in this object
             ["thumb.jpg", "movie-" + "m" * 40 + ".mp4", "a video", 7],
             ["", "photo.jpg", "a photo", 1],
             ["", "", "nothing", 2]]
@@ -256,7 +258,7 @@ def test_rejects_file_escapes_cells_and_sorts_by_row(tmp_path):
 
 
 def test_a_column_read_for_the_split_keeps_its_cells_even_if_it_is_an_image_column(tmp_path):
-    path = write_table(tmp_path / "posts.csv", ["image_path", "description", "engagement"], [["a.jpg", "x", "1"]])
+    path = write_table(tmp_path / "posts.csv", POSTS_HEADER, [["a.jpg", "x", "1"]])
     table = read_table(path, ColumnMap(extra={"image_path": "--split"}))
     assert table.images == ["a.jpg"] and table.cells["image_path"] == ["a.jpg"]
     assert "image_path" not in read_table(path, ColumnMap()).cells

@@ -32,6 +32,7 @@ from models.tiny_clip import (
     split_posts,
     tiny_clip_config,
 )
+from tests.tiny_posts import write_posts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (240, 220, 30),
@@ -45,9 +46,7 @@ def make_posts(folder: Path, n: int = 40, broken: bool = True) -> Path:
     With ``broken`` two extra rows point at a missing and a corrupt file, which loading
     must reject rather than crash on.
     """
-    img_dir = folder / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    images, rows = {}, []
     names = list(COLOURS)
     for i in range(n):
         colour, shape = names[i % len(names)], SHAPES[(i // len(names)) % len(SHAPES)]
@@ -59,17 +58,13 @@ def make_posts(folder: Path, n: int = 40, broken: bool = True) -> Path:
          "stripe": lambda: draw.rectangle((0, 110, 330, 140), fill=(128, 128, 128)),
          "dot": lambda: draw.ellipse((150, 110, 170, 130), fill=(128, 128, 128)),
          "frame": lambda: draw.rectangle(box, outline=(128, 128, 128), width=12)}[shape]()
-        im.save(img_dir / f"{i}.jpg", quality=90)
-        rows.append({"image_path": f"images/{i}.jpg",
-                     "description": f"A {colour.upper()} photo with a grey {shape} #{colour}Vibes 😍 https://x.co/{i}",
-                     "engagement": float(i)})
+        images[f"{i}.jpg"] = im
+        caption = f"A {colour.upper()} photo with a grey {shape} #{colour}Vibes 😍 https://x.co/{i}"
+        rows.append([f"images/{i}.jpg", caption, float(i)])
     if broken:
-        (img_dir / "corrupt.jpg").write_bytes(b"not an image at all")
-        rows += [{"image_path": "images/missing.jpg", "description": "gone", "engagement": 1.0},
-                 {"image_path": "images/corrupt.jpg", "description": "bad bytes", "engagement": 2.0}]
-    csv = folder / "posts.csv"
-    pd.DataFrame(rows).to_csv(csv, index=False)
-    return csv
+        images["corrupt.jpg"] = b"not an image at all"
+        rows += [["images/missing.jpg", "gone", 1.0], ["images/corrupt.jpg", "bad bytes", 2.0]]
+    return write_posts(folder, rows, images=images)
 
 
 @pytest.fixture(scope="module")

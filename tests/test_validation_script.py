@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import pickle
@@ -17,6 +16,7 @@ from PIL import Image
 
 from data_preprocessing import preprocess
 from data_preprocessing.records import RecordWriter
+from tests.tiny_posts import POSTS_HEADER, write_posts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "test_preprocessing.py"
@@ -38,16 +38,10 @@ validate = _load_script()
 def good_data(tmp_path_factory) -> Path:
     """preprocess.py output for a small clean table."""
     root = tmp_path_factory.mktemp("posts")
-    (root / "images").mkdir()
-    with open(root / "posts.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image_path", "description", "engagement"])
-        for i in range(20):
-            rgb = np.random.default_rng(i).integers(0, 256, (30, 40, 3), dtype=np.uint8)
-            Image.fromarray(rgb).save(root / "images" / f"{i}.jpg")
-            w.writerow([f"images/{i}.jpg", f"Post {i} LOVE it &amp; more #tag @bob \U0001F60D" if i % 4 else "", i])
+    posts = write_posts(root, [[i, f"Post {i} LOVE it &amp; more #tag @bob \U0001F60D" if i % 4 else "", i]
+                               for i in range(20)], size=(40, 30))
     out = root / "out"
-    assert preprocess.main(["--input", str(root / "posts.csv"), "--out", str(out), "--workers", "1",
+    assert preprocess.main(["--input", str(posts), "--out", str(out), "--workers", "1",
                             "--resize-shortest-edge", "0", "--no-progress"]) == 0
     return out
 
@@ -170,16 +164,9 @@ def test_fails_an_empty_split(data, capsys):
 
 def test_passes_records_with_a_timestamp_feature(tmp_path, capsys):
     """A datetime feature's parsed value is a float (Unix seconds), like a numeric one."""
-    names = [f"{i}.jpg" for i in range(20)]
-    (tmp_path / "images").mkdir()
-    for i, name in enumerate(names):
-        Image.new("RGB", (20, 16), (10 * i, 0, 0)).save(tmp_path / "images" / name)
-    with open(tmp_path / "posts.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image_path", "description", "engagement", "posted_at"])
-        w.writerows([f"images/{n}", f"post {i}", i, "" if i == 3 else f"2025-03-{i + 1:02d}T23:30:00+0000"]
-                    for i, n in enumerate(names))
-    assert preprocess.main(["--input", str(tmp_path / "posts.csv"), "--out", str(tmp_path / "out"), "--workers", "1",
+    posts = write_posts(tmp_path, [[i, f"post {i}", i, "" if i == 3 else f"2025-03-{i + 1:02d}T23:30:00+0000"]
+                                   for i in range(20)], (*POSTS_HEADER, "posted_at"), size=(20, 16))
+    assert preprocess.main(["--input", str(posts), "--out", str(tmp_path / "out"), "--workers", "1",
                             "--datetime-cols", "posted_at", "--timezone", "Europe/Berlin", "--no-progress"]) == 0
     assert validate.main(["--data", str(tmp_path / "out")]) == 0, capsys.readouterr().out
 
@@ -200,13 +187,7 @@ def test_the_bare_commands_run_in_order_on_data_posts_csv(tmp_path):
     assert unchecked.returncode == 1 and "no preprocessed data at data/processed" in unchecked.stdout
 
     data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    with open(data / "posts.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image_path", "description", "engagement"])
-        for i in range(20):
-            Image.new("RGB", (24, 20), (0, 10 * i, 0)).save(data / "images" / f"{i}.jpg")
-            w.writerow([f"images/{i}.jpg", f"post {i}", i])
+    write_posts(data, [[i, f"post {i}", i] for i in range(20)], size=(24, 20))
     made = bare("data_preprocessing/preprocess.py")
     assert made.returncode == 0, made.stderr
     assert (data / "processed" / "meta.json").is_file()

@@ -1,8 +1,9 @@
 """Shared test data: posts tables with their images, and a tiny preprocessed dataset.
 
-Not a test module. ``write_images`` and ``write_table`` write the raw inputs that
-preprocessing, the table scorer and pretraining read (any delimiter and encoding, as a
-spreadsheet saves them). ``write_tiny_posts`` writes what ``data_preprocessing/
+Not a test module. ``write_posts`` is the one writer of the raw inputs that preprocessing,
+the table scorer and pretraining read: a posts table (any delimiter and encoding, as a
+spreadsheet saves it, or JSONL) beside its images; ``write_table`` and ``write_images``
+are its two halves, for a test that needs only one. ``write_tiny_posts`` writes what ``data_preprocessing/
 preprocess.py`` writes (records + meta.json) without decoding JPEGs, so a 48-post set
 for ``test_train.py`` and ``test_train_ddp.py`` takes well under a second.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -38,21 +39,54 @@ def write_images(folder: Path, n: int, size=(48, 36)) -> list[str]:
     return names
 
 
+# A JSONL cell that leaves its key out of the object (None is written as null).
+ABSENT = object()
+POSTS_HEADER = ("image_path", "description", "engagement")
+
+
 def write_table(path: Path, header: Sequence[str], rows: Sequence[Sequence], sep: str = ",",
                 encoding: str = "utf-8") -> Path:
-    """A posts table: ``.jsonl`` as one JSON object per row (None cells left out), anything
-    else as delimited text with ``sep`` in ``encoding`` (``utf-8-sig`` for Excel's BOM)."""
+    """A posts table: ``.jsonl``/``.ndjson`` as one JSON object per row (``ABSENT`` cells left
+    out), anything else as delimited text with ``sep`` in ``encoding`` (``utf-8-sig`` for
+    Excel's BOM; None is an empty cell)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".jsonl":
+    if path.suffix in (".jsonl", ".ndjson"):
         with open(path, "w", encoding=encoding) as fh:
             for row in rows:
-                fh.write(json.dumps({k: v for k, v in zip(header, row) if v is not None}, ensure_ascii=False) + "\n")
+                obj = {k: v for k, v in zip(header, row) if v is not ABSENT}
+                fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
         return path
     with open(path, "w", newline="", encoding=encoding) as fh:
         w = csv.writer(fh, delimiter=sep)
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+def write_posts(root: Path, rows: Sequence[Sequence], header: Sequence[str] = POSTS_HEADER, *,
+                image_cols: Sequence[str] = ("image_path",), images: Mapping[str, bytes | Image.Image] | None = None,
+                size=(48, 36), name: str = "posts.csv", sep: str = ",", encoding: str = "utf-8") -> Path:
+    """A posts table ``root/name`` (as ``write_table`` writes it) beside its images in ``root/images``.
+
+    An int ``i`` in one of ``image_cols`` is the i-th of ``write_images``' JPEGs (``size``),
+    written for the table and named in the cell as ``images/000.jpg``. ``images`` adds files
+    of the test's own (JPEG/PNG bytes, or a PIL image saved in its suffix's format), which
+    rows name as ``images/<name>``. Returns the table's path.
+    """
+    def drawn(c: int, v) -> bool:  # a JSON true in an image column stays a cell
+        return c in cols and isinstance(v, int) and not isinstance(v, bool)
+
+    cols = [header.index(c) for c in image_cols if c in header]
+    n = max((v + 1 for row in rows for c, v in enumerate(row) if drawn(c, v)), default=0)
+    names = write_images(root / "images", n, size) if n else []
+    for file, content in (images or {}).items():
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Image.Image):
+            content.save(root / "images" / file, quality=90)  # quality: JPEG only
+        else:
+            (root / "images" / file).write_bytes(content)
+    cells = [[f"images/{names[v]}" if drawn(c, v) else v for c, v in enumerate(row)] for row in rows]
+    return write_table(root / name, header, cells, sep=sep, encoding=encoding)
 
 
 FEATURE_COLUMNS = (FeatureColumn("followers", "numeric", 0.0, None), FeatureColumn("platform", "categorical"))
