@@ -70,7 +70,9 @@ class PixelBudget:
     16-bit PNG decodes to 40 MP. Posts are decoded before they are queued for the model,
     so the queue limit cannot bound this; the budget does. A post takes min(its pixels,
     the whole budget): an image larger than the budget (within MAX_PIXELS) is decoded when
-    no other is.
+    no other is. A post that fits is admitted at once, so ordinary photos go on while a
+    huge image waits for room (the default leaves room for phone photos beside one image
+    at MAX_PIXELS).
     """
 
     def __init__(self, total: int):
@@ -82,7 +84,7 @@ class PixelBudget:
         """Wait up to ``timeout_s`` for room; returns the pixels taken (give them back with
         ``release``), or raises ``DecodeBusy``."""
         n = min(max(pixels, 1), self.total)
-        if not self._waiters and self.in_use + n <= self.total:
+        if self.in_use + n <= self.total:  # fits now: goes ahead of larger posts still waiting
             self.in_use += n
             return n
         entry = (n, asyncio.get_running_loop().create_future())
@@ -107,12 +109,14 @@ class PixelBudget:
         self._grant()
 
     def _grant(self) -> None:
-        while self._waiters:
-            n, future = self._waiters[0]
-            if not future.done() and self.in_use + n > self.total:
-                return
-            self._waiters.popleft()
-            if not future.done():
+        """Grant waiters in arrival order, each that fits now: a photo never waits behind a
+        huge image that is waiting for the whole budget (which gets 503 past DECODE_WAIT_S)."""
+        for entry in list(self._waiters):
+            n, future = entry
+            if future.done():
+                self._waiters.remove(entry)
+            elif self.in_use + n <= self.total:
+                self._waiters.remove(entry)
                 self.in_use += n
                 future.set_result(None)
 

@@ -53,10 +53,11 @@ class ServingSettings(BaseSettings):
         PREPARE_MAX_PIXELS, ge=1,
         description="largest image (width x height), checked from the header before decoding; past it 413")
     max_decode_pixels: int = Field(
-        PREPARE_MAX_PIXELS, ge=1,
+        64_000_000, ge=1,
         description="pixels (width x height, from each image's header) being decoded at once across the server; a "
                     "post waits up to DECODE_WAIT_S for room, else the request gets 503 overloaded. An image larger "
-                    "than this (within MAX_PIXELS) is decoded when no other is")
+                    "than this (within MAX_PIXELS) is decoded when no other is; the default fits one image at MAX_PIXELS and "
+                    "phone photos beside it")
     decode_wait_s: float = Field(
         2.0, gt=0, description="longest a post waits for room in MAX_DECODE_PIXELS before its request gets 503")
     max_caption_chars: int = Field(

@@ -184,24 +184,28 @@ def test_a_decoding_thread_skips_a_post_whose_deadline_has_passed():
     assert predictor.prepared == ["in time"]
 
 
-def test_pixel_budget_is_first_come_first_served_and_gets_back_what_waiters_drop():
+def test_pixel_budget_admits_what_fits_at_once_and_gets_back_what_waiters_drop():
+    """A post that fits goes ahead of a larger one waiting for room (a photo never waits behind a
+    huge image); one that does not fit waits, and gets DecodeBusy past its wait."""
     async def scenario():
         budget = PixelBudget(100)
         first = await budget.acquire(80, timeout_s=1)
         big = asyncio.create_task(budget.acquire(500, timeout_s=5))  # over the budget: waits for all of it
         await asyncio.sleep(0)
-        small = asyncio.create_task(budget.acquire(10, timeout_s=5))  # fits, but queues behind big
+        assert await budget.acquire(10, timeout_s=0.05) == 10  # fits beside the first: not behind big
         with pytest.raises(DecodeBusy):
-            await budget.acquire(30, timeout_s=0.05)
+            await budget.acquire(30, timeout_s=0.05)  # does not fit
+        late = asyncio.create_task(budget.acquire(20, timeout_s=5))
         await asyncio.sleep(0.05)
-        assert not big.done() and not small.done()
-        big.cancel()  # its caller gave up: small is next
-        assert await small == 10 and budget.in_use == 90
-        budget.release(first)
+        assert not big.done() and not late.done() and budget.in_use == 90
+        budget.release(first)  # room for late (20), not for big (all 100)
+        assert await late == 20 and not big.done() and budget.in_use == 30
+        big.cancel()  # its caller gave up
         budget.release(10)
-        return budget.in_use
+        budget.release(20)
+        return budget.in_use, len(budget._waiters)
 
-    assert asyncio.run(scenario()) == 0
+    assert asyncio.run(scenario()) == (0, 0)
 
 
 # --- 5: request bytes in flight across the server ------------------------------------------------
