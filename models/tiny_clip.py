@@ -376,8 +376,7 @@ def build_tiny_clip(out_dir: str | os.PathLike, preset: str = "tiny", seed: int 
 
 @dataclasses.dataclass
 class TinyClipConfig:
-    """Build a small offline CLIP checkpoint (random init). To pretrain it on posts, use
-    ``training/pretrain_clip.py``."""
+    """Build a small offline CLIP checkpoint (random init); training/pretrain_clip.py pretrains it on posts."""
 
     out: str = field(help="output checkpoint directory (replaced atomically if it exists)")
     preset: str = field("tiny", help="architecture: tiny (CPU tests) or b32 (ViT-B/32 shape, benchmarks)",
