@@ -49,7 +49,7 @@ demo: install
 	$(PY) test_preprocessing.py --data $(DEMO)/data
 	@echo "== 4/9 offline CLIP, pretrained on separately generated posts (never the test split)"
 	$(PY) data_preprocessing/make_demo_data.py --out $(DEMO)/pretrain_posts --n $(PRETRAIN_N) --seed 1 --overwrite
-	$(PY) models/tiny_clip.py --out $(DEMO)/tiny_clip --pretrain-on $(DEMO)/pretrain_posts/posts.csv
+	$(PY) training/pretrain_clip.py --out $(DEMO)/tiny_clip --input $(DEMO)/pretrain_posts/posts.csv
 	@echo "== 5/9 train: linear probe, 5 frozen + 5 fine-tuning epochs, WiSE-FT"
 	rm -rf $(DEMO)/run  # a demo is a fresh run; train_torch.py refuses to overwrite one (see --resume)
 	$(PY) training/train_torch.py --data $(DEMO)/data --out $(DEMO)/run --clip-model $(DEMO)/tiny_clip --clip-lr $(DEMO_CLIP_LR)

@@ -1,7 +1,7 @@
 """The posts table: the one door through which a user's table comes in, and CSVs go out.
 
 Preprocessing (``preprocess.py``), the table scorer (``serving/predict.py``) and the
-offline CLIP's pretraining (``models/tiny_clip.py --pretrain-on``) read tables only
+offline CLIP's pretraining (``training/pretrain_clip.py --input``) read tables only
 through ``read_table``. This module owns:
 
 - **The file format and dialect.** ``.csv``/``.tsv``/``.txt`` are delimited text,
