@@ -22,7 +22,7 @@ from PIL import Image
 
 from data_preprocessing.posts import Post
 from models import export_onnx, runtime
-from models.clip_regressor import artifact_version, load_model
+from models.artifact import artifact_version, load_model
 from tests.serving_fixtures import jpeg_bytes, serving_client
 from tests.test_serving_uvicorn import running_server
 

@@ -86,7 +86,7 @@ def test_intervals_and_contributions(one_process):
 
 def test_matches_load_model_on_the_same_posts(one_process, model_dir, table):
     from data_preprocessing.posts import prepare_post
-    from models.clip_regressor import load_model
+    from models.artifact import load_model
 
     loaded = load_model(model_dir)
     posts = [prepare_post(table.parent / "images/000.jpg", "Sunset at the beach! #travel",
@@ -148,7 +148,7 @@ def own_run(tmp_path_factory, model_dir):
     """A semicolon table with its own column names, preprocessed and trained for one epoch
     (starting from the tiny CLIP inside the session's artifact: no second build)."""
     from data_preprocessing import preprocess
-    from models.clip_regressor import CLIP_SUBDIR
+    from models.artifact import CLIP_SUBDIR
     from training import train_torch
 
     root = tmp_path_factory.mktemp("own")
@@ -204,7 +204,7 @@ def test_a_table_of_the_training_shape_needs_no_column_flags(own_run, capsys):
 
 
 def test_training_records_the_schema_and_the_fingerprints(own_run):
-    from models.clip_regressor import artifact_fingerprints, artifact_table
+    from models.artifact import artifact_fingerprints, artifact_table
 
     root, _ = own_run
     model = root / "run" / "model"

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from common.metrics import regression_metrics
-from models.clip_regressor import CLIPRegressor, HeadConfig, TargetTransform, load_model
+from models.artifact import load_model
+from models.clip_regressor import CLIPRegressor, HeadConfig, TargetTransform
 from tiny_posts import write_tiny_posts
 from data_preprocessing.posts import Record
 from common.config import parse_config

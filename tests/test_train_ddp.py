@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.clip_regressor import load_model
+from models.artifact import load_model
 from tiny_posts import write_tiny_posts
 from training import train_torch
 from training.data import Collator, EngagementDataset
