@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.artifact import CONFIG_FILE, read_config
 from serving import predict
 from tests.tiny_posts import write_images, write_posts, write_table
 
@@ -222,7 +223,7 @@ def test_missing_columns_fail_before_the_model_loads(own_run, tmp_path):
     root, scored = own_run
     broken = tmp_path / "model"
     broken.mkdir()
-    (broken / "config.json").write_text((root / "run" / "model" / "config.json").read_text())
+    (broken / CONFIG_FILE).write_text((root / "run" / "model" / CONFIG_FILE).read_text())
     with pytest.raises((OSError, ValueError, SystemExit)) as e:  # what loading this model does
         predict.main(["--model", str(broken), "--input", str(scored), "--out", str(tmp_path / "o.csv")])
     assert "not found: 'caption'" not in str(e.value)
@@ -252,10 +253,10 @@ def datetime_model_dir(model_dir, tmp_path_factory) -> Path:
     out = Path(shutil.copytree(model_dir, tmp_path_factory.mktemp("datetime_model") / "model"))
     column = FeatureColumn("posted_at", "datetime", timezone="America/New_York")
     schema = FeatureSchema.fit([column], {"posted_at": [1.74e9 + 3600 * 7 * i for i in range(10)]})
-    config = json.loads((out / "config.json").read_text())
+    config = read_config(out)
     assert schema.width == config["prepare"]["features"]["width"] == 5
     config["prepare"]["features"] = schema.to_dict()
-    (out / "config.json").write_text(json.dumps(config))
+    (out / CONFIG_FILE).write_text(json.dumps(config))
     return out
 
 
