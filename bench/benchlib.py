@@ -202,10 +202,11 @@ def artifact(out_dir: str | os.PathLike, preset: str, timestamp_column: str | No
     from data_preprocessing.features import FeatureColumn, FeatureSchema
     from data_preprocessing.posts import PrepareConfig
     from data_preprocessing.prepare import ResizePolicy
-    from models.clip_regressor import CLIPRegressor, TargetTransform, save_artifact
+    from models.artifact import CONFIG_FILE, save_artifact
+    from models.clip_regressor import CLIPRegressor, TargetTransform
 
     path = work_dir(out_dir) / (f"artifact-{preset}" + (f"-{timestamp_column}" if timestamp_column else ""))
-    if not (path / "config.json").is_file():
+    if not (path / CONFIG_FILE).is_file():
         clip_dir = clip_checkpoint(out_dir, preset)
         processor = CLIPProcessor.from_pretrained(clip_dir)
         schema = FeatureSchema()

@@ -200,8 +200,9 @@ def caption_costs(cfg: HostileBenchConfig, model_dir: Path) -> dict:
     from PIL import Image
 
     from data_preprocessing.posts import PrepareConfig, prepare_post
+    from models.artifact import read_config
 
-    prep = PrepareConfig.from_dict(json.loads((model_dir / "config.json").read_text())["prepare"])
+    prep = PrepareConfig.from_dict(read_config(model_dir)["prepare"])
     image = png(Image.new("RGB", (16, 16), (200, 120, 60)))
     prepare = lambda text: prepare_post(image, text, {}, prep)  # noqa: E731
     prepare(CAPTION)  # loads VADER's lexicon once

@@ -89,7 +89,7 @@ def table_scorer(cfg: ServeBenchConfig, preset: str) -> dict:
     """serving/predict.py's posts/s on N more rows, against the raw forward on those posts."""
     import torch
 
-    from models.clip_regressor import load_model
+    from models.artifact import load_model
     from serving import predict
 
     # 1. The artifact, the two tables (over the preprocess benchmark's pool), and predict at its defaults.
@@ -126,7 +126,7 @@ def forward_probe(name: str, model_dir: str, image: bytes, caption: str, repeats
     import torch
 
     from data_preprocessing.posts import prepare_post
-    from models.clip_regressor import load_model
+    from models.artifact import load_model
 
     def prepare(lm) -> dict:  # what the server does per post before the forward pass
         return lm.batcher([prepare_post(image, caption, dict.fromkeys(lm.prepare.features.names, ""), lm.prepare)])

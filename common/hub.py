@@ -93,7 +93,7 @@ def probe_hub(repo_id: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     import httpx2
     from huggingface_hub import constants, get_session, hf_hub_url
 
-    url = hf_hub_url(repo_id, "config.json")
+    url = hf_hub_url(repo_id, "config.json")  # the hub checkpoint's own HF config, not a model artifact's
     outcome: dict[str, str | None] = {}
 
     def attempt() -> None:

@@ -202,33 +202,3 @@ def caption_parts(raw_text: object) -> tuple[str, float, dict[str, float]]:
     them; ``prepare_post`` and serving's caption variants of one image (``Predictor.prepare_variants``)."""
     scores = sentiment(raw_text)  # VADER reads the raw caption (capitals, emoji, "!!!")
     return clean_text(raw_text), scores["compound"], scores
-
-
-
-def artifact_feature_names(model_dir) -> tuple[str, ...]:
-    """The feature columns a model artifact takes, from its ``config.json`` alone (no torch,
-    no weights: the server builds its request models from them before loading the model).
-
-    () when there is no readable artifact there: loading it later says what is wrong.
-    """
-    import json
-    from pathlib import Path
-
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        return tuple(PrepareConfig.from_dict(config["prepare"]).features.names)
-    except (TypeError, OSError, ValueError, KeyError):
-        return ()
-
-
-def artifact_feature_kinds(model_dir) -> dict[str, str]:
-    """Feature column -> kind (numeric, categorical, ...) of a model artifact, as
-    ``artifact_feature_names`` reads them; {} when there is no readable artifact there."""
-    import json
-    from pathlib import Path
-
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        return {f["column"]["name"]: f["column"]["kind"] for f in config["prepare"]["features"]["features"]}
-    except (TypeError, OSError, ValueError, KeyError):
-        return {}

@@ -161,7 +161,7 @@ def export_record(loaded, cfg: ExportConfig, check: dict, int8_check: dict | Non
     import onnxscript
     import transformers
 
-    from models.clip_regressor import artifact_version
+    from models.artifact import artifact_version
 
     json_axes = lambda axes, names: {k: {str(a): n for a, n in axes[k].items()} for k in names}  # noqa: E731
     return {
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> Path:
     for noisy in ("onnxscript", "onnx_ir"):  # a line per optimisation pass otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     log.info("config: %s", config_dict(cfg))
-    from models.clip_regressor import load_model
+    from models.artifact import load_model
 
     # 2. The artifact as torch runs it: the graphs are traced from it and checked against it.
     loaded = load_model(cfg.model_dir)

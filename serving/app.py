@@ -177,7 +177,7 @@ def create_app(settings: ServingSettings | None = None, feature_names: tuple[str
     columns (default: those MODEL_DIR's config.json declares, a small JSON read; ``datetime_names``
     the timestamp columns among them). The model loads in the lifespan, i.e. when a server (or
     ``with TestClient(app)``) starts, not here."""
-    from data_preprocessing.posts import artifact_feature_kinds, artifact_feature_names
+    from models.artifact import artifact_feature_kinds, artifact_feature_names
 
     app = FastAPI(
         title="Engagement prediction", version=API_VERSION, lifespan=lifespan, docs_url=None, redoc_url=None,

@@ -65,7 +65,7 @@ import numpy as np
 from common.config import bar_disabled, config_dict, field, parse_config, setup_logging, write_json_atomic
 from data_preprocessing.download import DownloadArgs
 from data_preprocessing.features import FeatureError
-from data_preprocessing.posts import artifact_feature_names, prepare_post
+from data_preprocessing.posts import prepare_post
 from data_preprocessing.prepare import ImageError
 from data_preprocessing.table import (ColumnMap, PostsTable, ReadOptions, TableError, encoding_field,
                                       file_fingerprint, image_source, max_cell_chars_field, read_table,
@@ -135,7 +135,7 @@ class PredictConfig(DownloadArgs):
 def table_columns(cfg: PredictConfig) -> ColumnMap:
     """The columns to read: the artifact's training table (or the defaults), the flags over
     them, the model's feature columns and ``--keep-cols``. Reads config.json only."""
-    from models.clip_regressor import artifact_table
+    from models.artifact import artifact_feature_names, artifact_table
 
     if cfg.model == DEFAULT_MODEL and not Path(cfg.model).exists():
         raise SystemExit(f"error: no model at {DEFAULT_MODEL} (the default --model, under the current directory "
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import Accelerator
 
-    from models.clip_regressor import artifact_fingerprints, load_model
+    from models.artifact import artifact_fingerprints, load_model
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     loaded = load_model(cfg.model, device=accelerator.device, runtime=cfg.runtime)

@@ -54,21 +54,21 @@ class PreparedVariants:
 
 
 def get_model_loader() -> Callable[..., Any]:
-    """Dependency: how the lifespan loads MODEL_DIR (``models.clip_regressor.load_model``),
+    """Dependency: how the lifespan loads MODEL_DIR (``models.artifact.load_model``),
     called as ``load(model_dir, runtime=RUNTIME)``.
 
     The seam tests override (``app.dependency_overrides[get_model_loader]``) to wrap the
     loaded model: tests/test_parity.py records the tensors the model is given, and the
     load tests make it slow or make it fail.
     """
-    from models.clip_regressor import load_model
+    from models.artifact import load_model
 
     return load_model
 
 
 def model_info(loaded) -> ModelInfo:
     """name: the run directory's name; version: a hash of the artifact's config and head."""
-    from models.clip_regressor import artifact_version
+    from models.artifact import artifact_version
 
     path = Path(loaded.path).resolve()
     name = loaded.config.get("run_name") or (path.parent.name if path.name == "model" else path.name)
@@ -91,7 +91,7 @@ def _as_api_errors():
 
 
 class Predictor:
-    """The loaded model (``models.clip_regressor.LoadedModel``) and the steps around it."""
+    """The loaded model (``models.artifact.LoadedModel``) and the steps around it."""
 
     def __init__(self, loaded, max_pixels: int, image_cache_size: int = 0,
                  observe_cache: Callable[[int, int], None] | None = None):

@@ -33,7 +33,8 @@ def build_artifact(root: Path, seed: int = 0, features: bool = False, datetime_c
     from transformers import CLIPModel, CLIPProcessor
 
     from data_preprocessing.prepare import ResizePolicy
-    from models.clip_regressor import CLIPRegressor, TargetTransform, save_artifact
+    from models.artifact import save_artifact
+    from models.clip_regressor import CLIPRegressor, TargetTransform
     from models.explain import Calibration, Reference
     from models.tiny_clip import build_tiny_clip
 
@@ -121,7 +122,7 @@ class ModelSpy:
         self.before: Callable[[dict], None] | None = None
 
     def load(self, model_dir: Path, runtime: str = "torch") -> "ModelSpy":
-        from models.clip_regressor import load_model
+        from models.artifact import load_model
 
         self.loaded = load_model(model_dir, runtime=runtime)
         return self

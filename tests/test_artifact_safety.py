@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.clip_regressor import CONFIG_FILE, UnsafeArtifact, load_model
+from models.artifact import CONFIG_FILE, UnsafeArtifact, load_model
 
 # A module that would prove it ran: it writes MARKER when imported.
 CUSTOM_MODULE = """

@@ -22,7 +22,7 @@ from PIL import Image
 
 from data_preprocessing.posts import Post
 from models import export_onnx, runtime
-from models.clip_regressor import artifact_version, load_model
+from models.artifact import CONFIG_FILE, artifact_version, load_model, read_config
 from tests.serving_fixtures import jpeg_bytes, serving_client
 from tests.test_serving_uvicorn import running_server
 
@@ -140,8 +140,8 @@ def test_a_stale_export_is_refused(exported, tmp_path):
     """Re-training rewrites config.json and the head; an export of the old weights must not serve."""
     stale = tmp_path / "model"
     shutil.copytree(exported, stale)
-    cfg = json.loads((stale / "config.json").read_text())
-    (stale / "config.json").write_text(json.dumps({**cfg, "git_commit": "retrained"}))
+    cfg = read_config(stale)
+    (stale / CONFIG_FILE).write_text(json.dumps({**cfg, "git_commit": "retrained"}))
     with pytest.raises(FileNotFoundError, match="re-run: python -m models.export_onnx"):
         load_model(stale, runtime="onnx")
     assert "onnx" not in load_model(stale, runtime="auto").runtime.name

@@ -55,7 +55,7 @@ def records(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def offline(model_dir):
     """The offline path: load_model + training's Collator."""
-    from models.clip_regressor import load_model
+    from models.artifact import load_model
     from training.train_torch import Collator
 
     loaded = load_model(model_dir)

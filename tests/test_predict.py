@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.artifact import CONFIG_FILE, read_config
 from serving import predict
 from tests.tiny_posts import write_images, write_posts, write_table
 
@@ -86,7 +87,7 @@ def test_intervals_and_contributions(one_process):
 
 def test_matches_load_model_on_the_same_posts(one_process, model_dir, table):
     from data_preprocessing.posts import prepare_post
-    from models.clip_regressor import load_model
+    from models.artifact import load_model
 
     loaded = load_model(model_dir)
     posts = [prepare_post(table.parent / "images/000.jpg", "Sunset at the beach! #travel",
@@ -148,7 +149,7 @@ def own_run(tmp_path_factory, model_dir):
     """A semicolon table with its own column names, preprocessed and trained for one epoch
     (starting from the tiny CLIP inside the session's artifact: no second build)."""
     from data_preprocessing import preprocess
-    from models.clip_regressor import CLIP_SUBDIR
+    from models.artifact import CLIP_SUBDIR
     from training import train_torch
 
     root = tmp_path_factory.mktemp("own")
@@ -204,7 +205,7 @@ def test_a_table_of_the_training_shape_needs_no_column_flags(own_run, capsys):
 
 
 def test_training_records_the_schema_and_the_fingerprints(own_run):
-    from models.clip_regressor import artifact_fingerprints, artifact_table
+    from models.artifact import artifact_fingerprints, artifact_table
 
     root, _ = own_run
     model = root / "run" / "model"
@@ -222,7 +223,7 @@ def test_missing_columns_fail_before_the_model_loads(own_run, tmp_path):
     root, scored = own_run
     broken = tmp_path / "model"
     broken.mkdir()
-    (broken / "config.json").write_text((root / "run" / "model" / "config.json").read_text())
+    (broken / CONFIG_FILE).write_text((root / "run" / "model" / CONFIG_FILE).read_text())
     with pytest.raises((OSError, ValueError, SystemExit)) as e:  # what loading this model does
         predict.main(["--model", str(broken), "--input", str(scored), "--out", str(tmp_path / "o.csv")])
     assert "not found: 'caption'" not in str(e.value)
@@ -252,10 +253,10 @@ def datetime_model_dir(model_dir, tmp_path_factory) -> Path:
     out = Path(shutil.copytree(model_dir, tmp_path_factory.mktemp("datetime_model") / "model"))
     column = FeatureColumn("posted_at", "datetime", timezone="America/New_York")
     schema = FeatureSchema.fit([column], {"posted_at": [1.74e9 + 3600 * 7 * i for i in range(10)]})
-    config = json.loads((out / "config.json").read_text())
+    config = read_config(out)
     assert schema.width == config["prepare"]["features"]["width"] == 5
     config["prepare"]["features"] = schema.to_dict()
-    (out / "config.json").write_text(json.dumps(config))
+    (out / CONFIG_FILE).write_text(json.dumps(config))
     return out
 
 

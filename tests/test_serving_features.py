@@ -126,7 +126,7 @@ def test_server_dataset_and_script_agree_with_features(client, spy, table, featu
     """The server's tensors == EngagementDataset + Collator's for the preprocessed record,
     features included; and serving/predict.py's prediction == /predict's."""
     from data_preprocessing.preprocess import main as preprocess_main
-    from models.clip_regressor import load_model
+    from models.artifact import load_model
     from serving import predict
     from training.train_torch import Collator, EngagementDataset
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from models.artifact import CONFIG_FILE, read_config
 from serving.contract import RawPost
 from serving.service import DecodeBusy, PixelBudget, prepare_unless_late
 from tests.serving_fixtures import ModelSpy, jpeg_bytes, loopback, png_bytes, serving_app
@@ -287,11 +288,11 @@ def test_metadata_shows_names_not_absolute_paths(model_dir, tmp_path):
     # An artifact whose config records where training read and wrote, as train_torch's does.
     art = tmp_path / "runs" / "demo" / "model"
     shutil.copytree(model_dir, art)
-    config = json.loads((art / "config.json").read_text())
+    config = read_config(art)
     config["training"] = {"args": {"data": str(tmp_path / "data"), "clip_model": str(tmp_path / "clips" / "b32"),
                                    "out": str(tmp_path / "runs")},
                           "data": {"dir": str(tmp_path / "data"), "counts": {"train": 3}}}
-    (art / "config.json").write_text(json.dumps(config))
+    (art / CONFIG_FILE).write_text(json.dumps(config))
     # RUNTIME=auto without an ONNX export: its reason names the export command for MODEL_DIR.
     with loopback(serving_app(art, runtime="auto")) as base:
         meta = httpx.get(f"{base}/metadata", timeout=30).json()

@@ -23,13 +23,15 @@ import pytest
 import torch
 
 from common.metrics import regression_metrics
-from models.clip_regressor import CLIPRegressor, HeadConfig, TargetTransform, load_model
+from models.artifact import load_model, read_config
+from models.clip_regressor import CLIPRegressor, HeadConfig, TargetTransform
 from tiny_posts import write_tiny_posts
 from data_preprocessing.posts import Record
 from common.config import parse_config
 from training import data as train_data
 from training import train_torch
 from training.config import TrainConfig
+from training.run import RUN_CONFIG_FILE
 from training.data import Collator, EngagementDataset, make_loader
 from training.loop import NonFiniteGuard, start_phase, train_one_epoch
 
@@ -92,8 +94,8 @@ def test_smoke_outputs(straight_run):
     assert m["timings"]["embedding_cache_used"] is True
     for png in ("learning_curves.png", "pred_vs_actual.png"):
         assert (straight_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((straight_run / "config.json").read_text())["args"]["frozen_epochs"] == 2
-    art = json.loads((straight_run / "model" / "config.json").read_text())
+    assert json.loads((straight_run / RUN_CONFIG_FILE).read_text())["args"]["frozen_epochs"] == 2
+    art = read_config(straight_run / "model")
     assert art["training"]["args"]["clip_lr"] == 1e-4 and "git_commit" in art["training"]
     assert art["metrics"]["test"] == m["test"]
     assert art["target_transform"]["kind"] == "log1p" and art["target_transform"]["std"] > 0
@@ -281,7 +283,7 @@ def featured_run(tmp_path_factory, tiny_clip):
 
 def test_features_reach_the_head_and_the_artifact(featured_run):
     posts, out = featured_run
-    art = json.loads((out / "model" / "config.json").read_text())
+    art = read_config(out / "model")
     schema = art["prepare"]["features"]
     assert [f["column"]["name"] for f in schema["features"]] == ["followers", "platform"]
     assert schema["features"][0]["transform"] == "log1p"  # a skewed count
@@ -352,7 +354,7 @@ def test_wise_ft_keeps_the_best_interpolation_on_val(straight_run):
     assert wise["chosen_alpha"] == best["alpha"]
     # alpha = 1 is the end of fine-tuning: the last epoch's validation
     assert wise["curve"][-1]["val_rmse"] == pytest.approx(m["history"][-1]["val_rmse"], rel=1e-5)
-    art = json.loads((straight_run / "model" / "config.json").read_text())
+    art = read_config(straight_run / "model")
     assert art["training"]["wise_ft_alpha"] == wise["chosen_alpha"]
 
 
@@ -652,7 +654,7 @@ def test_the_bare_script_writes_a_timestamped_run_and_points_latest_at_it(bare_r
     assert os.readlink(runs / "latest") == finished[0]  # relative
     m = _metrics(runs / "latest")
     assert m["data"]["dir"] == "data/processed"
-    config = json.loads((runs / finished[0] / "config.json").read_text())["args"]
+    config = json.loads((runs / finished[0] / RUN_CONFIG_FILE).read_text())["args"]
     assert config["out"] == f"runs/{finished[0]}"
     # The server's default MODEL_DIR is the model this run wrote.
     monkeypatch.delenv("MODEL_DIR", raising=False)
@@ -673,18 +675,18 @@ def test_metrics_and_the_end_of_the_log_say_how_the_test_posts_were_chosen(bare_
     table = next(i for i, line in enumerate(lines) if "test R² (model scale) and RMSE" in line)
     assert [line for line in lines[table:] if "test posts: " in line] == [
         next(line for line in lines if line.endswith(f"test posts: {m['split']['description']}"))]
-    art = json.loads((bare_runs.root / "runs" / "latest" / "model" / "config.json").read_text())
+    art = read_config(bare_runs.root / "runs" / "latest" / "model")
     assert art["training"]["split"] == m["split"]
     # Data from before split rules were recorded: preprocessing's seeded shuffle.
     assert _metrics(straight_run)["split"] == {"description": "random split (seeded shuffle)", "summary": None}
 
 
 def test_the_artifact_records_the_label_expression(bare_runs, straight_run):
-    art = json.loads((bare_runs.root / "runs" / "latest" / "model" / "config.json").read_text())
+    art = read_config(bare_runs.root / "runs" / "latest" / "model")
     assert art["label"] == {"expression": "likes+comments", "columns": ["likes", "comments"], "combine": "sum",
                             "description": "the sum of the post's 'likes' + 'comments' counts"}
     assert _metrics(bare_runs.root / "runs" / "latest")["data"]["label"] == art["label"]
-    assert json.loads((straight_run / "model" / "config.json").read_text())["label"] is None  # no table, no label
+    assert read_config(straight_run / "model")["label"] is None  # no table, no label
 
 
 def test_a_baseline_that_beats_the_kept_model_ends_the_log(tmp_path, posts, tiny_clip):
@@ -711,7 +713,7 @@ def test_a_timestamp_feature_trains_and_serves_end_to_end(bare_runs):
     from tiny_posts import POSTED_AT, local_hour
 
     model_dir = bare_runs.root / "runs" / "latest" / "model"
-    art = json.loads((model_dir / "config.json").read_text())
+    art = read_config(model_dir)
     (spec,) = art["prepare"]["features"]["features"]
     assert spec["column"] == {**POSTED_AT.to_dict(), "parts": ["hour", "weekday"]}
     assert spec["transform"] == "cyclic"

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.clip_regressor import load_model
+from models.artifact import load_model
 from tiny_posts import write_tiny_posts
 from training import train_torch
 from training.data import Collator, EngagementDataset
+from training.run import RUN_CONFIG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def test_two_process_run_writes_a_loadable_artifact(tmp_path):
     (run,) = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]  # one dir for both ranks
     out = tmp_path / "runs" / "latest"
     assert out.resolve() == run.resolve()
-    assert json.loads((run / "config.json").read_text())["args"]["out"] == f"runs/{run.name}"
+    assert json.loads((run / RUN_CONFIG_FILE).read_text())["args"]["out"] == f"runs/{run.name}"
 
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_processes"] == 2

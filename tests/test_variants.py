@@ -220,7 +220,7 @@ def test_caption_by_row_scores_are_explain_batchs_for_each_post(featured_model_d
     """The engine of the grid, on feature rows that vary what a time would: each caption x row as
     ``explain_batch`` scores that post alone, the contributions at row 0 and of the best pair exactly."""
     from data_preprocessing.posts import prepare_post
-    from models.clip_regressor import load_model
+    from models.artifact import load_model
 
     lm = load_model(featured_model_dir)
     rows = [{"followers": 1200.0, "platform": "x"}, {"followers": 10.0, "platform": "tiktok"},
@@ -243,7 +243,7 @@ def test_the_grid_answer_names_every_time_and_the_best(featured_model_dir):
     exist: the categorical ``platform`` stands in for the time column. Its times are categories the
     model never saw, so each cell must score as /predict does with that value, and the best (the
     first of equals) must be named with its contributions."""
-    from models.clip_regressor import load_model
+    from models.artifact import load_model
     from serving.contract import RawPost, RawVariants
     from serving.predictor import Predictor
 

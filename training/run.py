@@ -24,7 +24,8 @@ from common.config import config_dict, git_commit, write_json_atomic
 from common.hub import resolve_pretrained
 from data_preprocessing.posts import PrepareConfig
 from data_preprocessing.table import load_fingerprints, safe_csv_writer
-from models.clip_regressor import CLIPRegressor, HeadConfig, PostBatcher, TargetTransform, save_artifact
+from models.artifact import save_artifact
+from models.clip_regressor import CLIPRegressor, HeadConfig, PostBatcher, TargetTransform
 from models.explain import Calibration, Reference, coverage
 from training.baselines import beaten_by, beaten_message
 from training.cache import EmbeddingCache
@@ -39,12 +40,16 @@ from training.state import (CHECKPOINT_DIR, Checkpoint, RunState, cpu_state, loa
 
 log = logging.getLogger(__name__)
 
+# RUN_DIR/config.json: the run's resolved training config, which --resume checks. A different file from
+# the artifact's (RUN_DIR/model/config.json, models.artifact.CONFIG_FILE).
+RUN_CONFIG_FILE = "config.json"
+
 
 def check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     """Refuse to resume with flags that would change what the run computes."""
-    if not (run_dir / "config.json").is_file():
-        raise SystemExit(f"--resume: {run_dir} holds no run to resume (no config.json)")
-    saved = json.loads((run_dir / "config.json").read_text())["args"]
+    if not (run_dir / RUN_CONFIG_FILE).is_file():
+        raise SystemExit(f"--resume: {run_dir} holds no run to resume (no {RUN_CONFIG_FILE})")
+    saved = json.loads((run_dir / RUN_CONFIG_FILE).read_text())["args"]
     now = config_dict(cfg)
     diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]}
     if diff:
@@ -184,7 +189,7 @@ def start_run_dir(cfg: TrainConfig, run_dir: Path, accelerator, precision: str, 
     if (run_dir / CHECKPOINT_DIR).exists():
         raise SystemExit(f"{run_dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")
     if accelerator.is_main_process:
-        write_json_atomic(run_dir / "config.json", {"args": config_dict(cfg), "git_commit": git_commit(),
+        write_json_atomic(run_dir / RUN_CONFIG_FILE, {"args": config_dict(cfg), "git_commit": git_commit(),
                                                     "num_processes": accelerator.num_processes,
                                                     "mixed_precision": precision, "data_meta": meta})
     return None

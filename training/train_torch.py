@@ -41,7 +41,7 @@ which ``gather_for_metrics`` drops again for evaluation); only rank 0 writes fil
 
 Outputs in ``--out``: config.json (at start), checkpoint/, metrics.json,
 predictions_test.csv, learning_curves.png, pred_vs_actual.png and model/ (the artifact
-that ``models.clip_regressor.load_model`` and the server load). metrics.json and the end
+that ``models.artifact.load_model`` and the server load). metrics.json and the end
 of the log say how the test posts were chosen (the data's split rule), and which
 baseline, if any, beats the kept model on test.
 
