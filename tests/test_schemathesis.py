@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from schemathesis.core.failures import AcceptedNegativeData
 
+from data_preprocessing.prepare import MAX_ASPECT_RATIO
 from serving.app import create_app
 from serving.schemas import EXAMPLE_CAPTION, EXAMPLE_IMAGE_BASE64
 from serving.settings import ServingSettings
@@ -56,8 +57,11 @@ def _image(width: int, height: int, color: tuple, fmt: str) -> bytes:
 
 # JSON Schema can say "a file" (format binary) or "base64" (format byte), not "an image",
 # so by default Schemathesis sends random bytes as valid data, and the server's 415 would
-# read as a rejected valid request. A valid image field is an image in an allowed format.
-IMAGES = st.builds(_image, st.integers(1, 48), st.integers(1, 48), st.tuples(*[st.integers(0, 255)] * 3),
+# read as a rejected valid request. A valid image field is an image in an allowed format,
+# no more elongated than MAX_ASPECT_RATIO (a 41x1 image is refused: extreme_aspect_ratio).
+SIZES = st.integers(1, 48).flatmap(lambda w: st.tuples(
+    st.just(w), st.integers(max(1, -(-w // MAX_ASPECT_RATIO)), min(48, w * MAX_ASPECT_RATIO))))
+IMAGES = st.builds(lambda size, color, fmt: _image(*size, color, fmt), SIZES, st.tuples(*[st.integers(0, 255)] * 3),
                    st.sampled_from(["PNG", "JPEG", "GIF", "WEBP", "BMP"]))
 schemathesis.openapi.format("binary", IMAGES)
 schemathesis.openapi.format("byte", IMAGES.map(lambda b: base64.b64encode(b).decode()))
