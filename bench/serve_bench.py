@@ -274,7 +274,7 @@ def goals(cfg: ServeBenchConfig, fwd: dict, servers: dict, overload: dict) -> li
         goal(f"throughput at concurrency {hi}, RUNTIME=auto ({servers['auto']['reported_runtime']}) / torch",
              rps["auto"], ">=", 1.5, "x",
              f"onnx / torch: {rps['onnx']}x; the most an fp32 runtime can gain here: {most}x; the opt-in "
-             f"int8, quantised (README: its accuracy cost) / torch: {rps['int8']}x"),
+             f"int8, quantised (its accuracy cost: docs/serving.md) / torch: {rps['int8']}x"),
         goal("raw forward at batch 1, worker thread doing all torch work / main thread (median of the rounds' ratios)",
              paired_ratio(fwd["worker"]["b1_ms_values"], fwd["main"]["b1_ms_values"]), "<=", 1.1, "x"),
         goal("errors at nominal load (all levels, every runtime)", errors, "==", 0, "requests"),

@@ -6,7 +6,8 @@
   calibration posts, a new post's ``[score - q_L, score + q_L]`` holds its true value with
   probability at least L. A constant width on the log1p scale is a multiplicative range in
   likes, the right shape for counts. The validation split also chose the kept epoch and the
-  WiSE-FT alpha, so the quantile is slightly optimistic (see the README).
+  WiSE-FT alpha, so the quantile is slightly optimistic (docs/design-notes.md,
+  "Intervals without MAPIE").
   MAPIE's ``SplitConformalRegressor`` computes the same quantile, but it wraps an sklearn
   estimator it fits or predicts with itself; here the predictions already exist and the
   quantile is five lines, so a dependency would only add an adapter.

@@ -1,7 +1,7 @@
 """Export a model artifact's CLIP embedding graph, and its head, to ONNX, inside the artifact.
 
     python -m models.export_onnx runs/demo/run/model                  # fp32
-    python -m models.export_onnx runs/demo/run/model --quantize int8  # and embed.int8.onnx (see README)
+    python -m models.export_onnx runs/demo/run/model --quantize int8  # and embed.int8.onnx (docs/serving.md)
 
 Writes ``MODEL_DIR/onnx/`` atomically:
 
@@ -124,7 +124,7 @@ def export_model(loaded, out: Path, opset: int) -> None:
 def quantize_int8(fp32: Path, out: Path) -> None:
     """Write the dynamic int8 quantisation of ``fp32`` to ``out``: int8 weights (per tensor),
     activations quantised per batch at run time, so no calibration data is needed. Per-channel
-    weights and unsigned ones were measured too (README); none was both faster and closer."""
+    weights and unsigned ones were measured too (docs/design-notes.md); none was both faster and closer."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(fp32, out, weight_type=QuantType.QInt8)

@@ -10,7 +10,8 @@ contributions run on the (B, D) embeddings and stay in torch, fp32, either way (
 - ``onnx``: an ``onnxruntime.InferenceSession`` on ``MODEL_DIR/onnx/embed.onnx``, written by
   ``python -m models.export_onnx MODEL_DIR``; CPU only.
 - ``int8``: the same on ``embed.int8.onnx``, its dynamic int8 quantisation, written next to it
-  by ``--quantize int8``. It moves single predictions far more than bf16 does (README), so
+  by ``--quantize int8``. It moves single predictions far more than bf16 does (docs/serving.md,
+  "CPU runtimes"), so
   only a user who asks for it gets it: ``auto`` never picks it.
 - ``auto``: every candidate this machine can run well (torch; onnx with a usable export; bf16
   where ``native_bf16()``), timed on warm-up batches of 1 and 16 posts; each batch then goes to
@@ -105,7 +106,7 @@ class Bf16Embedder:
 def native_bf16() -> str:
     """The CPU feature with which oneDNN runs bf16 matmuls natively, or "" where bf16 is emulated
     (and slower than fp32): "AMX" (Intel Sapphire Rapids and later), "AVX512_BF16" (AMD Zen 4,
-    Intel Cooper Lake). Either ran B/32 about 2x faster than fp32 at a batch of posts (README)."""
+    Intel Cooper Lake). Either ran B/32 about 2x faster than fp32 at a batch of posts (BENCHMARKS.md, section 4)."""
     for isa, name in (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported")):
         probe = getattr(torch.cpu, name, None)  # private, so looked up defensively
         if probe and probe():

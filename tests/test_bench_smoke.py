@@ -275,7 +275,7 @@ def test_goal_figures_are_the_ratios_of_the_measurements(smoke):
     achieved = round(main["gflop_per_post"] / main["b16_per_post_ms"] * 1000, 1)
     assert f"the most an fp32 runtime can gain here: {round(main['fp32_matmul_gflops'] / achieved, 2)}x" in \
         goals_of(r)[f"throughput at concurrency 4, RUNTIME=auto ({s['servers']['auto']['reported_runtime']}) / torch"]["note"]
-    assert f"int8, quantised (README: its accuracy cost) / torch: {round(rps['int8'] / rps['torch'], 3)}x" in \
+    assert f"int8, quantised (its accuracy cost: docs/serving.md) / torch: {round(rps['int8'] / rps['torch'], 3)}x" in \
         goals_of(r)[f"throughput at concurrency 4, RUNTIME=auto ({s['servers']['auto']['reported_runtime']}) / torch"]["note"]
     p = r["serving"]["table_scorer"]["tiny"]["posts_per_s"]
     assert measured["table scorer, tiny CLIP: predict.py posts/s / raw forward"] == round(

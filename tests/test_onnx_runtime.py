@@ -4,7 +4,7 @@ One export of the tiny featured artifact (a copy, so the shared fixture stays to
 serves every test here. fp32 ONNX agrees with eager torch to ~3e-7 on these models; the
 bounds below leave a margin of ~30x and stay far under the 1e-3 a user would notice. bf16
 rounds every matmul input to 8 significant bits: on this artifact scores move by up to 4.9e-3
-on the model scale (score std 0.17), so its bound is 2e-2 (README: "Faster CPU runtimes").
+on the model scale (score std 0.17), so its bound is 2e-2 (docs/serving.md, "CPU runtimes").
 int8 rounds weights and activations to 256 levels per tensor: it moves scores several times
 more, so its bound, INT8, is about 5x the largest difference measured.
 """

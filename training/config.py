@@ -82,13 +82,13 @@ class TrainConfig:
                                 "interpolations (1-a)*phase1 + a*phase2 for these a (WiSE-FT); 'none' = off, "
                                 "keep the best epoch")
     interval_levels: str = field("0.8", help="prediction-interval levels, comma-separated: split conformal "
-                                            "on the val residuals of the kept model (see README)")
+                                            "on the val residuals of the kept model (docs/serving.md, \"How sure, and why\")")
     report_to: str = field("none", help="Accelerate tracker for per-epoch metrics, LRs and the phase boundary "
                                         "(tensorboard writes under OUT/train)", choices=("none", "tensorboard"))
     mixed_precision: str = field("auto", help="auto = bf16 on CUDA, none on CPU", choices=("auto", "no", "bf16"))
     compile: bool = field(False, help="torch.compile each phase's train step (inductor): pays off on a GPU "
                                       "over many steps; on CPU the compile time outweighs it for the demo "
-                                      "(README, Training)")
+                                      "(docs/design-notes.md, \"--compile\")")
     seed: int = field(0, help="seed for the head init, shuffling and dropout (CPU runs are reproducible)")
     resume: bool = field(False, help="continue an interrupted run from OUT/checkpoint")
     stop_after_epochs: int = field(0, help="exit cleanly once this many epochs (in total) are done; for tests "

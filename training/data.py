@@ -136,7 +136,7 @@ def default_num_workers(cuda: bool, processes: int = 1) -> int:
     workers, one CPU per process kept for its loop. On the CPU the step's intra-op threads already
     use the cores, and a worker on one of them stalls them all at each parallel region (2 cores,
     tiny CLIP: 0.88 of the in-memory ceiling with 1 worker, 1.00 preparing in the main process;
-    README, "Loader workers"), so workers get only the cores that torch's threads leave free."""
+    docs/design-notes.md, "Loader workers on small CPUs"), so workers get only the cores that torch's threads leave free."""
     cpus = len(os.sched_getaffinity(0)) // max(1, processes)
     if cuda:
         return max(1, min(8, cpus - 1))
