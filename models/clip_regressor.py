@@ -77,6 +77,19 @@ class TargetTransform:
 # ---------------------------------------------------------------------------------------
 
 
+def processor_normalization(image_processor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The CLIP processor's rescale factor, and its mean and std shaped (1, 3, 1, 1) to
+    broadcast over (B, 3, H, W) pixels."""
+    shape = (1, -1, 1, 1)
+    return (float(image_processor.rescale_factor), torch.tensor(image_processor.image_mean).view(shape),
+            torch.tensor(image_processor.image_std).view(shape))
+
+
+def normalize_uint8(pixel_values: torch.Tensor, rescale: float, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32 as the processor normalises: rescale, then (x - mean) / std."""
+    return (pixel_values.float() * rescale - mean) / std
+
+
 class PostBatcher:
     """Prepared posts -> the tensors ``CLIPRegressor.forward`` takes.
 
@@ -222,12 +235,11 @@ class CLIPRegressor(nn.Module):
 
     def set_pixel_normalization(self, image_processor) -> None:
         """Normalise uint8 pixels on the device with the processor's rescale factor, mean and std."""
-        shape = (1, -1, 1, 1)  # broadcast over (B, 3, H, W)
+        self.pixel_rescale, mean, std = processor_normalization(image_processor)
         # Non-persistent buffers: they move with .to(device), stay out of the state dict, and
         # come back from the processor saved with the weights.
-        self.register_buffer("pixel_mean", torch.tensor(image_processor.image_mean).view(shape), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(image_processor.image_std).view(shape), persistent=False)
-        self.pixel_rescale = float(image_processor.rescale_factor)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
 
     # -- phases ---------------------------------------------------------------------------
     def freeze_clip(self) -> None:
@@ -274,7 +286,7 @@ class CLIPRegressor(nn.Module):
             return pixel_values
         if self.pixel_rescale is None:
             raise RuntimeError("uint8 pixels need set_pixel_normalization(image_processor) first")
-        return (pixel_values.float() * self.pixel_rescale - self.pixel_mean) / self.pixel_std
+        return normalize_uint8(pixel_values, self.pixel_rescale, self.pixel_mean, self.pixel_std)
 
     def embed(self, pixel_values, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D) image and (B, D) text embeddings, projected and L2-normalised.

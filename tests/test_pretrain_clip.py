@@ -96,7 +96,8 @@ def scripted_config(tmp_path: Path, posts_csv: Path, **kw) -> PretrainConfig:
 
 
 def test_batches_equal_the_processor_on_the_posts(tiny_dir, posts_table):
-    # PostBatcher's uint8 pixels, normalised by the processor, are the processor's own tensors.
+    # PostBatcher's uint8 pixels, normalised in torch as CLIPRegressor does, are the processor's
+    # own tensors (to float32 rounding: numpy and torch may order the multiply-add differently).
     batcher = batcher_of(tiny_dir)
     posts, _ = load_posts(posts_table, batcher.processor.image_processor)
     rows = (3, 0, 7, 5)
@@ -104,7 +105,9 @@ def test_batches_equal_the_processor_on_the_posts(tiny_dir, posts_table):
     direct = batcher.processor(text=[posts[i].text for i in rows], images=[posts[i].image for i in rows],
                                return_tensors="pt", padding=True, truncation=True)
     assert set(ours) == set(direct)
-    for key in direct:
+    assert ours["pixel_values"].dtype == direct["pixel_values"].dtype == torch.float32
+    assert torch.allclose(ours["pixel_values"], direct["pixel_values"], rtol=0, atol=1e-6)
+    for key in ("input_ids", "attention_mask"):
         assert torch.equal(ours[key], direct[key]), key
 
 
@@ -338,3 +341,55 @@ def test_pretraining_reads_image_urls_through_the_download_cache(posts_csv, post
     cached, _ = load_posts(pretrain_clip.read_pretrain_table(cfg), processor.image_processor, cfg.download_config())
     for got in (fetched, cached):
         assert [(p.text, p.image.tobytes()) for p in got] == [(p.text, p.image.tobytes()) for p in want]
+
+
+@pytest.fixture(scope="module")
+def data_dir(posts_csv, tmp_path_factory) -> Path:
+    """posts.csv through preprocess.py: train, val and test records (the broken rows rejected)."""
+    from data_preprocessing import preprocess
+
+    out = tmp_path_factory.mktemp("data") / "data"
+    preprocess.main(["--input", str(posts_csv), "--out", str(out), "--val-frac", "0.2", "--test-frac", "0.2",
+                     "--workers", "1", "--max-reject-frac", "0.5"])
+    return out
+
+
+def test_pretraining_on_records_reads_the_train_split_only(data_dir, tmp_path):
+    """--data: the train records are the posts (no image decoded again), val and test never
+    shape the CLIP: the tokenizer learns from the train captions alone."""
+    from data_preprocessing.records import iter_records
+
+    train = list(iter_records(data_dir / "train.pkl"))
+    held = [r.text for s in ("val", "test") for r in iter_records(data_dir / f"{s}.pkl")]
+    assert train and held
+    posts, texts, counts = pretrain_clip.read_train_records(str(data_dir))
+    assert [(p.text, p.image.tobytes()) for p in posts] == [(r.text, r.image.tobytes()) for r in train]
+    assert texts == [r.text for r in train] and counts["rows"] == counts["usable"] == len(train)
+
+    out = tmp_path / "clip"
+    main(["--out", str(out), "--data", str(data_dir), "--max-epochs", "1", "--batch-size", "8"])
+    record = json.loads((out / "pretrain.json").read_text())
+    assert record["data"]["split"] == "train" and record["data"]["rows"] == len(train)
+    assert record["data"]["train"] + record["data"]["heldout"] == len(train)
+    assert record["data"]["tokenizer_texts"] == len(train) != len(train) + len(held)
+
+
+def test_pretraining_needs_one_source_and_refuses_records_the_clip_would_blur(data_dir, posts_csv, tmp_path):
+    for args in ([], ["--data", str(data_dir), "--input", str(posts_csv)]):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(tmp_path / "o"), *args])
+        assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "o"), "--data", str(tmp_path)])
+    assert e.value.code == 2
+
+    # Records pre-resized below the processor's 224 px would reach the CLIP upsampled.
+    from data_preprocessing import preprocess
+
+    small = tmp_path / "small"
+    preprocess.main(["--input", str(posts_csv), "--out", str(small), "--workers", "1", "--max-reject-frac", "0.5",
+                     "--resize-shortest-edge", "64"])
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "o"), "--data", str(small), "--max-epochs", "1"])
+    assert str(e.value.code).startswith("error: --data: ") and "--resize-shortest-edge 224" in e.value.code
+    assert not (tmp_path / "o").exists()
