@@ -1,8 +1,8 @@
 """Pretrain the offline CLIP contrastively on posts, so a demo run starts from a CLIP whose
 image and text towers already agree a little.
 
-    python training/pretrain_clip.py --out runs/demo/tiny_clip --data runs/demo/data --max-epochs 10
-    python training/pretrain_clip.py --out runs/other/tiny_clip --input other_posts.csv
+    python training/pretrain_clip.py --out runs/demo/tiny_clip --input runs/demo/pretrain_posts/posts.csv
+    python training/pretrain_clip.py --out runs/demo/tiny_clip --data runs/demo/data  # its train split
     python -m training.pretrain_clip --help
 
 1. ``--data``: the train split of a preprocess.py output, whose records are posts already
@@ -165,6 +165,7 @@ def load_posts(table: PostsTable, image_processor, download: DownloadConfig | No
     # URL cells: the download seam (a URL preprocessing cached is not fetched again)
     local, unresolved = resolve_image_sources(todo, download or DownloadConfig())
     rejects.update(reason for _, reason, _ in unresolved)
+
     def prepared(item):
         row, path = item
         try:
